@@ -1,0 +1,1 @@
+"""The CLI's own subcommands (plugins add theirs through ``enigma_commands``)."""

@@ -1,0 +1,41 @@
+"""enigma: a local-first LLM engine whose every part is a plugin.
+
+The kernel's public names are re-exported here. Heavy modules (torch, the
+runtime) are imported only when used, so ``import enigma`` stays cheap.
+"""
+
+from __future__ import annotations
+
+from importlib.metadata import PackageNotFoundError, version
+
+from enigma.errors import (
+    BadRequestError,
+    ConfigError,
+    EnigmaError,
+    NotAvailableError,
+    NotFoundError,
+    PluginError,
+)
+from enigma.hookspecs import hookimpl
+from enigma.kinds import KINDS, Availability
+from enigma.plugins import PluginHost, get_host
+
+try:
+    __version__ = version("enigma-core")
+except PackageNotFoundError:  # pragma: no cover - running from a source tree
+    __version__ = "0.0.0+unknown"
+
+__all__ = [
+    "KINDS",
+    "Availability",
+    "BadRequestError",
+    "ConfigError",
+    "EnigmaError",
+    "NotAvailableError",
+    "NotFoundError",
+    "PluginError",
+    "PluginHost",
+    "__version__",
+    "get_host",
+    "hookimpl",
+]

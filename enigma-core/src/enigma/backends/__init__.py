@@ -1,0 +1,1 @@
+"""Backend implementations shipped with enigma-core."""

@@ -1,0 +1,1 @@
+"""enigma-core's own plugins, declared as entry points like any other."""

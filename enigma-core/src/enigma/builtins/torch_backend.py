@@ -1,0 +1,15 @@
+"""Builtin plugin ``torch``: the reference backend (PyTorch on CPU or CUDA)."""
+
+from __future__ import annotations
+
+from enigma import hookimpl
+
+
+@hookimpl
+def enigma_register_backends(register):
+    register(
+        "torch",
+        "enigma.backends.torch_backend:TorchBackend",
+        priority=0,
+        summary="reference PyTorch backend (CPU, or CUDA when present); gathers paged KV",
+    )

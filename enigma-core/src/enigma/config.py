@@ -1,0 +1,346 @@
+"""enigma's settings: attrs classes, read from a file, overridden by the environment.
+
+Precedence, lowest first: the defaults below < the config file (TOML, JSON or
+YAML; see :mod:`enigma.paths`) < environment variables named
+``ENIGMA_<SECTION>__<KEY>`` (``ENIGMA_ENGINE__DTYPE=bfloat16``). Every value is
+checked; a bad one raises :class:`~enigma.errors.ConfigError` naming the key,
+the value, where it came from (file and line, or variable) and what is allowed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import sys
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import attrs
+import cattrs
+
+from enigma.errors import ConfigError
+from enigma.fsutil import atomic_write_text
+from enigma.paths import Paths, get_paths
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+ENV_PREFIX = "ENIGMA_"
+ENV_SEPARATOR = "__"
+DTYPES = ("auto", "float32", "float16", "bfloat16")
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/-]*$")
+
+
+def setting(default: Any, *, allowed: str, check: Callable[[Any], bool], doc: str) -> Any:
+    """An attrs field that knows what values it allows and what it is for."""
+    return attrs.field(default=default, metadata={"allowed": allowed, "check": check, "doc": doc})
+
+
+def _is_name(value: str) -> bool:
+    return bool(_NAME.match(value))
+
+
+@attrs.define
+class EngineConfig:
+    """How models run."""
+
+    backend: str = setting("auto", allowed="'auto' or the name of an installed backend",
+                           check=_is_name, doc="backend implementation ('enigma plugins' lists them)")
+    dtype: str = setting("auto", allowed="one of " + ", ".join(DTYPES),
+                         check=lambda v: v in DTYPES, doc="weight and activation dtype")
+    device: str = setting("auto", allowed="'auto' or a torch device such as cpu, cuda, cuda:1",
+                          check=lambda v: bool(re.match(r"^(auto|cpu|cuda(:\d+)?|mps)$", v)),
+                          doc="device the backend runs on")
+
+
+@attrs.define
+class ServerConfig:
+    """How ``enigma serve`` listens."""
+
+    host: str = setting("127.0.0.1", allowed="a host name or IP address",
+                        check=lambda v: bool(v) and " " not in v, doc="address to bind")
+    port: int = setting(11500, allowed="an integer from 1 to 65535",
+                        check=lambda v: 1 <= v <= 65535, doc="TCP port")
+
+
+@attrs.define
+class ModelsConfig:
+    """Which models commands use."""
+
+    default: str = setting("enigma-tiny", allowed="a model name such as enigma-tiny or llama3:8b",
+                           check=_is_name, doc="model used when a command names none")
+
+
+@attrs.define
+class Config:
+    """All of enigma's settings, one attribute per section."""
+
+    engine: EngineConfig = attrs.field(factory=EngineConfig)
+    server: ServerConfig = attrs.field(factory=ServerConfig)
+    models: ModelsConfig = attrs.field(factory=ModelsConfig)
+
+
+for _cls in (EngineConfig, ServerConfig, ModelsConfig, Config):
+    attrs.resolve_types(_cls)
+
+SECTIONS: dict[str, type] = {field.name: field.type for field in attrs.fields(Config)}
+
+
+@attrs.frozen
+class Source:
+    """Where a value came from."""
+
+    kind: str
+    """"default", "file", "env" or "command line"."""
+    path: Path | None = None
+    line: int | None = None
+    variable: str | None = None
+
+    def __str__(self) -> str:
+        if self.kind == "file":
+            return f"config file {self.path}" + (f", line {self.line}" if self.line else "")
+        if self.kind == "env":
+            return f"environment variable {self.variable}"
+        return f"the {self.kind}"
+
+
+@attrs.frozen
+class LoadedConfig:
+    """A config and where each of its values came from."""
+
+    config: Config
+    sources: dict[str, Source]
+    """``"section.key"`` -> :class:`Source`, for every key."""
+    file: Path
+
+    def get(self, key: str) -> Any:
+        """The value of ``"section.key"``."""
+        section, name = split_key(key)
+        return getattr(getattr(self.config, section), name)
+
+    def items(self) -> list[tuple[str, Any, Source]]:
+        """(key, value, source) for every key, in declaration order."""
+        return [(key, self.get(key), self.sources[key]) for key in all_keys()]
+
+
+def all_keys() -> list[str]:
+    """Every ``"section.key"``."""
+    return [f"{section}.{field.name}" for section, cls in SECTIONS.items()
+            for field in attrs.fields(cls)]
+
+
+def _field(section: str, name: str) -> attrs.Attribute:
+    return attrs.fields_dict(SECTIONS[section])[name]
+
+
+def split_key(key: str) -> tuple[str, str]:
+    """``"engine.dtype"`` -> ``("engine", "dtype")``, or a ConfigError listing the keys."""
+    section, _, name = key.partition(".")
+    if section not in SECTIONS or name not in attrs.fields_dict(SECTIONS[section]):
+        raise ConfigError(f"unknown config key {key!r}; the keys are: {', '.join(all_keys())}")
+    return section, name
+
+
+# ------------------------------------------------------------------ converting
+
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off"}
+
+
+def _to_bool(value: Any, _type: type) -> bool:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.strip().lower() in _TRUE | _FALSE:
+        return value.strip().lower() in _TRUE
+    raise ValueError("not a boolean")
+
+
+def _to_int(value: Any, _type: type) -> int:
+    if isinstance(value, bool):
+        raise ValueError("not an integer")
+    if isinstance(value, int):
+        return value
+    if isinstance(value, str) and re.fullmatch(r"\s*[+-]?\d+\s*", value):
+        return int(value)
+    raise ValueError("not an integer")
+
+
+def _to_str(value: Any, _type: type) -> str:
+    if isinstance(value, str):
+        return value
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return str(value)
+    raise ValueError("not a string")
+
+
+converter = cattrs.Converter(forbid_extra_keys=True)
+converter.register_structure_hook(bool, _to_bool)
+converter.register_structure_hook(int, _to_int)
+converter.register_structure_hook(str, _to_str)
+
+
+def check_value(key: str, value: Any, source: Source) -> Any:
+    """Convert ``value`` to the type of ``key`` and check it; return the converted value."""
+    section, name = split_key(key)
+    field = _field(section, name)
+    allowed = field.metadata["allowed"]
+    try:
+        converted = converter.structure(value, field.type)
+    except (ValueError, TypeError):
+        converted = None
+        ok = False
+    else:
+        ok = field.metadata["check"](converted)
+    if not ok:
+        raise ConfigError(f"{key} = {value!r} (from {source}) is invalid: expected {allowed}")
+    return converted
+
+
+# ------------------------------------------------------------------ reading
+
+def _format_of(path: Path) -> str:
+    suffix = path.suffix.lower()
+    if suffix in (".yaml", ".yml"):
+        return "yaml"
+    if suffix == ".json":
+        return "json"
+    return "toml"
+
+
+def _parse(path: Path, text: str) -> dict[str, Any]:
+    fmt = _format_of(path)
+    try:
+        if fmt == "toml":
+            data = tomllib.loads(text)
+        elif fmt == "json":
+            data = json.loads(text) if text.strip() else {}
+        else:
+            import yaml
+
+            data = yaml.safe_load(text) or {}
+    except Exception as exc:  # each parser has its own error type; all carry a position
+        raise ConfigError(f"config file {path} is not valid {fmt.upper()}: {exc}; fix or remove it") from exc
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path} must hold a mapping of sections, not {type(data).__name__}")
+    return data
+
+
+def _locate(path: Path, text: str, section: str, key: str | None) -> int | None:
+    """1-based line of ``section`` (or of ``key`` within it) in the file's text."""
+    if _format_of(path) == "yaml":
+        import yaml
+
+        try:
+            root = yaml.compose(text)
+        except yaml.YAMLError:
+            return None
+        for section_node, value_node in getattr(root, "value", []):
+            if section_node.value == section:
+                if key is None:
+                    return section_node.start_mark.line + 1
+                for key_node, _ in getattr(value_node, "value", []):
+                    if key_node.value == key:
+                        return key_node.start_mark.line + 1
+        return None
+    if _format_of(path) == "json":
+        section_re = re.compile(rf'"{re.escape(section)}"\s*:')
+        key_re = re.compile(rf'"{re.escape(key)}"\s*:') if key else None
+    else:
+        section_re = re.compile(rf"^\s*\[\s*{re.escape(section)}\s*\]")
+        key_re = re.compile(rf"^\s*{re.escape(key)}\s*=") if key else None
+    in_section = False
+    for number, line in enumerate(text.splitlines(), start=1):
+        if not in_section and section_re.search(line):
+            if key_re is None:
+                return number
+            in_section = True
+        elif in_section and key_re is not None and key_re.search(line):
+            return number
+    return None
+
+
+def _from_file(path: Path, values: dict[str, Any], sources: dict[str, Source]) -> None:
+    text = path.read_text(encoding="utf-8")
+    data = _parse(path, text)
+    for section, body in data.items():
+        where = Source("file", path, _locate(path, text, section, None))
+        if section not in SECTIONS:
+            raise ConfigError(f"unknown config section {section!r} in {where}; the sections are: "
+                              f"{', '.join(SECTIONS)}")
+        if not isinstance(body, dict):
+            raise ConfigError(f"config section {section!r} in {where} must be a table of keys")
+        for name, value in body.items():
+            key = f"{section}.{name}"
+            source = Source("file", path, _locate(path, text, section, name))
+            if name not in attrs.fields_dict(SECTIONS[section]):
+                raise ConfigError(f"unknown config key {key!r} in {source}; the keys are: "
+                                  f"{', '.join(all_keys())}")
+            values[key] = check_value(key, value, source)
+            sources[key] = source
+
+
+def _from_env(environ: Mapping[str, str], values: dict[str, Any], sources: dict[str, Source]) -> None:
+    for variable, raw in sorted(environ.items()):
+        if not variable.startswith(ENV_PREFIX) or ENV_SEPARATOR not in variable:
+            continue
+        section, _, name = variable[len(ENV_PREFIX):].lower().partition(ENV_SEPARATOR)
+        key = f"{section}.{name}"
+        source = Source("env", variable=variable)
+        if key not in all_keys():
+            raise ConfigError(f"environment variable {variable} names no config key ({key!r}); "
+                              f"the keys are: {', '.join(all_keys())}; unset it or fix its name")
+        values[key] = check_value(key, raw, source)
+        sources[key] = source
+
+
+def load_config(*, paths: Paths | None = None, environ: Mapping[str, str] | None = None) -> LoadedConfig:
+    """Read the effective configuration: defaults < file < environment."""
+    env = os.environ if environ is None else environ
+    paths = paths or get_paths(env)
+    values: dict[str, Any] = {}
+    sources = {key: Source("default") for key in all_keys()}
+    file = paths.config_file
+    if file.exists():
+        _from_file(file, values, sources)
+    elif paths.config_file_override is not None:
+        raise ConfigError(f"config file {file} (from ENIGMA_CONFIG) does not exist; "
+                          f"create it or unset ENIGMA_CONFIG")
+    _from_env(env, values, sources)
+    nested: dict[str, dict[str, Any]] = {section: {} for section in SECTIONS}
+    for key, value in values.items():
+        section, name = split_key(key)
+        nested[section][name] = value
+    return LoadedConfig(converter.structure(nested, Config), sources, file)
+
+
+# ------------------------------------------------------------------ writing
+
+def set_value(key: str, value: str, *, paths: Paths | None = None) -> Path:
+    """Check ``value`` and write ``key = value`` into the config file, atomically.
+
+    The file keeps its format (TOML, JSON or YAML) and its other settings.
+    Returns the file written.
+    """
+    paths = paths or get_paths()
+    file = paths.config_file
+    converted = check_value(key, value, Source("command line"))
+    section, name = split_key(key)
+    data = _parse(file, file.read_text(encoding="utf-8")) if file.exists() else {}
+    data.setdefault(section, {})[name] = converted
+    fmt = _format_of(file)
+    if fmt == "toml":
+        import tomli_w
+
+        text = tomli_w.dumps(data)
+    elif fmt == "json":
+        text = json.dumps(data, indent=2) + "\n"
+    else:
+        import yaml
+
+        text = yaml.safe_dump(data, sort_keys=False)
+    atomic_write_text(file, text)
+    return file

@@ -1,0 +1,185 @@
+"""The contract between enigma and its plugins: every hook, in one place.
+
+A plugin is a module named by an entry point in the ``enigma`` group whose
+functions are decorated with :data:`hookimpl` and named like a spec below.
+Hooks are called with keyword arguments only; an implementation may accept
+any subset of a spec's arguments. Specs only ever gain arguments.
+
+The ``enigma_register_*`` hooks follow the "register callback" pattern: the
+kernel owns the registry and hands each plugin a ``register`` function bound
+to that plugin, so a duplicate name is an error that names both
+distributions. Their signature::
+
+    register(name, factory, *, priority=0, available=None, summary="")
+
+``name``
+    short, user-visible, unique within the kind ("torch", "cuda-paged").
+``factory``
+    the implementation's class or a callable returning an instance; or a
+    ``"module:attribute"`` string, imported only when the implementation is
+    first used, so that loading plugins stays cheap.
+``priority``
+    ``select(kind, "auto")`` picks the highest priority among available ones.
+``available``
+    a zero-argument callable returning :class:`enigma.kinds.Availability`
+    (or a bool); None means always available.
+``summary``
+    one line for ``enigma plugins``.
+
+Keep plugin modules light: import only ``enigma`` at module level.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pluggy
+
+PROJECT_NAME = "enigma"
+
+hookspec = pluggy.HookspecMarker(PROJECT_NAME)
+hookimpl = pluggy.HookimplMarker(PROJECT_NAME)
+
+# ---------------------------------------------------------------- Backends
+
+
+@hookspec
+def enigma_register_backends(register: Any) -> None:
+    """Register backends: where and how model math runs.
+
+    Called once per plugin while plugins load. Each implementation must satisfy
+    :class:`enigma.kinds.Backend`; the factory is called with keyword
+    arguments ``device`` (str or None for the backend's choice).
+    Today: ``torch`` (enigma-core, the reference).
+    """
+
+
+# ---------------------------------------------------------------- Scheduling
+
+
+@hookspec
+def enigma_register_schedulers(register: Any) -> None:
+    """Register schedulers: which requests run in each engine step.
+
+    Called once per plugin while plugins load. Each implementation must satisfy
+    :class:`enigma.kinds.Scheduler`.
+    """
+
+
+# ---------------------------------------------------------------- Cache
+
+
+@hookspec
+def enigma_register_caches(register: Any) -> None:
+    """Register KV caches: how key/value memory is laid out and shared.
+
+    Called once per plugin while plugins load. Each implementation must satisfy
+    :class:`enigma.kinds.Cache`.
+    """
+
+
+# ---------------------------------------------------------------- Quantization
+
+
+@hookspec
+def enigma_register_quantizers(register: Any) -> None:
+    """Register quantizers: weight formats below 16 bits.
+
+    Called once per plugin while plugins load. Each implementation must satisfy
+    :class:`enigma.kinds.Quantizer`.
+    """
+
+
+# ---------------------------------------------------------------- Training
+
+
+@hookspec
+def enigma_register_trainers(register: Any) -> None:
+    """Register trainers: SFT, LoRA, DPO, sharded training.
+
+    Called once per plugin while plugins load. Each implementation must satisfy
+    :class:`enigma.kinds.Trainer`.
+    """
+
+
+# ---------------------------------------------------------------- Retrieval
+
+
+@hookspec
+def enigma_register_retrievers(register: Any) -> None:
+    """Register retrievers: document indexes that ground answers.
+
+    Called once per plugin while plugins load. Each implementation must satisfy
+    :class:`enigma.kinds.Retriever`.
+    """
+
+
+# ---------------------------------------------------------------- Transport
+
+
+@hookspec
+def enigma_register_transports(register: Any) -> None:
+    """Register transports: routes the server exposes (HTTP, WebSocket, metrics).
+
+    Called once per plugin while plugins load. Unlike the kinds above, every
+    available transport is used (the extension pattern), not one selected.
+    Each implementation must satisfy :class:`enigma.kinds.Transport`.
+    """
+
+
+# ---------------------------------------------------------------- CLI
+
+
+@hookspec
+def enigma_commands(cli: Any) -> None:
+    """Add subcommands to the ``enigma`` command.
+
+    Called once per plugin when the command starts, with ``cli``, the root
+    ``click.Group``: decorate functions with ``@cli.command()`` or call
+    ``cli.add_command``. A plugin whose hook raises is reported by
+    ``enigma plugins``; the other commands still work. Import heavy modules
+    inside the command's body, not here.
+    """
+
+
+# ---------------------------------------------------------------- Lifecycle
+
+
+@hookspec
+def enigma_engine_started(engine: Any) -> None:
+    """An engine finished loading its model and is ready to take requests.
+
+    ``engine`` offers ``model_name`` and ``stats()``. Observers only: return
+    nothing, raise nothing (a raising observer is logged and skipped).
+    """
+
+
+@hookspec
+def enigma_engine_stopped(engine: Any) -> None:
+    """An engine stopped; no further requests will run on it."""
+
+
+@hookspec
+def enigma_request_started(event: Any) -> None:
+    """A request was accepted; ``event`` is an :class:`enigma.events.RequestStarted`."""
+
+
+@hookspec
+def enigma_request_finished(event: Any) -> None:
+    """A request left the engine; ``event`` is an :class:`enigma.events.RequestFinished`.
+
+    It carries token counts and timings, from which observers derive
+    time-to-first-token, inter-token and end-to-end latencies.
+    """
+
+
+REGISTER_HOOKS: dict[str, str] = {
+    "backend": "enigma_register_backends",
+    "scheduler": "enigma_register_schedulers",
+    "cache": "enigma_register_caches",
+    "quantizer": "enigma_register_quantizers",
+    "trainer": "enigma_register_trainers",
+    "retriever": "enigma_register_retrievers",
+    "transport": "enigma_register_transports",
+}
+"""The registration hook of each kind."""

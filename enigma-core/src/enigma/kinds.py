@@ -1,0 +1,170 @@
+"""The seven kinds of implementation and the contract each must honour.
+
+A plugin registers implementations by kind through the ``enigma_register_*``
+hooks (see :mod:`enigma.hookspecs`). What the kernel later calls on an
+instance is written here as a small typed :class:`~typing.Protocol` per kind;
+specs only ever gain optional arguments, so an implementation written today
+keeps working.
+
+Types from torch or Starlette appear as strings so this module imports
+neither: ``enigma --help`` must stay fast and work without them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any, Protocol, runtime_checkable
+
+import attrs
+
+KINDS: tuple[str, ...] = (
+    "backend",
+    "scheduler",
+    "cache",
+    "quantizer",
+    "trainer",
+    "retriever",
+    "transport",
+)
+"""Every kind an implementation can be registered as, in documentation order."""
+
+
+@attrs.frozen
+class Availability:
+    """Whether an implementation can run on this machine, and if not, why.
+
+    Truthy when available. ``reason`` says what is missing and, where it can,
+    what to do ("no CUDA device found; use backend 'torch'").
+    """
+
+    ok: bool
+    reason: str = ""
+
+    def __bool__(self) -> bool:
+        return self.ok
+
+    @classmethod
+    def yes(cls) -> Availability:
+        return cls(True)
+
+    @classmethod
+    def no(cls, reason: str) -> Availability:
+        return cls(False, reason)
+
+
+AvailabilityCheck = Callable[[], "Availability | bool"]
+"""A zero-argument callable a plugin registers with an implementation."""
+
+
+@runtime_checkable
+class Backend(Protocol):
+    """Runs a model's math on one device.
+
+    ``prepare`` places a freshly loaded model on the backend's device in the
+    requested dtype (and may compile it); ``attention`` is the only attention
+    the models call, so kernels and KV-cache layouts are the backend's choice.
+    """
+
+    device: Any  # torch.device
+
+    def prepare(self, model: Any, *, dtype: Any) -> Any:
+        """Return ``model`` (a ``torch.nn.Module``) ready to run on this backend."""
+
+    def attention(self, query: Any, key: Any, value: Any, *, kv_cache: Any, metadata: Any,
+                  scale: float) -> Any:
+        """Store this step's keys and values in the cache, then attend.
+
+        ``query`` is ``[num_tokens, num_heads, head_dim]`` for the new tokens of
+        the step (all sequences packed), ``key``/``value`` ``[num_tokens,
+        num_kv_heads, head_dim]``; ``kv_cache`` is one layer's paged cache
+        ``[2, num_blocks, block_size, num_kv_heads, head_dim]``; ``metadata``
+        an :class:`enigma.attention.AttentionMetadata`. Causal within each
+        sequence. Returns ``[num_tokens, num_heads, head_dim]``.
+        """
+
+
+@runtime_checkable
+class Scheduler(Protocol):
+    """Decides which requests run in each engine step (admission, preemption)."""
+
+    def add_request(self, request: Any) -> None:
+        """Queue a new request; called once per request, from the engine loop."""
+
+    def schedule(self) -> Any:
+        """Choose this step's work: which requests, how many tokens each."""
+
+    def update(self, step_output: Any) -> Sequence[Any]:
+        """Record a finished step; return the requests that finished in it."""
+
+    def abort(self, request_ids: Iterable[str]) -> None:
+        """Drop requests at once, releasing everything they hold."""
+
+    def has_unfinished(self) -> bool:
+        """True while any request is waiting or running."""
+
+
+@runtime_checkable
+class Cache(Protocol):
+    """Owns KV-cache memory; hands out blocks to sequences."""
+
+    def allocate(self, request_id: str, num_tokens: int) -> bool:
+        """Make room for ``num_tokens`` more tokens; False when there is none."""
+
+    def free(self, request_id: str) -> None:
+        """Return every block the request holds to the pool."""
+
+    def block_table(self, request_id: str) -> Sequence[int]:
+        """The physical block ids holding the request's tokens, in order."""
+
+    def stats(self) -> Mapping[str, float]:
+        """Counters for health and metrics (blocks used, free, cached, hit rate)."""
+
+
+@runtime_checkable
+class Quantizer(Protocol):
+    """Quantizes weights in two steps: offline transform, then runtime swap."""
+
+    def quantize(self, state_dict: Mapping[str, Any], *, options: Mapping[str, Any]) -> Mapping[str, Any]:
+        """Return the quantized state dict (offline; may be slow, shows progress)."""
+
+    def swap_modules(self, model: Any, *, options: Mapping[str, Any]) -> Any:
+        """Replace the model's Linear layers with quantized ones that read that state dict."""
+
+
+@runtime_checkable
+class Trainer(Protocol):
+    """Trains or fine-tunes a model from a training configuration."""
+
+    def train(self, config: Any, *, progress: Any = None) -> Any:
+        """Run training to completion (or resume it); return the output folder."""
+
+
+@runtime_checkable
+class Retriever(Protocol):
+    """Indexes documents and finds the passages relevant to a query."""
+
+    def add(self, documents: Iterable[Any]) -> None:
+        """Chunk, embed and index documents."""
+
+    def search(self, query: str, *, k: int = 4) -> Sequence[Any]:
+        """The ``k`` best passages for ``query``, best first, with their sources."""
+
+
+@runtime_checkable
+class Transport(Protocol):
+    """Contributes routes to the server's ASGI app."""
+
+    def routes(self, context: Any) -> Sequence[Any]:
+        """Starlette routes (``Route``/``WebSocketRoute``/``Mount``) to serve."""
+
+
+PROTOCOLS: dict[str, type] = {
+    "backend": Backend,
+    "scheduler": Scheduler,
+    "cache": Cache,
+    "quantizer": Quantizer,
+    "trainer": Trainer,
+    "retriever": Retriever,
+    "transport": Transport,
+}
+"""The protocol an instance of each kind must satisfy."""
