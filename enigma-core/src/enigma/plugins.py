@@ -183,6 +183,9 @@ class PluginHost:
         def on_load_failure(_manager: Any, entry_point: Any, exc: BaseException) -> None:
             self._fail(self.records[entry_point.name], exc)
 
+        # stevedore memoizes entry points per namespace for the life of the
+        # process; a new host must see plugins installed since the last one.
+        NamedExtensionManager.ENTRY_POINT_CACHE.pop(ENTRY_POINT_GROUP, None)
         manager = NamedExtensionManager(
             namespace=ENTRY_POINT_GROUP,
             names=enabled,

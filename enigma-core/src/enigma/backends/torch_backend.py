@@ -24,7 +24,8 @@ def write_kv(kv_cache: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
     flat[1].index_copy_(0, slot_mapping, value.to(kv_cache.dtype))
 
 
-def gather_kv(kv_cache: torch.Tensor, block_table: torch.Tensor, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+def gather_kv(kv_cache: torch.Tensor, block_table: torch.Tensor,
+              length: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The first ``length`` cached keys and values of one sequence, ``[length, kv_heads, dim]``."""
     blocks = kv_cache[:, block_table]  # [2, n_blocks, block_size, kv_heads, dim]
     flat = blocks.flatten(1, 2)[:, :length]

@@ -1,0 +1,45 @@
+"""Shared fixtures: the fixture plugins, really pip-installed."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+FIXTURES = Path(__file__).parent / "fixtures"
+FIXTURE_PLUGINS = ("enigma-plugin-exact", "enigma-plugin-broken")
+
+pytest_plugins = ["pytester"]
+
+
+@pytest.fixture(scope="session")
+def fixture_plugins_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The fixture plugins installed by pip into a folder of their own.
+
+    A real install (dist-info with entry points, found by importlib.metadata),
+    kept out of the test environment's site-packages so it cannot leak into
+    other runs; tests put the folder on sys.path / PYTHONPATH.
+    """
+    target = tmp_path_factory.mktemp("installed-plugins")
+    subprocess.run(
+        [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation",
+         "--target", str(target), *(str(FIXTURES / name) for name in FIXTURE_PLUGINS)],
+        check=True,
+    )
+    return target
+
+
+@pytest.fixture
+def installed_plugins(fixture_plugins_dir: Path, enigma_home: Path,
+                      monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
+    """The fixture plugins visible to this process and its subprocesses."""
+    monkeypatch.syspath_prepend(str(fixture_plugins_dir))
+    paths = [str(fixture_plugins_dir), *filter(None, [os.environ.get("PYTHONPATH")])]
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(paths))
+    yield fixture_plugins_dir
+    for name in [m for m in sys.modules if m.split(".")[0] in ("enigma_exact", "enigma_broken")]:
+        del sys.modules[name]

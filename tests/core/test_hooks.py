@@ -1,0 +1,222 @@
+"""Each hook spec, exercised through a plugin registered with a real host.
+
+docs/plugins.md has a section per hook and this suite a ``test_hook_<name>``
+per hook; tests/test_docs.py fails when either is missing.
+"""
+
+from __future__ import annotations
+
+import time
+import types
+
+import pytest
+
+from enigma import Availability, hookimpl
+from enigma.events import RequestFinished, RequestStarted
+from enigma.kinds import PROTOCOLS
+
+
+class ListScheduler:
+    def __init__(self):
+        self.queue = []
+
+    def add_request(self, request):
+        self.queue.append(request)
+
+    def schedule(self):
+        return list(self.queue)
+
+    def update(self, step_output):
+        done = [r for r in self.queue if r in step_output]
+        self.queue = [r for r in self.queue if r not in step_output]
+        return done
+
+    def abort(self, request_ids):
+        self.queue = [r for r in self.queue if r not in set(request_ids)]
+
+    def has_unfinished(self):
+        return bool(self.queue)
+
+
+class DictCache:
+    def __init__(self, blocks=4, block_size=16):
+        self.free_blocks, self.tables, self.block_size = list(range(blocks)), {}, block_size
+
+    def allocate(self, request_id, num_tokens):
+        needed = -(-num_tokens // self.block_size)
+        if needed > len(self.free_blocks):
+            return False
+        self.tables.setdefault(request_id, []).extend(self.free_blocks.pop() for _ in range(needed))
+        return True
+
+    def free(self, request_id):
+        self.free_blocks.extend(self.tables.pop(request_id, []))
+
+    def block_table(self, request_id):
+        return self.tables.get(request_id, [])
+
+    def stats(self):
+        return {"free": len(self.free_blocks)}
+
+
+class HalfQuantizer:
+    def quantize(self, state_dict, *, options):
+        return {name: value / 2 for name, value in state_dict.items()}
+
+    def swap_modules(self, model, *, options):
+        return model
+
+
+class RecordingTrainer:
+    def train(self, config, *, progress=None):
+        return config["out"]
+
+
+class KeywordRetriever:
+    def __init__(self):
+        self.documents = []
+
+    def add(self, documents):
+        self.documents.extend(documents)
+
+    def search(self, query, *, k=4):
+        return [d for d in self.documents if query in d][:k]
+
+
+class PingTransport:
+    def routes(self, context):
+        return [("GET", "/ping")]
+
+
+def check_registration(make_plugin_host, kind, hook_name, factory, exercise):
+    """A plugin registers an implementation of ``kind``; selection finds it; it works."""
+
+    def register_hook(register):
+        register(f"test-{kind}", factory, priority=1000, summary=f"a test {kind}")
+        register(f"unavailable-{kind}", factory, priority=2000,
+                 available=lambda: Availability.no("needs hardware this machine lacks"))
+
+    plugin = types.ModuleType(f"test_{kind}_plugin")
+    setattr(plugin, hook_name, hookimpl(register_hook))
+    host = make_plugin_host(plugin)
+    assert host.records[plugin.__name__].status == "loaded"
+    chosen = host.select(kind)  # auto skips the unavailable, higher-priority one
+    assert (chosen.name, chosen.plugin) == (f"test-{kind}", plugin.__name__)
+    assert chosen.summary == f"a test {kind}"
+    instance = host.create(kind, f"test-{kind}")
+    assert isinstance(instance, PROTOCOLS[kind])
+    exercise(instance)
+
+
+def test_hook_enigma_register_backends(make_plugin_host):
+    from enigma.backends.torch_backend import TorchBackend
+
+    def exercise(backend):
+        assert backend.device.type in ("cpu", "cuda")
+
+    check_registration(make_plugin_host, "backend", "enigma_register_backends", TorchBackend, exercise)
+
+
+def test_hook_enigma_register_schedulers(make_plugin_host):
+    def exercise(scheduler):
+        scheduler.add_request("a")
+        scheduler.add_request("b")
+        assert scheduler.update(["a"]) == ["a"]
+        scheduler.abort(["b"])
+        assert not scheduler.has_unfinished()
+
+    check_registration(make_plugin_host, "scheduler", "enigma_register_schedulers", ListScheduler, exercise)
+
+
+def test_hook_enigma_register_caches(make_plugin_host):
+    def exercise(cache):
+        assert cache.allocate("r", 40) and len(cache.block_table("r")) == 3
+        assert not cache.allocate("s", 40)
+        cache.free("r")
+        assert cache.stats() == {"free": 4}
+
+    check_registration(make_plugin_host, "cache", "enigma_register_caches", DictCache, exercise)
+
+
+def test_hook_enigma_register_quantizers(make_plugin_host):
+    def exercise(quantizer):
+        assert quantizer.quantize({"w": 4.0}, options={}) == {"w": 2.0}
+
+    check_registration(make_plugin_host, "quantizer", "enigma_register_quantizers", HalfQuantizer, exercise)
+
+
+def test_hook_enigma_register_trainers(make_plugin_host):
+    def exercise(trainer):
+        assert trainer.train({"out": "/tmp/model"}) == "/tmp/model"
+
+    check_registration(make_plugin_host, "trainer", "enigma_register_trainers", RecordingTrainer, exercise)
+
+
+def test_hook_enigma_register_retrievers(make_plugin_host):
+    def exercise(retriever):
+        retriever.add(["paged attention", "continuous batching"])
+        assert retriever.search("paged") == ["paged attention"]
+
+    check_registration(make_plugin_host, "retriever", "enigma_register_retrievers", KeywordRetriever,
+                       exercise)
+
+
+def test_hook_enigma_register_transports(make_plugin_host):
+    def exercise(transport):
+        assert transport.routes(None) == [("GET", "/ping")]
+
+    check_registration(make_plugin_host, "transport", "enigma_register_transports", PingTransport, exercise)
+
+
+class FakeEngine:
+    model_name = "enigma-tiny"
+
+    def stats(self):
+        return {"running": 0}
+
+
+@pytest.fixture
+def observed(make_plugin_host):
+    """A host with an observer plugin recording every lifecycle event."""
+    events = []
+    plugin = types.ModuleType("observer")
+    for name in ("enigma_engine_started", "enigma_engine_stopped"):
+        setattr(plugin, name, hookimpl(specname=name)(
+            lambda engine, _name=name: events.append((_name, engine.model_name, engine.stats()))))
+    for name in ("enigma_request_started", "enigma_request_finished"):
+        setattr(plugin, name, hookimpl(specname=name)(
+            lambda event, _name=name: events.append((_name, event))))
+    return make_plugin_host(plugin), events
+
+
+def test_hook_enigma_engine_started(observed):
+    host, events = observed
+    host.broadcast("enigma_engine_started", engine=FakeEngine())
+    assert events == [("enigma_engine_started", "enigma-tiny", {"running": 0})]
+
+
+def test_hook_enigma_engine_stopped(observed):
+    host, events = observed
+    host.broadcast("enigma_engine_stopped", engine=FakeEngine())
+    assert events == [("enigma_engine_stopped", "enigma-tiny", {"running": 0})]
+
+
+def test_hook_enigma_request_started(observed):
+    host, events = observed
+    event = RequestStarted(request_id="r1", model="enigma-tiny", prompt_tokens=12, arrival_time=time.time())
+    host.broadcast("enigma_request_started", event=event)
+    assert events == [("enigma_request_started", event)]
+
+
+def test_hook_enigma_request_finished(observed):
+    host, events = observed
+    event = RequestFinished(request_id="r1", model="enigma-tiny", finish_reason="length",
+                            prompt_tokens=12, generation_tokens=5, arrival_time=100.0,
+                            first_token_time=100.5, finished_time=102.5)
+    host.broadcast("enigma_request_finished", event=event)
+    assert events == [("enigma_request_finished", event)]
+    assert event.time_to_first_token == 0.5
+    assert event.e2e_latency == 2.5
+    assert event.mean_inter_token_latency == 0.5
+    with pytest.raises(AttributeError):
+        event.prompt_tokens = 3  # observers cannot change what others see

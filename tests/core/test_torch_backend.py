@@ -1,0 +1,99 @@
+"""The reference backend's paged attention against attention on contiguous tensors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from enigma.attention import AttentionMetadata
+from enigma.backends.torch_backend import TorchBackend
+from enigma.kinds import Backend
+
+
+def reference_attention(query, keys, values, scale, window=None):
+    """softmax(QKᵀ)V for the last len(query) positions of contiguous keys/values, float64."""
+    q_len, seq_len = query.shape[0], keys.shape[0]
+    groups = query.shape[1] // keys.shape[1]
+    k = keys.double().repeat_interleave(groups, 1)
+    v = values.double().repeat_interleave(groups, 1)
+    scores = torch.einsum("qhd,shd->hqs", query.double(), k) * scale
+    q_pos = torch.arange(seq_len - q_len, seq_len)[:, None]
+    k_pos = torch.arange(seq_len)[None, :]
+    visible = k_pos <= q_pos
+    if window is not None:
+        visible &= k_pos > q_pos - window
+    scores = scores.masked_fill(~visible, float("-inf"))
+    return torch.einsum("hqs,shd->qhd", scores.softmax(-1), v)
+
+
+def run_case(query_lens, seq_lens, *, heads=4, kv_heads=2, dim=8, block_size=4, window=None, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    metadata = AttentionMetadata.contiguous(query_lens, seq_lens, block_size=block_size,
+                                            sliding_window=window)
+    num_blocks = int(metadata.block_tables.max()) + 2
+    cache = torch.zeros(2, num_blocks, block_size, kv_heads, dim)
+    # Each sequence's full history, contiguous; its cached part goes into the
+    # cache through the same slot layout the metadata describes.
+    histories = [(torch.randn(s, kv_heads, dim, generator=generator),
+                  torch.randn(s, kv_heads, dim, generator=generator)) for s in seq_lens]
+    queries, new_keys, new_values = [], [], []
+    for index, ((keys, values), q_len, s_len) in enumerate(zip(histories, query_lens, seq_lens)):
+        cached = s_len - q_len
+        if cached:
+            table = metadata.block_tables[index]
+            slots = table[torch.arange(cached) // block_size] * block_size + torch.arange(cached) % block_size
+            flat = cache.view(2, -1, kv_heads, dim)
+            flat[0, slots], flat[1, slots] = keys[:cached], values[:cached]
+        queries.append(torch.randn(q_len, heads, dim, generator=generator))
+        new_keys.append(keys[cached:])
+        new_values.append(values[cached:])
+    scale = dim ** -0.5
+    out = TorchBackend(device="cpu").attention(
+        torch.cat(queries), torch.cat(new_keys), torch.cat(new_values),
+        kv_cache=cache, metadata=metadata, scale=scale)
+    expected = torch.cat([reference_attention(q, k, v, scale, window)
+                          for q, (k, v) in zip(queries, histories)])
+    return out, expected
+
+
+@pytest.mark.parametrize("query_lens,seq_lens", [
+    ((7,), (7,)),                      # one prefill
+    ((5, 1, 3), (5, 9, 12)),           # prefill, decode and a chunked prefill together
+    ((1, 1, 1, 1), (1, 4, 5, 17)),     # decode-only: the padded batch path
+])
+@pytest.mark.parametrize("heads,kv_heads", [(4, 4), (4, 2), (6, 1)])
+def test_paged_attention_matches_contiguous(query_lens, seq_lens, heads, kv_heads):
+    out, expected = run_case(query_lens, seq_lens, heads=heads, kv_heads=kv_heads)
+    assert out.shape == expected.shape
+    torch.testing.assert_close(out.double(), expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("query_lens,seq_lens", [((6, 1), (6, 11)), ((1, 1), (3, 10))])
+def test_sliding_window(query_lens, seq_lens):
+    out, expected = run_case(query_lens, seq_lens, window=4)
+    torch.testing.assert_close(out.double(), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_new_keys_and_values_land_in_their_slots():
+    metadata = AttentionMetadata.contiguous([3], [3], block_size=2)
+    cache = torch.zeros(2, 2, 2, 1, 1)
+    key = torch.tensor([1.0, 2.0, 3.0]).view(3, 1, 1)
+    TorchBackend(device="cpu").attention(torch.ones(3, 1, 1), key, -key, kv_cache=cache,
+                                         metadata=metadata, scale=1.0)
+    assert cache[0].flatten().tolist() == [1.0, 2.0, 3.0, 0.0]
+    assert cache[1].flatten().tolist() == [-1.0, -2.0, -3.0, 0.0]
+
+
+def test_prepare_moves_model_to_dtype_and_eval():
+    model = torch.nn.Linear(2, 2).train()
+    prepared = TorchBackend(device="cpu").prepare(model, dtype=torch.float64)
+    assert prepared.weight.dtype == torch.float64 and not prepared.training
+
+
+def test_satisfies_the_backend_protocol():
+    assert isinstance(TorchBackend(), Backend)
+
+
+def test_contiguous_metadata_rejects_queries_longer_than_sequences():
+    with pytest.raises(ValueError, match="query_len <= seq_len"):
+        AttentionMetadata.contiguous([4], [3], block_size=2)
