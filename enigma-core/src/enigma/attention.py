@@ -76,3 +76,23 @@ class AttentionMetadata:
     def is_decode_only(self) -> bool:
         """Every sequence adds exactly one token (the batched fast path)."""
         return all(length == 1 for length in self.query_lens)
+
+
+@attrs.define
+class ForwardContext:
+    """Everything a model's attention layers need for one forward pass."""
+
+    backend: Any
+    """The :class:`enigma.kinds.Backend` whose ``attention`` the layers call."""
+    metadata: AttentionMetadata
+    kv_caches: Sequence[Any]
+    """One paged cache tensor per layer."""
+    _by_window: dict[int | None, AttentionMetadata] = attrs.field(factory=dict, init=False)
+
+    def metadata_for(self, sliding_window: int | None) -> AttentionMetadata:
+        """The step's metadata with a layer's own sliding window (Qwen2 mixes them)."""
+        if sliding_window == self.metadata.sliding_window:
+            return self.metadata
+        if sliding_window not in self._by_window:
+            self._by_window[sliding_window] = attrs.evolve(self.metadata, sliding_window=sliding_window)
+        return self._by_window[sliding_window]

@@ -43,8 +43,15 @@ class TorchBackend:
         self.device = torch.device(device)
 
     def prepare(self, model: torch.nn.Module, *, dtype: torch.dtype) -> torch.nn.Module:
-        """Move ``model`` to this backend's device and dtype, in eval mode."""
-        return model.to(device=self.device, dtype=dtype).eval()
+        """Move ``model`` to this backend's device, parameters in ``dtype``, in eval mode.
+
+        Buffers keep their dtype: RoPE frequencies stay float32.
+        """
+        model = model.to(device=self.device)
+        for param in model.parameters():
+            if param.dtype != dtype:
+                param.data = param.data.to(dtype)
+        return model.eval()
 
     def attention(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, *,
                   kv_cache: torch.Tensor, metadata: AttentionMetadata, scale: float) -> torch.Tensor:

@@ -1,0 +1,225 @@
+"""The Llama family: Llama 2/3/3.x, TinyLlama, SmolLM, Mistral, Qwen2.
+
+One decoder-only transformer covers them all: RMSNorm, RoPE (with linear or
+llama3 scaling), SwiGLU MLP, grouped-query attention, optional q/k/v biases
+(Qwen2), tied or untied embeddings, per-layer sliding windows (Mistral, Qwen2).
+
+The model runs on a flat batch: ``input_ids`` and ``positions`` are
+``[num_tokens]`` holding every scheduled sequence's new tokens back to back;
+attention is the backend's, reading and writing the paged KV cache described
+by the :class:`~enigma.attention.ForwardContext`.
+
+q/k/v and gate/up projections are stored fused (one matmul each, as vLLM
+does); :data:`LlamaForCausalLM.STACKED_PARAMS` tells the loader how the
+checkpoint's separate tensors stack into them.
+
+References: Touvron et al. 2023 (Llama 2), Dubey et al. 2024 (Llama 3),
+Jiang et al. 2023 (Mistral 7B), Qwen2 technical report; transformers'
+``modeling_llama.py`` for checkpoint names and numerics.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import attrs
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from enigma.attention import ForwardContext
+from enigma.models.rope import apply_rotary, cos_sin, inverse_frequencies
+
+
+@attrs.frozen(kw_only=True)
+class LlamaConfig:
+    """The fields of a Hugging Face config.json this family uses."""
+
+    architecture: str
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float
+    rope_theta: float
+    rope_scaling: dict[str, Any] | None
+    max_position_embeddings: int
+    tie_word_embeddings: bool
+    qkv_bias: bool
+    o_bias: bool
+    mlp_bias: bool
+    sliding_windows: tuple[int | None, ...]
+    """Each layer's sliding window, or None for full attention."""
+
+    @classmethod
+    def from_hf(cls, config: dict[str, Any]) -> LlamaConfig:
+        architecture = config["architectures"][0]
+        heads = config["num_attention_heads"]
+        layers = config["num_hidden_layers"]
+        rope = dict(config.get("rope_parameters") or {})
+        scaling = config.get("rope_scaling") or (rope if rope.get("rope_type", "default") != "default" else None)
+        theta = config.get("rope_theta", rope.get("rope_theta", 10000.0))
+        is_qwen2 = architecture == "Qwen2ForCausalLM"
+        return cls(
+            architecture=architecture,
+            vocab_size=config["vocab_size"],
+            hidden_size=config["hidden_size"],
+            intermediate_size=config["intermediate_size"],
+            num_layers=layers,
+            num_heads=heads,
+            num_kv_heads=config.get("num_key_value_heads") or heads,
+            head_dim=config.get("head_dim") or config["hidden_size"] // heads,
+            rms_norm_eps=config.get("rms_norm_eps", 1e-6),
+            rope_theta=float(theta),
+            rope_scaling=scaling,
+            max_position_embeddings=config.get("max_position_embeddings", 2048),
+            tie_word_embeddings=config.get("tie_word_embeddings", False),
+            qkv_bias=is_qwen2 or config.get("attention_bias", False),
+            o_bias=(not is_qwen2) and config.get("attention_bias", False),
+            mlp_bias=config.get("mlp_bias", False),
+            sliding_windows=_sliding_windows(config, architecture, layers),
+        )
+
+
+def _sliding_windows(config: dict[str, Any], architecture: str, layers: int) -> tuple[int | None, ...]:
+    window = config.get("sliding_window")
+    if not window:
+        return (None,) * layers
+    if config.get("layer_types"):
+        return tuple(window if kind == "sliding_attention" else None for kind in config["layer_types"])
+    if architecture == "Qwen2ForCausalLM":
+        if not config.get("use_sliding_window", False):
+            return (None,) * layers
+        first = config.get("max_window_layers", layers)
+        return tuple(window if index >= first else None for index in range(layers))
+    return (window,) * layers
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, size: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(size))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)
+
+
+class LlamaAttention(nn.Module):
+    def __init__(self, config: LlamaConfig, layer_index: int) -> None:
+        super().__init__()
+        self.layer_index = layer_index
+        self.num_heads, self.num_kv_heads, self.head_dim = config.num_heads, config.num_kv_heads, config.head_dim
+        self.sliding_window = config.sliding_windows[layer_index]
+        self.q_size = self.num_heads * self.head_dim
+        self.kv_size = self.num_kv_heads * self.head_dim
+        self.qkv_proj = nn.Linear(config.hidden_size, self.q_size + 2 * self.kv_size, bias=config.qkv_bias)
+        self.o_proj = nn.Linear(self.q_size, config.hidden_size, bias=config.o_bias)
+        self.scale = self.head_dim ** -0.5
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                context: ForwardContext) -> torch.Tensor:
+        tokens = x.shape[0]
+        q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        q = apply_rotary(q.view(tokens, self.num_heads, self.head_dim), cos, sin)
+        k = apply_rotary(k.view(tokens, self.num_kv_heads, self.head_dim), cos, sin)
+        v = v.view(tokens, self.num_kv_heads, self.head_dim)
+        out = context.backend.attention(
+            q, k, v,
+            kv_cache=context.kv_caches[self.layer_index],
+            metadata=context.metadata_for(self.sliding_window),
+            scale=self.scale,
+        )                                                   # [tokens, heads, head_dim]
+        return self.o_proj(out.reshape(tokens, self.q_size))
+
+
+class LlamaMLP(nn.Module):
+    def __init__(self, config: LlamaConfig) -> None:
+        super().__init__()
+        self.intermediate_size = config.intermediate_size
+        self.gate_up_proj = nn.Linear(config.hidden_size, 2 * config.intermediate_size, bias=config.mlp_bias)
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=config.mlp_bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up_proj(x).split(self.intermediate_size, dim=-1)
+        return self.down_proj(F.silu(gate) * up)
+
+
+class LlamaDecoderLayer(nn.Module):
+    def __init__(self, config: LlamaConfig, layer_index: int) -> None:
+        super().__init__()
+        self.self_attn = LlamaAttention(config, layer_index)
+        self.mlp = LlamaMLP(config)
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                context: ForwardContext) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, context)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class LlamaModel(nn.Module):
+    def __init__(self, config: LlamaConfig) -> None:
+        super().__init__()
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(LlamaDecoderLayer(config, i) for i in range(config.num_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+
+class LlamaForCausalLM(nn.Module):
+    """A Llama-family causal LM over a flat, paged batch."""
+
+    STACKED_PARAMS = {
+        "qkv_proj": ("q_proj", "k_proj", "v_proj"),
+        "gate_up_proj": ("gate_proj", "up_proj"),
+    }
+    """Fused parameter -> the checkpoint tensors stacked (dim 0) into it, in order."""
+
+    def __init__(self, config: LlamaConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.model = LlamaModel(config)
+        if not config.tie_word_embeddings:
+            self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.register_buffer("inv_freq", torch.empty(config.head_dim // 2), persistent=False)
+        self.initialize_buffers()
+
+    def initialize_buffers(self) -> None:
+        """Compute the non-checkpoint buffers (after ``to_empty`` from the meta device)."""
+        config = self.config
+        with torch.device(self.inv_freq.device):
+            self.inv_freq = inverse_frequencies(config.head_dim, config.rope_theta, config.rope_scaling)
+
+    @classmethod
+    def from_hf_config(cls, hf_config: dict[str, Any]) -> LlamaForCausalLM:
+        return cls(LlamaConfig.from_hf(hf_config))
+
+    @property
+    def num_layers(self) -> int:
+        return self.config.num_layers
+
+    @property
+    def kv_shape(self) -> tuple[int, int]:
+        """(num_kv_heads, head_dim) of each layer's cache."""
+        return self.config.num_kv_heads, self.config.head_dim
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
+                context: ForwardContext) -> torch.Tensor:
+        """Hidden states ``[num_tokens, hidden]`` after the final norm."""
+        x = self.model.embed_tokens(input_ids)
+        cos, sin = cos_sin(positions, self.inv_freq, x.dtype)
+        for layer in self.model.layers:
+            x = layer(x, cos, sin, context)
+        return self.model.norm(x)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Logits ``[n, vocab]`` in float32 for the given hidden states."""
+        weight = self.model.embed_tokens.weight if self.config.tie_word_embeddings else self.lm_head.weight
+        return F.linear(hidden, weight).float()

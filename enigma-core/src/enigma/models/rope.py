@@ -1,0 +1,55 @@
+"""Rotary position embeddings (RoPE), with the scalings Llama-family configs use.
+
+References: Su et al. 2021 (RoFormer); transformers' ``modeling_rope_utils``
+for the ``linear`` and ``llama3`` frequency rescalings.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+
+from enigma.errors import ConfigError
+
+SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
+
+
+def inverse_frequencies(head_dim: int, theta: float, scaling: dict[str, Any] | None) -> torch.Tensor:
+    """``[head_dim // 2]`` float32 inverse frequencies, rescaled per ``scaling``."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
+    rope_type = (scaling or {}).get("rope_type", (scaling or {}).get("type", "default"))
+    if rope_type == "default":
+        return inv_freq
+    if rope_type == "linear":
+        return inv_freq / float(scaling["factor"])
+    if rope_type == "llama3":
+        factor = float(scaling["factor"])
+        low_freq_factor = float(scaling["low_freq_factor"])
+        high_freq_factor = float(scaling["high_freq_factor"])
+        old_context = float(scaling["original_max_position_embeddings"])
+        low_freq_wavelen = old_context / low_freq_factor
+        high_freq_wavelen = old_context / high_freq_factor
+        wavelen = 2 * math.pi / inv_freq
+        scaled = torch.where(wavelen > low_freq_wavelen, inv_freq / factor, inv_freq)
+        smooth = (old_context / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        is_medium = ~(wavelen < high_freq_wavelen) & ~(wavelen > low_freq_wavelen)
+        return torch.where(is_medium, smoothed, scaled)
+    raise ConfigError(f"config.json rope_scaling type {rope_type!r} is not supported; "
+                      f"supported: {', '.join(SUPPORTED_ROPE_TYPES)}")
+
+
+def cos_sin(positions: torch.Tensor, inv_freq: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """``cos, sin`` of shape ``[num_tokens, 1, head_dim]`` for the given positions."""
+    freqs = positions.float()[:, None] * inv_freq.float()[None, :]   # [tokens, head_dim/2]
+    angles = torch.cat((freqs, freqs), dim=-1)[:, None, :]    # [tokens, 1, head_dim]
+    return angles.cos().to(dtype), angles.sin().to(dtype)
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate ``x`` ``[tokens, heads, head_dim]`` (halves layout, as Llama checkpoints use)."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos + rotated * sin

@@ -1,0 +1,108 @@
+"""Running a causal LM over one step's flat batch of sequence chunks.
+
+The runner owns the model (prepared by a backend) and the KV cache tensors
+(one paged tensor per layer). Whoever schedules — the engine, or a simple
+loop — says which blocks each sequence owns; the runner turns the step's
+chunks into :class:`~enigma.attention.AttentionMetadata`, runs one forward
+pass and returns logits.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import attrs
+import torch
+
+from enigma.attention import AttentionMetadata, ForwardContext
+from enigma.loader import LoadedModel
+
+
+@attrs.frozen
+class SequenceChunk:
+    """The tokens of one sequence to compute in this step."""
+
+    token_ids: Sequence[int]
+    start: int
+    """Position of the first of them: how many of the sequence's tokens are already cached."""
+    block_table: Sequence[int]
+    """The sequence's KV blocks, covering positions ``0 .. start + len(token_ids) - 1``."""
+    all_logits: bool = False
+    """Return logits for every token (prompt logprobs), not only the last."""
+
+
+@attrs.frozen
+class StepLogits:
+    last: torch.Tensor
+    """``[num_chunks, vocab]`` float32 logits of each chunk's last token."""
+    full: dict[int, torch.Tensor]
+    """Chunk index -> ``[len(token_ids), vocab]`` logits, for chunks that asked."""
+
+
+class ModelRunner:
+    """A causal LM, its backend and its paged KV cache."""
+
+    def __init__(self, loaded: LoadedModel, backend: object, *, block_size: int = 16,
+                 num_blocks: int = 0) -> None:
+        self.backend = backend
+        self.model = backend.prepare(loaded.model, dtype=loaded.dtype)
+        self.dtype = loaded.dtype
+        self.device = backend.device
+        self.block_size = block_size
+        self.vocab_size = self.model.config.vocab_size
+        self.max_model_len = self.model.config.max_position_embeddings
+        self.kv_caches: list[torch.Tensor] = []
+        self.num_blocks = 0
+        self.resize(num_blocks)
+
+    @property
+    def bytes_per_block(self) -> int:
+        kv_heads, head_dim = self.model.kv_shape
+        element = torch.empty((), dtype=self.dtype).element_size()
+        return 2 * self.block_size * kv_heads * head_dim * element * self.model.num_layers
+
+    def resize(self, num_blocks: int) -> None:
+        """Make the pool ``num_blocks`` blocks, keeping the first blocks' contents."""
+        kv_heads, head_dim = self.model.kv_shape
+        new = [torch.zeros(2, num_blocks, self.block_size, kv_heads, head_dim, dtype=self.dtype,
+                           device=self.device) for _ in range(self.model.num_layers)]
+        keep = min(num_blocks, self.num_blocks)
+        for old, fresh in zip(self.kv_caches, new):
+            fresh[:, :keep] = old[:, :keep]
+        self.kv_caches, self.num_blocks = new, num_blocks
+
+    def metadata(self, chunks: Sequence[SequenceChunk]) -> AttentionMetadata:
+        block_size = self.block_size
+        slots: list[int] = []
+        for chunk in chunks:
+            table = chunk.block_table
+            for position in range(chunk.start, chunk.start + len(chunk.token_ids)):
+                slots.append(table[position // block_size] * block_size + position % block_size)
+        width = max(len(chunk.block_table) for chunk in chunks)
+        tables = [list(chunk.block_table) + [0] * (width - len(chunk.block_table)) for chunk in chunks]
+        return AttentionMetadata(
+            query_lens=tuple(len(chunk.token_ids) for chunk in chunks),
+            seq_lens=tuple(chunk.start + len(chunk.token_ids) for chunk in chunks),
+            slot_mapping=torch.tensor(slots, dtype=torch.long, device=self.device),
+            block_tables=torch.tensor(tables, dtype=torch.long, device=self.device),
+            block_size=block_size,
+        )
+
+    @torch.inference_mode()
+    def execute(self, chunks: Sequence[SequenceChunk]) -> StepLogits:
+        """One forward pass over every chunk; logits for each chunk's last token."""
+        input_ids = torch.tensor([t for chunk in chunks for t in chunk.token_ids], dtype=torch.long,
+                                 device=self.device)
+        positions = torch.cat([torch.arange(chunk.start, chunk.start + len(chunk.token_ids))
+                               for chunk in chunks]).to(self.device)
+        context = ForwardContext(backend=self.backend, metadata=self.metadata(chunks),
+                                 kv_caches=self.kv_caches)
+        hidden = self.model(input_ids, positions, context)
+        ends = torch.tensor(context.metadata.query_lens, device=self.device).cumsum(0) - 1
+        full: dict[int, torch.Tensor] = {}
+        start = 0
+        for index, chunk in enumerate(chunks):
+            if chunk.all_logits:
+                full[index] = self.model.compute_logits(hidden[start:start + len(chunk.token_ids)])
+            start += len(chunk.token_ids)
+        return StepLogits(self.model.compute_logits(hidden[ends]), full)
