@@ -20,6 +20,28 @@ from enigma.hookspecs import hookimpl
 from enigma.kinds import KINDS, Availability
 from enigma.plugins import PluginHost, get_host
 
+_LAZY = {
+    "LLM": "enigma.llm",
+    "SamplingParams": "enigma.sampling",
+    "Logprob": "enigma.sampling",
+    "RequestOutput": "enigma.outputs",
+    "CompletionOutput": "enigma.outputs",
+    "EmbeddingOutput": "enigma.outputs",
+    "EmbeddingRequestOutput": "enigma.outputs",
+}
+"""Runtime names, imported on first use so that ``import enigma`` skips torch."""
+
+
+def __getattr__(name: str) -> object:
+    if name in _LAZY:
+        import importlib
+
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'enigma' has no attribute {name!r}")
+
+
 try:
     __version__ = version("enigma-core")
 except PackageNotFoundError:  # pragma: no cover - running from a source tree
@@ -27,6 +49,13 @@ except PackageNotFoundError:  # pragma: no cover - running from a source tree
 
 __all__ = [
     "KINDS",
+    "LLM",
+    "CompletionOutput",
+    "EmbeddingOutput",
+    "EmbeddingRequestOutput",
+    "Logprob",
+    "RequestOutput",
+    "SamplingParams",
     "Availability",
     "BadRequestError",
     "ConfigError",

@@ -44,6 +44,10 @@ class Tokenizer:
                                 "AutoTokenizer.from_pretrained(...).save_pretrained(...))")
         self.folder = folder
         self._tokenizer = RustTokenizer.from_file(str(path))
+        # Some tokenizer.json files pad or truncate every encoding; enigma
+        # batches and truncates by itself, so encodings must be exact.
+        self._tokenizer.no_padding()
+        self._tokenizer.no_truncation()
         config = _read_json(folder / "tokenizer_config.json")
         special_map = _read_json(folder / "special_tokens_map.json")
         generation = _read_json(folder / "generation_config.json")

@@ -1,0 +1,231 @@
+"""What to generate (``SamplingParams``) and how the next tokens are drawn.
+
+Names and defaults follow vLLM's ``SamplingParams`` so its users feel at
+home. Invalid values raise :class:`~enigma.errors.BadRequestError` naming the
+field, the value and the allowed range.
+
+The sampler works on a batch of rows (one per sequence) in the order vLLM
+uses: penalties (repetition on prompt+output, presence/frequency on output),
+min_tokens (EOS and stop ids masked), then greedy argmax for temperature 0,
+else temperature, top-k, top-p, min-p and a draw from the seeded generator.
+Reported logprobs are those of the raw model distribution.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import attrs
+import torch
+
+from enigma.errors import BadRequestError
+
+_EPSILON = 1e-5
+
+
+def _to_str_tuple(value: Any) -> tuple[str, ...]:
+    if value is None:
+        return ()
+    if isinstance(value, str):
+        return (value,)
+    if isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value):
+        return tuple(value)
+    raise BadRequestError(f"stop must be a string or a list of strings, got {value!r}")
+
+
+def _to_int_tuple(value: Any) -> tuple[int, ...]:
+    if value is None:
+        return ()
+    if isinstance(value, (list, tuple)) and all(isinstance(v, int) and not isinstance(v, bool) for v in value):
+        return tuple(value)
+    raise BadRequestError(f"stop_token_ids must be a list of integers, got {value!r}")
+
+
+@attrs.frozen(kw_only=True)
+class SamplingParams:
+    """How to sample one prompt's completions (vLLM's names and meanings)."""
+
+    n: int = 1
+    """Completions to return for the prompt."""
+    temperature: float = 1.0
+    """0 means greedy."""
+    top_p: float = 1.0
+    top_k: int = 0
+    """0 or -1: no top-k."""
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    seed: int | None = None
+    """Same seed, same output (per completion index)."""
+    stop: tuple[str, ...] = attrs.field(default=(), converter=_to_str_tuple)
+    """Strings that end the completion; never included unless ``include_stop_str_in_output``."""
+    stop_token_ids: tuple[int, ...] = attrs.field(default=(), converter=_to_int_tuple)
+    include_stop_str_in_output: bool = False
+    ignore_eos: bool = False
+    max_tokens: int | None = 16
+    """None: until the model's context is full."""
+    min_tokens: int = 0
+    logprobs: int | None = None
+    """Return this many top logprobs per generated token (plus the chosen token's)."""
+    prompt_logprobs: int | None = None
+    skip_special_tokens: bool = True
+
+    def __attrs_post_init__(self) -> None:
+        _check_int("n", self.n, minimum=1)
+        _check_number("temperature", self.temperature, 0.0, None, "≥ 0 (0 is greedy)")
+        _check_number("top_p", self.top_p, 0.0, 1.0, "in (0, 1]", exclusive_low=True)
+        _check_int("top_k", self.top_k, minimum=-1, allowed="-1, 0 (both mean off) or ≥ 1")
+        _check_number("min_p", self.min_p, 0.0, 1.0, "in [0, 1]")
+        _check_number("repetition_penalty", self.repetition_penalty, 0.0, None, "> 0", exclusive_low=True)
+        _check_number("presence_penalty", self.presence_penalty, -2.0, 2.0, "in [-2, 2]")
+        _check_number("frequency_penalty", self.frequency_penalty, -2.0, 2.0, "in [-2, 2]")
+        if self.seed is not None:
+            _check_int("seed", self.seed, minimum=None)
+        if self.max_tokens is not None:
+            _check_int("max_tokens", self.max_tokens, minimum=1)
+        _check_int("min_tokens", self.min_tokens, minimum=0)
+        if self.max_tokens is not None and self.min_tokens > self.max_tokens:
+            raise BadRequestError(f"min_tokens ({self.min_tokens}) must not exceed max_tokens ({self.max_tokens})")
+        for name in ("logprobs", "prompt_logprobs"):
+            if getattr(self, name) is not None:
+                _check_int(name, getattr(self, name), minimum=0, maximum=20)
+        if any(not s for s in self.stop):
+            raise BadRequestError("stop strings must not be empty")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature < _EPSILON
+
+
+def _check_int(name: str, value: Any, *, minimum: int | None, maximum: int | None = None,
+               allowed: str | None = None) -> None:
+    ok = isinstance(value, int) and not isinstance(value, bool)
+    ok = ok and (minimum is None or value >= minimum) and (maximum is None or value <= maximum)
+    if not ok:
+        if allowed is None:
+            bounds = [f"≥ {minimum}" if minimum is not None else "", f"≤ {maximum}" if maximum is not None else ""]
+            allowed = "an integer" + (" " + " and ".join(b for b in bounds if b) if any(bounds) else "")
+        raise BadRequestError(f"{name} = {value!r} is invalid: expected {allowed}")
+
+
+def _check_number(name: str, value: Any, low: float | None, high: float | None, allowed: str, *,
+                  exclusive_low: bool = False) -> None:
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and value == value
+    if ok and low is not None:
+        ok = value > low if exclusive_low else value >= low
+    if ok and high is not None:
+        ok = value <= high
+    if not ok:
+        raise BadRequestError(f"{name} = {value!r} is invalid: expected a number {allowed}")
+
+
+@attrs.frozen
+class Logprob:
+    """One token's log-probability under the model (vLLM's ``Logprob``)."""
+
+    logprob: float
+    rank: int | None = None
+    """1 for the most likely token."""
+    decoded_token: str | None = None
+
+
+@attrs.define
+class SamplingRow:
+    """One sequence's sampling state, as the sampler needs it."""
+
+    params: SamplingParams
+    prompt_token_ids: Sequence[int]
+    output_token_ids: Sequence[int]
+    generator: torch.Generator | None = None
+    stop_ids: frozenset[int] = frozenset()
+    """EOS and stop token ids, masked while fewer than ``min_tokens`` are out."""
+
+
+@attrs.frozen
+class SamplerOutput:
+    token_ids: list[int]
+    logprobs: list[dict[int, Logprob] | None]
+    """Per row: top-``logprobs`` entries plus the chosen token's; None if not asked."""
+
+
+def make_generator(seed: int | None, device: torch.device | str = "cpu") -> torch.Generator | None:
+    """A generator seeded for one completion, or None to use the global one."""
+    if seed is None:
+        return None
+    return torch.Generator(device=device).manual_seed(seed)
+
+
+def apply_penalties(logits: torch.Tensor, rows: Sequence[SamplingRow]) -> torch.Tensor:
+    """Repetition, presence and frequency penalties and min_tokens masking, in place."""
+    for index, row in enumerate(rows):
+        params = row.params
+        if params.repetition_penalty != 1.0:
+            seen = torch.tensor(sorted({*row.prompt_token_ids, *row.output_token_ids}), dtype=torch.long,
+                                device=logits.device)
+            if len(seen):
+                values = logits[index, seen]
+                logits[index, seen] = torch.where(values > 0, values / params.repetition_penalty,
+                                                  values * params.repetition_penalty)
+        if (params.presence_penalty or params.frequency_penalty) and row.output_token_ids:
+            counts = torch.bincount(torch.tensor(row.output_token_ids, device=logits.device),
+                                    minlength=logits.shape[1])[: logits.shape[1]].to(logits.dtype)
+            logits[index] -= params.frequency_penalty * counts + params.presence_penalty * (counts > 0)
+        if len(row.output_token_ids) < params.min_tokens and row.stop_ids:
+            logits[index, list(row.stop_ids)] = float("-inf")
+    return logits
+
+
+def _filter(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
+    """Temperature, top-k, top-p and min-p on one row's logits."""
+    logits = logits / params.temperature
+    if params.top_k > 0 and params.top_k < logits.shape[-1]:
+        kth = torch.topk(logits, params.top_k).values[-1]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if params.top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=True)
+        probs = sorted_logits.softmax(-1)
+        outside = probs.cumsum(-1) - probs > params.top_p  # keeps the token that crosses top_p
+        logits = logits.masked_fill(torch.zeros_like(outside).scatter(0, order, outside), float("-inf"))
+    if params.min_p > 0.0:
+        probs = logits.softmax(-1)
+        logits = logits.masked_fill(probs < params.min_p * probs.max(), float("-inf"))
+    return logits
+
+
+def sample(logits: torch.Tensor, rows: Sequence[SamplingRow]) -> SamplerOutput:
+    """Choose the next token of every row. ``logits``: ``[rows, vocab]`` float32."""
+    want_logprobs = any(row.params.logprobs is not None for row in rows)
+    raw_logprobs = torch.log_softmax(logits, dim=-1) if want_logprobs else None
+    logits = apply_penalties(logits.clone(), rows)
+
+    chosen = torch.empty(len(rows), dtype=torch.long, device=logits.device)
+    greedy = [i for i, row in enumerate(rows) if row.params.greedy]
+    if greedy:
+        chosen[greedy] = logits[greedy].argmax(dim=-1)
+    for index, row in enumerate(rows):
+        if row.params.greedy:
+            continue
+        probs = _filter(logits[index], row.params).softmax(-1)
+        chosen[index] = torch.multinomial(probs, 1, generator=row.generator)[0]
+
+    token_ids = chosen.tolist()
+    logprobs: list[dict[int, Logprob] | None] = []
+    for index, row in enumerate(rows):
+        if row.params.logprobs is None:
+            logprobs.append(None)
+            continue
+        logprobs.append(top_logprobs(raw_logprobs[index], token_ids[index], row.params.logprobs))
+    return SamplerOutput(token_ids, logprobs)
+
+
+def top_logprobs(row_logprobs: torch.Tensor, token_id: int, k: int) -> dict[int, Logprob]:
+    """The ``k`` most likely tokens' logprobs, plus ``token_id``'s, with ranks."""
+    chosen = float(row_logprobs[token_id])
+    entries = {token_id: Logprob(chosen, rank=int((row_logprobs > chosen).sum()) + 1)}
+    if k:
+        values, ids = torch.topk(row_logprobs, k)
+        for rank, (value, top_id) in enumerate(zip(values.tolist(), ids.tolist()), start=1):
+            entries.setdefault(top_id, Logprob(value, rank=rank))
+    return entries
