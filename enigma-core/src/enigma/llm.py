@@ -54,7 +54,7 @@ class LLM:
         self._runner = None
         self._pooling = None
         if self.loaded.is_embedding_model:
-            from enigma.embedding import read_pooling, read_max_seq_length
+            from enigma.embedding import read_max_seq_length, read_pooling
 
             self.model = self.backend.prepare(self.loaded.model, dtype=self.loaded.dtype)
             self._pooling = read_pooling(folder)

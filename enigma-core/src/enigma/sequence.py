@@ -81,9 +81,8 @@ class Sequence:
         self._text += self._detokenizer.add(token_id)
         if params.stop and generated >= params.min_tokens and self._check_stop_strings(previous):
             return
-        if params.max_tokens is not None and generated >= params.max_tokens:
-            self._finish("length", None)
-        elif self.num_tokens >= self.max_model_len:
+        out_of_budget = params.max_tokens is not None and generated >= params.max_tokens
+        if out_of_budget or self.num_tokens >= self.max_model_len:
             self._finish("length", None)
 
     def _check_stop_strings(self, previous: int) -> bool:
