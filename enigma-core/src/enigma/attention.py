@@ -30,6 +30,9 @@ class AttentionMetadata:
     """LongTensor ``[num_seqs, max_blocks]``: each sequence's blocks, padded with 0."""
     block_size: int
     sliding_window: int | None = None
+    first_blocks: tuple[int, ...] | None = None
+    """Set when every sequence's blocks are consecutive: each one's first block,
+    so a backend may read the cache through a view instead of a gather."""
     """Attend only to the last ``sliding_window`` positions (Mistral-style), or all."""
 
     @classmethod
@@ -62,6 +65,7 @@ class AttentionMetadata:
             block_tables=tables.to(device),
             block_size=block_size,
             sliding_window=sliding_window,
+            first_blocks=tuple(int(tables[i, 0]) for i in range(len(seq_lens))),
         )
 
     @property

@@ -176,7 +176,7 @@ def load_model(folder: str | Path, *, dtype: str | torch.dtype = "auto",
     with torch.device("meta"):
         model = cls.from_hf_config(hf_config).to(torch_dtype)
     model = model.to_empty(device=device)  # the one allocation, already in the target dtype
-    model.initialize_buffers()
+    model.post_materialize()
     with SafetensorsWeights(folder) as weights:
         load_weights(model, weights)
     return LoadedModel(model.eval(), hf_config, architecture, torch_dtype, folder)

@@ -24,12 +24,53 @@ def write_kv(kv_cache: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
     flat[1].index_copy_(0, slot_mapping, value.to(kv_cache.dtype))
 
 
+def gather_blocks(kv_cache: torch.Tensor, block_ids: torch.Tensor) -> torch.Tensor:
+    """``kv_cache[:, block_ids]`` — ``[2, len(block_ids), block_size, kv_heads, dim]`` — via
+    ``index_select`` on a flattened view, several times faster than advanced indexing."""
+    two, num_blocks, block_size, kv_heads, dim = kv_cache.shape
+    flat = kv_cache.view(two, num_blocks, block_size * kv_heads * dim).index_select(1, block_ids)
+    return flat.view(two, len(block_ids), block_size, kv_heads, dim)
+
+
 def gather_kv(kv_cache: torch.Tensor, block_table: torch.Tensor,
               length: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The first ``length`` cached keys and values of one sequence, ``[length, kv_heads, dim]``."""
-    blocks = kv_cache[:, block_table]  # [2, n_blocks, block_size, kv_heads, dim]
+    block_size = kv_cache.shape[2]
+    blocks = gather_blocks(kv_cache, block_table[: -(-length // block_size)])
     flat = blocks.flatten(1, 2)[:, :length]
     return flat[0], flat[1]
+
+
+class OneDNNLinear(torch.nn.Module):
+    """A Linear run by oneDNN's matmul kernels, on the same weight tensor.
+
+    For one token at a time (decode), oneDNN streams the weights markedly
+    faster on CPU than ``nn.Linear``'s default path (see BENCHMARKS.md), and as
+    fast for prefill. The weight stays an ordinary ``[out, in]`` parameter, so
+    a head tied to the embeddings keeps sharing it.
+    """
+
+    def __init__(self, linear: torch.nn.Linear) -> None:
+        super().__init__()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.weight = linear.weight
+        self.bias = linear.bias
+
+    @staticmethod
+    def supported(linear: torch.nn.Linear) -> bool:
+        return (linear.weight.dtype == torch.float32 and linear.weight.device.type == "cpu"
+                and torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise"))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [], "")
+
+
+def use_onednn_linears(model: torch.nn.Module) -> None:
+    """Run every exact ``nn.Linear`` of ``model`` through :class:`OneDNNLinear`, in place."""
+    for module in list(model.modules()):
+        for name, child in list(module.named_children()):
+            if type(child) is torch.nn.Linear and OneDNNLinear.supported(child):
+                setattr(module, name, OneDNNLinear(child))
 
 
 class TorchBackend:
@@ -41,56 +82,122 @@ class TorchBackend:
         if device is None:
             device = "cuda" if torch.cuda.is_available() else "cpu"
         self.device = torch.device(device)
+        self._mask_cache: tuple[AttentionMetadata, torch.Tensor] | None = None
 
     def prepare(self, model: torch.nn.Module, *, dtype: torch.dtype) -> torch.nn.Module:
         """Move ``model`` to this backend's device, parameters in ``dtype``, in eval mode.
 
-        Buffers keep their dtype: RoPE frequencies stay float32.
+        Buffers keep their dtype: RoPE frequencies stay float32. On CPU,
+        Linears run through oneDNN (see :class:`OneDNNLinear`).
         """
         model = model.to(device=self.device)
         for param in model.parameters():
             if param.dtype != dtype:
                 param.data = param.data.to(dtype)
+        if self.device.type == "cpu":
+            use_onednn_linears(model)
         return model.eval()
 
     def attention(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, *,
                   kv_cache: torch.Tensor, metadata: AttentionMetadata, scale: float) -> torch.Tensor:
         """Write this step's KV into ``kv_cache``, then attend. See :class:`enigma.kinds.Backend`."""
         write_kv(kv_cache, key, value, metadata.slot_mapping)
-        if metadata.is_decode_only:
+        if metadata.is_decode_only and metadata.num_seqs > 1:
             return self._decode(query, kv_cache, metadata, scale)
         outputs = []
         start = 0
         for index, (query_len, seq_len) in enumerate(zip(metadata.query_lens, metadata.seq_lens)):
-            keys, values = gather_kv(kv_cache, metadata.block_tables[index], seq_len)
-            mask = _causal_mask(query_len, seq_len, metadata.sliding_window, query.device)
-            outputs.append(_sdpa(query[start:start + query_len], keys, values, mask, scale))
+            if metadata.first_blocks is not None:
+                keys, values = view_kv(kv_cache, metadata.first_blocks[index], seq_len)
+            else:
+                keys, values = gather_kv(kv_cache, metadata.block_tables[index], seq_len)
+            outputs.append(_attend_one(query[start:start + query_len], keys, values, metadata.sliding_window, scale))
             start += query_len
-        return torch.cat(outputs, dim=0)
+        return outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=0)
 
     def _decode(self, query: torch.Tensor, kv_cache: torch.Tensor, metadata: AttentionMetadata,
                 scale: float) -> torch.Tensor:
         # One query per sequence: gather every sequence's blocks into a padded
         # batch [num_seqs, max_len, kv_heads, dim] and mask the padding.
         max_len = max(metadata.seq_lens)
+        num_seqs = len(metadata.seq_lens)
         num_blocks = -(-max_len // metadata.block_size)
-        blocks = kv_cache[:, metadata.block_tables[:, :num_blocks]]  # [2, seqs, blocks, bs, h, d]
-        keys = blocks[0].flatten(1, 2)[:, :max_len]
-        values = blocks[1].flatten(1, 2)[:, :max_len]
-        lengths = torch.tensor(metadata.seq_lens, device=query.device)
-        positions = torch.arange(max_len, device=query.device)
-        visible = positions[None, :] < lengths[:, None]
-        if metadata.sliding_window is not None:
-            visible &= positions[None, :] >= (lengths[:, None] - metadata.sliding_window)
+        blocks = gather_blocks(kv_cache, metadata.block_tables[:, :num_blocks].reshape(-1))
+        blocks = blocks.view(2, num_seqs, num_blocks * metadata.block_size, *kv_cache.shape[3:])
+        keys = blocks[0, :, :max_len]                                   # [seqs, len, kv_heads, dim]
+        values = blocks[1, :, :max_len]
         out = F.scaled_dot_product_attention(
             query.unsqueeze(2),               # [seqs, heads, 1, dim]
             keys.transpose(1, 2),             # [seqs, kv_heads, len, dim]
             values.transpose(1, 2),
-            attn_mask=visible[:, None, None, :],
+            attn_mask=self._decode_mask(metadata, query.device),
             scale=scale,
             enable_gqa=query.shape[1] != keys.shape[2],
         )
         return out.squeeze(2)
+
+    def _decode_mask(self, metadata: AttentionMetadata, device: torch.device) -> torch.Tensor:
+        # Every layer of a step shares the metadata object: build its mask once.
+        cached = self._mask_cache
+        if cached is not None and cached[0] is metadata:
+            return cached[1]
+        max_len = max(metadata.seq_lens)
+        lengths = torch.tensor(metadata.seq_lens, device=device)
+        positions = torch.arange(max_len, device=device)
+        visible = positions[None, :] < lengths[:, None]
+        if metadata.sliding_window is not None:
+            visible &= positions[None, :] >= (lengths[:, None] - metadata.sliding_window)
+        mask = visible[:, None, None, :]
+        self._mask_cache = (metadata, mask)
+        return mask
+
+
+def view_kv(kv_cache: torch.Tensor, first_block: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A sequence's cached keys and values when its blocks are consecutive: views, no copy."""
+    block_size = kv_cache.shape[2]
+    blocks = kv_cache[:, first_block:first_block + -(-length // block_size)]
+    flat = blocks.flatten(1, 2)[:, :length]
+    return flat[0], flat[1]
+
+
+def _attend_one(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, window: int | None,
+                scale: float) -> torch.Tensor:
+    """Causal attention of one sequence's last ``len(query)`` positions over ``keys``/``values``."""
+    query_len, seq_len = query.shape[0], keys.shape[0]
+    if query_len == 1 and window is None:
+        return _decode_one(query, keys, values, scale)
+    mask = None
+    is_causal = False
+    if window is not None and seq_len > 1:
+        mask = _causal_mask(query_len, seq_len, window, query.device)
+    elif query_len == seq_len:
+        is_causal = query_len > 1
+    elif query_len > 1:
+        mask = _causal_mask(query_len, seq_len, None, query.device)
+    out = F.scaled_dot_product_attention(
+        query.transpose(0, 1),     # [heads, q_len, dim]
+        keys.transpose(0, 1),      # [kv_heads, len, dim]
+        values.transpose(0, 1),
+        attn_mask=mask,
+        is_causal=is_causal,
+        scale=scale,
+        enable_gqa=query.shape[1] != keys.shape[1],
+    )
+    return out.transpose(0, 1)     # [q_len, heads, dim]
+
+
+def _decode_one(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scale: float) -> torch.Tensor:
+    """One query over all of a sequence's keys, heads grouped onto their KV head.
+
+    A handful of kernels instead of SDPA's general path, which dominates a
+    decode step's overhead on CPU.
+    """
+    heads, dim = query.shape[1], query.shape[2]
+    kv_heads = keys.shape[1]
+    grouped = query.view(kv_heads, heads // kv_heads, dim)                          # [kv, group, dim]
+    scores = torch.matmul(grouped, keys.permute(1, 2, 0)).mul_(scale)              # [kv, group, len]
+    out = torch.matmul(scores.softmax(dim=-1), values.transpose(0, 1))             # [kv, group, dim]
+    return out.view(1, heads, dim)
 
 
 def _causal_mask(query_len: int, seq_len: int, window: int | None, device: torch.device) -> torch.Tensor:
@@ -101,16 +208,3 @@ def _causal_mask(query_len: int, seq_len: int, window: int | None, device: torch
     if window is not None:
         mask &= key_pos > query_pos - window
     return mask
-
-
-def _sdpa(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor,
-          scale: float) -> torch.Tensor:
-    out = F.scaled_dot_product_attention(
-        query.transpose(0, 1),     # [heads, q_len, dim]
-        keys.transpose(0, 1),      # [kv_heads, len, dim]
-        values.transpose(0, 1),
-        attn_mask=mask,
-        scale=scale,
-        enable_gqa=query.shape[1] != keys.shape[1],
-    )
-    return out.transpose(0, 1)     # [q_len, heads, dim]

@@ -169,8 +169,8 @@ class BertModel(nn.Module):
     def from_hf_config(cls, hf_config: dict[str, Any]) -> BertModel:
         return cls(BertConfig.from_hf(hf_config))
 
-    def initialize_buffers(self) -> None:
-        """BERT has no computed buffers."""
+    def post_materialize(self) -> None:
+        """BERT has no tied weights or computed buffers."""
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """``[batch, len]`` ids and 0/1 mask -> token states ``[batch, len, hidden]``."""
