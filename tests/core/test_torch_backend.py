@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import attrs
 import pytest
 import torch
 
 from enigma.attention import AttentionMetadata
-from enigma.backends.torch_backend import TorchBackend
+from enigma.backends.torch_backend import TorchBackend, gather_kv, write_kv
 from enigma.kinds import Backend
 
 
@@ -26,14 +27,21 @@ def reference_attention(query, keys, values, scale, window=None):
     return torch.einsum("hqs,shd->qhd", scores.softmax(-1), v)
 
 
-def run_case(query_lens, seq_lens, *, heads=4, kv_heads=2, dim=8, block_size=4, window=None, seed=0):
+def run_case(query_lens, seq_lens, *, heads=4, kv_heads=2, dim=8, block_size=4, window=None, seed=0,
+             consecutive=True):
     generator = torch.Generator().manual_seed(seed)
     metadata = AttentionMetadata.contiguous(query_lens, seq_lens, block_size=block_size,
                                             sliding_window=window)
+    if not consecutive:  # scatter the blocks: reverse the pool's order, so only gathers can work
+        top = int(metadata.block_tables.max())
+        metadata = attrs.evolve(metadata, block_tables=top - metadata.block_tables,
+                                slot_mapping=_reversed_slots(metadata.slot_mapping, block_size, top),
+                                first_blocks=None)
+    backend = TorchBackend(device="cpu")
     num_blocks = int(metadata.block_tables.max()) + 2
-    cache = torch.zeros(2, num_blocks, block_size, kv_heads, dim)
+    cache = torch.zeros(backend.kv_cache_shape(num_blocks, block_size, kv_heads, dim))
     # Each sequence's full history, contiguous; its cached part goes into the
-    # cache through the same slot layout the metadata describes.
+    # cache through the block table, as an earlier step would have written it.
     histories = [(torch.randn(s, kv_heads, dim, generator=generator),
                   torch.randn(s, kv_heads, dim, generator=generator)) for s in seq_lens]
     queries, new_keys, new_values = [], [], []
@@ -41,19 +49,22 @@ def run_case(query_lens, seq_lens, *, heads=4, kv_heads=2, dim=8, block_size=4, 
         cached = s_len - q_len
         if cached:
             table = metadata.block_tables[index]
-            slots = table[torch.arange(cached) // block_size] * block_size + torch.arange(cached) % block_size
-            flat = cache.view(2, -1, kv_heads, dim)
-            flat[0, slots], flat[1, slots] = keys[:cached], values[:cached]
+            positions = torch.arange(cached)
+            write_kv(cache, keys[:cached], values[:cached],
+                     table[positions // block_size] * block_size + positions % block_size)
         queries.append(torch.randn(q_len, heads, dim, generator=generator))
         new_keys.append(keys[cached:])
         new_values.append(values[cached:])
     scale = dim ** -0.5
-    out = TorchBackend(device="cpu").attention(
-        torch.cat(queries), torch.cat(new_keys), torch.cat(new_values),
-        kv_cache=cache, metadata=metadata, scale=scale)
+    out = backend.attention(torch.cat(queries), torch.cat(new_keys), torch.cat(new_values),
+                            kv_cache=cache, metadata=metadata, scale=scale)
     expected = torch.cat([reference_attention(q, k, v, scale, window)
                           for q, (k, v) in zip(queries, histories)])
     return out, expected
+
+
+def _reversed_slots(slots, block_size, top):
+    return (top - slots // block_size) * block_size + slots % block_size
 
 
 @pytest.mark.parametrize("query_lens,seq_lens", [
@@ -62,26 +73,30 @@ def run_case(query_lens, seq_lens, *, heads=4, kv_heads=2, dim=8, block_size=4, 
     ((1, 1, 1, 1), (1, 4, 5, 17)),     # decode-only: the padded batch path
 ])
 @pytest.mark.parametrize("heads,kv_heads", [(4, 4), (4, 2), (6, 1)])
-def test_paged_attention_matches_contiguous(query_lens, seq_lens, heads, kv_heads):
-    out, expected = run_case(query_lens, seq_lens, heads=heads, kv_heads=kv_heads)
+@pytest.mark.parametrize("consecutive", [True, False], ids=["views", "gathers"])
+def test_paged_attention_matches_contiguous(query_lens, seq_lens, heads, kv_heads, consecutive):
+    out, expected = run_case(query_lens, seq_lens, heads=heads, kv_heads=kv_heads, consecutive=consecutive)
     assert out.shape == expected.shape
     torch.testing.assert_close(out.double(), expected, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("query_lens,seq_lens", [((6, 1), (6, 11)), ((1, 1), (3, 10))])
-def test_sliding_window(query_lens, seq_lens):
-    out, expected = run_case(query_lens, seq_lens, window=4)
+@pytest.mark.parametrize("query_lens,seq_lens", [((6, 1), (6, 11)), ((1, 1), (3, 10)), ((1,), (9,))])
+@pytest.mark.parametrize("consecutive", [True, False], ids=["views", "gathers"])
+def test_sliding_window(query_lens, seq_lens, consecutive):
+    out, expected = run_case(query_lens, seq_lens, window=4, consecutive=consecutive)
     torch.testing.assert_close(out.double(), expected, atol=1e-5, rtol=1e-5)
 
 
 def test_new_keys_and_values_land_in_their_slots():
     metadata = AttentionMetadata.contiguous([3], [3], block_size=2)
-    cache = torch.zeros(2, 2, 2, 1, 1)
+    backend = TorchBackend(device="cpu")
+    cache = torch.zeros(backend.kv_cache_shape(2, 2, 1, 1))
     key = torch.tensor([1.0, 2.0, 3.0]).view(3, 1, 1)
-    TorchBackend(device="cpu").attention(torch.ones(3, 1, 1), key, -key, kv_cache=cache,
-                                         metadata=metadata, scale=1.0)
-    assert cache[0].flatten().tolist() == [1.0, 2.0, 3.0, 0.0]
-    assert cache[1].flatten().tolist() == [-1.0, -2.0, -3.0, 0.0]
+    backend.attention(torch.ones(3, 1, 1), key, -key, kv_cache=cache, metadata=metadata, scale=1.0)
+    keys, values = gather_kv(cache, metadata.block_tables[0], 3)
+    assert keys.flatten().tolist() == [1.0, 2.0, 3.0]
+    assert values.flatten().tolist() == [-1.0, -2.0, -3.0]
+    assert cache.sum().item() == 0.0  # nothing else was written
 
 
 def test_prepare_moves_model_to_dtype_and_eval():

@@ -2,8 +2,10 @@
 
 The engine packs every scheduled sequence's new tokens into one flat batch
 (prefills and decodes together, vLLM-style). Keys and values live in a paged
-KV cache: per layer one tensor ``[2, num_blocks, block_size, num_kv_heads,
-head_dim]``; each sequence owns a list of blocks (its block table).
+KV cache: per layer one tensor holding ``num_blocks`` blocks of
+``block_size`` token slots (its exact layout is the backend's choice, see
+``Backend.kv_cache_shape``); each sequence owns a list of blocks (its block
+table), and slot ``block * block_size + offset`` holds one token.
 """
 
 from __future__ import annotations

@@ -67,6 +67,9 @@ class Backend(Protocol):
 
     device: Any  # torch.device
 
+    def kv_cache_shape(self, num_blocks: int, block_size: int, num_kv_heads: int, head_dim: int) -> tuple[int, ...]:
+        """The shape of one layer's paged KV cache tensor; its layout is the backend's choice."""
+
     def prepare(self, model: Any, *, dtype: Any) -> Any:
         """Return ``model`` (a ``torch.nn.Module``) ready to run on this backend."""
 
@@ -76,9 +79,9 @@ class Backend(Protocol):
 
         ``query`` is ``[num_tokens, num_heads, head_dim]`` for the new tokens of
         the step (all sequences packed), ``key``/``value`` ``[num_tokens,
-        num_kv_heads, head_dim]``; ``kv_cache`` is one layer's paged cache
-        ``[2, num_blocks, block_size, num_kv_heads, head_dim]``; ``metadata``
-        an :class:`enigma.attention.AttentionMetadata`. Causal within each
+        num_kv_heads, head_dim]``; ``kv_cache`` is one layer's paged cache,
+        shaped by ``kv_cache_shape``; ``metadata`` an
+        :class:`enigma.attention.AttentionMetadata`. Causal within each
         sequence. Returns ``[num_tokens, num_heads, head_dim]``.
         """
 

@@ -62,14 +62,17 @@ class ModelRunner:
         return 2 * self.block_size * kv_heads * head_dim * element * self.model.num_layers
 
     def resize(self, num_blocks: int) -> None:
-        """Make the pool ``num_blocks`` blocks, keeping the first blocks' contents."""
+        """Make the pool ``num_blocks`` blocks; what it held is discarded.
+
+        Each layer's tensor has the shape the backend asks for
+        (``backend.kv_cache_shape``): the layout is the backend's choice.
+        """
         kv_heads, head_dim = self.model.kv_shape
-        new = [torch.zeros(2, num_blocks, self.block_size, kv_heads, head_dim, dtype=self.dtype,
-                           device=self.device) for _ in range(self.model.num_layers)]
-        keep = min(num_blocks, self.num_blocks)
-        for old, fresh in zip(self.kv_caches, new):
-            fresh[:, :keep] = old[:, :keep]
-        self.kv_caches, self.num_blocks = new, num_blocks
+        shape = self.backend.kv_cache_shape(num_blocks, self.block_size, kv_heads, head_dim)
+        self.kv_caches = []  # free the old pool before allocating the new one
+        self.kv_caches = [torch.zeros(shape, dtype=self.dtype, device=self.device)
+                          for _ in range(self.model.num_layers)]
+        self.num_blocks = num_blocks
 
     def metadata(self, chunks: Sequence[SequenceChunk]) -> AttentionMetadata:
         block_size = self.block_size

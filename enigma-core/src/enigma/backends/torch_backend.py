@@ -15,29 +15,38 @@ import torch.nn.functional as F
 from enigma.attention import AttentionMetadata
 
 
+def kv_cache_shape(num_blocks: int, block_size: int, num_kv_heads: int, head_dim: int) -> tuple[int, ...]:
+    """One layer's cache: ``[2 (k, v), kv_heads, num_blocks, block_size, head_dim]``.
+
+    Head-major, so that a sequence's keys for one head are rows of one matrix:
+    the decode matmuls read them without a transposing copy.
+    """
+    return (2, num_kv_heads, num_blocks, block_size, head_dim)
+
+
 def write_kv(kv_cache: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
              slot_mapping: torch.Tensor) -> None:
-    """Store this step's keys and values at their cache slots."""
-    _, num_blocks, block_size, num_kv_heads, head_dim = kv_cache.shape
-    flat = kv_cache.view(2, num_blocks * block_size, num_kv_heads, head_dim)
-    flat[0].index_copy_(0, slot_mapping, key.to(kv_cache.dtype))
-    flat[1].index_copy_(0, slot_mapping, value.to(kv_cache.dtype))
-
-
-def gather_blocks(kv_cache: torch.Tensor, block_ids: torch.Tensor) -> torch.Tensor:
-    """``kv_cache[:, block_ids]`` — ``[2, len(block_ids), block_size, kv_heads, dim]`` — via
-    ``index_select`` on a flattened view, several times faster than advanced indexing."""
-    two, num_blocks, block_size, kv_heads, dim = kv_cache.shape
-    flat = kv_cache.view(two, num_blocks, block_size * kv_heads * dim).index_select(1, block_ids)
-    return flat.view(two, len(block_ids), block_size, kv_heads, dim)
+    """Store this step's keys and values (``[tokens, kv_heads, dim]``) at their cache slots."""
+    _, kv_heads, num_blocks, block_size, head_dim = kv_cache.shape
+    flat = kv_cache.view(2, kv_heads, num_blocks * block_size, head_dim)
+    flat[0].index_copy_(1, slot_mapping, key.transpose(0, 1).to(kv_cache.dtype))
+    flat[1].index_copy_(1, slot_mapping, value.transpose(0, 1).to(kv_cache.dtype))
 
 
 def gather_kv(kv_cache: torch.Tensor, block_table: torch.Tensor,
               length: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The first ``length`` cached keys and values of one sequence, ``[length, kv_heads, dim]``."""
-    block_size = kv_cache.shape[2]
-    blocks = gather_blocks(kv_cache, block_table[: -(-length // block_size)])
-    flat = blocks.flatten(1, 2)[:, :length]
+    """The first ``length`` cached keys and values of one sequence, ``[kv_heads, length, dim]`` each."""
+    _, kv_heads, _, block_size, head_dim = kv_cache.shape
+    blocks = kv_cache.index_select(2, block_table[: -(-length // block_size)])
+    flat = blocks.flatten(2, 3)[:, :, :length]
+    return flat[0], flat[1]
+
+
+def view_kv(kv_cache: torch.Tensor, first_block: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Like :func:`gather_kv` for a sequence whose blocks are consecutive: views, no copy."""
+    block_size = kv_cache.shape[3]
+    blocks = kv_cache[:, :, first_block:first_block + -(-length // block_size)]
+    flat = blocks.flatten(2, 3)[:, :, :length]
     return flat[0], flat[1]
 
 
@@ -84,6 +93,11 @@ class TorchBackend:
         self.device = torch.device(device)
         self._mask_cache: tuple[AttentionMetadata, torch.Tensor] | None = None
 
+    def kv_cache_shape(self, num_blocks: int, block_size: int, num_kv_heads: int,
+                       head_dim: int) -> tuple[int, ...]:
+        """See :func:`kv_cache_shape`."""
+        return kv_cache_shape(num_blocks, block_size, num_kv_heads, head_dim)
+
     def prepare(self, model: torch.nn.Module, *, dtype: torch.dtype) -> torch.nn.Module:
         """Move ``model`` to this backend's device, parameters in ``dtype``, in eval mode.
 
@@ -118,21 +132,20 @@ class TorchBackend:
     def _decode(self, query: torch.Tensor, kv_cache: torch.Tensor, metadata: AttentionMetadata,
                 scale: float) -> torch.Tensor:
         # One query per sequence: gather every sequence's blocks into a padded
-        # batch [num_seqs, max_len, kv_heads, dim] and mask the padding.
+        # batch [num_seqs, kv_heads, max_len, dim] and mask the padding.
+        _, kv_heads, _, block_size, head_dim = kv_cache.shape
         max_len = max(metadata.seq_lens)
         num_seqs = len(metadata.seq_lens)
-        num_blocks = -(-max_len // metadata.block_size)
-        blocks = gather_blocks(kv_cache, metadata.block_tables[:, :num_blocks].reshape(-1))
-        blocks = blocks.view(2, num_seqs, num_blocks * metadata.block_size, *kv_cache.shape[3:])
-        keys = blocks[0, :, :max_len]                                   # [seqs, len, kv_heads, dim]
-        values = blocks[1, :, :max_len]
+        num_blocks = -(-max_len // block_size)
+        blocks = kv_cache.index_select(2, metadata.block_tables[:, :num_blocks].reshape(-1))
+        blocks = blocks.view(2, kv_heads, num_seqs, num_blocks * block_size, head_dim)[:, :, :, :max_len]
+        keys, values = blocks[0].transpose(0, 1), blocks[1].transpose(0, 1)  # [seqs, kv_heads, len, dim]
         out = F.scaled_dot_product_attention(
             query.unsqueeze(2),               # [seqs, heads, 1, dim]
-            keys.transpose(1, 2),             # [seqs, kv_heads, len, dim]
-            values.transpose(1, 2),
+            keys, values,
             attn_mask=self._decode_mask(metadata, query.device),
             scale=scale,
-            enable_gqa=query.shape[1] != keys.shape[2],
+            enable_gqa=query.shape[1] != kv_heads,
         )
         return out.squeeze(2)
 
@@ -152,18 +165,10 @@ class TorchBackend:
         return mask
 
 
-def view_kv(kv_cache: torch.Tensor, first_block: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """A sequence's cached keys and values when its blocks are consecutive: views, no copy."""
-    block_size = kv_cache.shape[2]
-    blocks = kv_cache[:, first_block:first_block + -(-length // block_size)]
-    flat = blocks.flatten(1, 2)[:, :length]
-    return flat[0], flat[1]
-
-
 def _attend_one(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, window: int | None,
                 scale: float) -> torch.Tensor:
     """Causal attention of one sequence's last ``len(query)`` positions over ``keys``/``values``."""
-    query_len, seq_len = query.shape[0], keys.shape[0]
+    query_len, seq_len = query.shape[0], keys.shape[1]
     if query_len == 1 and window is None:
         return _decode_one(query, keys, values, scale)
     mask = None
@@ -176,12 +181,11 @@ def _attend_one(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, w
         mask = _causal_mask(query_len, seq_len, None, query.device)
     out = F.scaled_dot_product_attention(
         query.transpose(0, 1),     # [heads, q_len, dim]
-        keys.transpose(0, 1),      # [kv_heads, len, dim]
-        values.transpose(0, 1),
+        keys, values,              # [kv_heads, len, dim]
         attn_mask=mask,
         is_causal=is_causal,
         scale=scale,
-        enable_gqa=query.shape[1] != keys.shape[1],
+        enable_gqa=query.shape[1] != keys.shape[0],
     )
     return out.transpose(0, 1)     # [q_len, heads, dim]
 
@@ -193,10 +197,10 @@ def _decode_one(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, s
     decode step's overhead on CPU.
     """
     heads, dim = query.shape[1], query.shape[2]
-    kv_heads = keys.shape[1]
-    grouped = query.view(kv_heads, heads // kv_heads, dim)                          # [kv, group, dim]
-    scores = torch.matmul(grouped, keys.permute(1, 2, 0)).mul_(scale)              # [kv, group, len]
-    out = torch.matmul(scores.softmax(dim=-1), values.transpose(0, 1))             # [kv, group, dim]
+    kv_heads = keys.shape[0]
+    grouped = query.view(kv_heads, heads // kv_heads, dim)                # [kv, group, dim]
+    scores = torch.matmul(grouped, keys.transpose(1, 2)).mul_(scale)     # [kv, group, len]
+    out = torch.matmul(scores.softmax(dim=-1), values)                   # [kv, group, dim]
     return out.view(1, heads, dim)
 
 
