@@ -177,6 +177,12 @@ def apply_penalties(logits: torch.Tensor, rows: Sequence[SamplingRow]) -> torch.
     return logits
 
 
+def _needs_processing(row: SamplingRow) -> bool:
+    params = row.params
+    return (params.repetition_penalty != 1.0 or params.presence_penalty != 0.0 or params.frequency_penalty != 0.0
+            or (len(row.output_token_ids) < params.min_tokens and bool(row.stop_ids)))
+
+
 def _filter(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
     """Temperature, top-k, top-p and min-p on one row's logits."""
     logits = logits / params.temperature
@@ -198,19 +204,15 @@ def sample(logits: torch.Tensor, rows: Sequence[SamplingRow]) -> SamplerOutput:
     """Choose the next token of every row. ``logits``: ``[rows, vocab]`` float32."""
     want_logprobs = any(row.params.logprobs is not None for row in rows)
     raw_logprobs = torch.log_softmax(logits, dim=-1) if want_logprobs else None
-    logits = apply_penalties(logits.clone(), rows)
+    if any(_needs_processing(row) for row in rows):
+        logits = apply_penalties(logits.clone(), rows)
 
-    chosen = torch.empty(len(rows), dtype=torch.long, device=logits.device)
-    greedy = [i for i, row in enumerate(rows) if row.params.greedy]
-    if greedy:
-        chosen[greedy] = logits[greedy].argmax(dim=-1)
+    token_ids = logits.argmax(dim=-1).tolist()  # greedy rows keep these
     for index, row in enumerate(rows):
-        if row.params.greedy:
-            continue
-        probs = _filter(logits[index], row.params).softmax(-1)
-        chosen[index] = torch.multinomial(probs, 1, generator=row.generator)[0]
+        if not row.params.greedy:
+            probs = _filter(logits[index], row.params).softmax(-1)
+            token_ids[index] = int(torch.multinomial(probs, 1, generator=row.generator))
 
-    token_ids = chosen.tolist()
     logprobs: list[dict[int, Logprob] | None] = []
     for index, row in enumerate(rows):
         if row.params.logprobs is None:
