@@ -74,7 +74,8 @@ def main() -> None:
 
     hf_prefill, hf_tps = results["transformers"]
     en_prefill, en_tps = results["enigma"]
-    print(f"ratio enigma/transformers: decode {en_tps / hf_tps:.2f}x, prefill time {hf_prefill / en_prefill:.2f}x faster")
+    print(f"ratio enigma/transformers: decode {en_tps / hf_tps:.2f}x, "
+          f"prefill time {hf_prefill / en_prefill:.2f}x faster")
 
 
 if __name__ == "__main__":

@@ -36,7 +36,7 @@ def write_kv(kv_cache: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
 def gather_kv(kv_cache: torch.Tensor, block_table: torch.Tensor,
               length: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The first ``length`` cached keys and values of one sequence, ``[kv_heads, length, dim]`` each."""
-    _, kv_heads, _, block_size, head_dim = kv_cache.shape
+    block_size = kv_cache.shape[3]
     blocks = kv_cache.index_select(2, block_table[: -(-length // block_size)])
     flat = blocks.flatten(2, 3)[:, :, :length]
     return flat[0], flat[1]
