@@ -5,7 +5,8 @@
 >>> outs = llm.generate(["Once upon a time"], SamplingParams(max_tokens=32, temperature=0))
 >>> outs[0].outputs[0].text
 
-Requests run one after another through the model runner's paged KV cache.
+All prompts go to the engine at once: continuous batching over a paged KV
+cache, with prefix caching.
 """
 
 from __future__ import annotations
@@ -20,11 +21,30 @@ import torch
 
 from enigma.errors import BadRequestError, NotFoundError
 from enigma.outputs import EmbeddingOutput, EmbeddingRequestOutput, RequestOutput
-from enigma.sampling import SamplingParams, sample, top_logprobs
-from enigma.sequence import Sequence
+from enigma.sampling import SamplingParams
 
 Prompt = str | list[int]
 Message = dict[str, Any]
+
+
+DEFAULT_KV_CACHE_FRACTION = 0.1
+DEFAULT_KV_CACHE_CAP = 4 << 30
+
+
+def kv_blocks_for(runner: Any, kv_cache_memory: int | None, max_num_seqs: int) -> int:
+    """How many KV blocks a memory budget buys (default: a tenth of RAM, at most 4 GiB),
+    never more than ``max_num_seqs`` full-length sequences need."""
+    import os
+
+    if kv_cache_memory is None:
+        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        kv_cache_memory = min(int(total * DEFAULT_KV_CACHE_FRACTION), DEFAULT_KV_CACHE_CAP)
+    blocks = kv_cache_memory // runner.bytes_per_block
+    if blocks < 1:
+        raise BadRequestError(f"kv_cache_memory={kv_cache_memory} bytes is less than one KV block "
+                              f"({runner.bytes_per_block} bytes); give more")
+    per_sequence = math.ceil(runner.max_model_len / runner.block_size)
+    return int(min(blocks, per_sequence * max_num_seqs))
 
 
 def resolve_model_path(model: str | Path) -> Path:
@@ -40,7 +60,9 @@ class LLM:
     """A model loaded for offline generation or embedding."""
 
     def __init__(self, model: str | Path, *, dtype: str | torch.dtype = "auto", backend: str = "auto",
-                 device: str | None = None, block_size: int = 16) -> None:
+                 device: str | None = None, block_size: int = 16, kv_cache_memory: int | None = None,
+                 num_kv_blocks: int | None = None, max_num_seqs: int = 64, max_num_batched_tokens: int = 512,
+                 enable_prefix_caching: bool = True, cache: str = "auto", scheduler: str = "auto") -> None:
         from enigma.loader import load_model
         from enigma.plugins import get_host
         from enigma.tokenizer import Tokenizer
@@ -60,10 +82,16 @@ class LLM:
             self._pooling = read_pooling(folder)
             self.max_model_len = read_max_seq_length(folder, self.loaded.hf_config)
         else:
+            from enigma.engine.engine import Engine
             from enigma.runner import ModelRunner
 
             self._runner = ModelRunner(self.loaded, self.backend, block_size=block_size)
-            self.max_model_len = self._runner.max_model_len
+            blocks = num_kv_blocks or kv_blocks_for(self._runner, kv_cache_memory, max_num_seqs)
+            self.engine = Engine(self._runner, self.tokenizer, model_name=self.model_name, num_blocks=blocks,
+                                 cache=cache, scheduler=scheduler, max_num_seqs=max_num_seqs,
+                                 max_num_batched_tokens=max_num_batched_tokens,
+                                 enable_prefix_caching=enable_prefix_caching)
+            self.max_model_len = self.engine.max_model_len
         self.eos_token_ids = self.tokenizer.eos_token_ids
 
     # ------------------------------------------------------------ generation
@@ -76,14 +104,13 @@ class LLM:
             prompts = [prompts]
         prompts = list(prompts)
         params_list = self._params_for(len(prompts), sampling_params)
-        outputs = []
+        requests = []
         for prompt, params in zip(prompts, params_list):
             if isinstance(prompt, str):
-                text, token_ids = prompt, self.tokenizer.encode(prompt)
+                requests.append((prompt, self.tokenizer.encode(prompt), params))
             else:
-                text, token_ids = None, self._check_token_ids(prompt)
-            outputs.append(self._generate_one(str(next(self._ids)), text, token_ids, params))
-        return outputs
+                requests.append((None, list(prompt), params))
+        return self._run(requests)
 
     def chat(self, messages: list[Message] | SequenceOf[list[Message]],
              sampling_params: SamplingParams | SequenceOf[SamplingParams] | None = None, *,
@@ -93,13 +120,12 @@ class LLM:
         self._require_generator("chat")
         conversations = [messages] if messages and isinstance(messages[0], dict) else list(messages)
         params_list = self._params_for(len(conversations), sampling_params)
-        outputs = []
+        requests = []
         for conversation, params in zip(conversations, params_list):
             text = self.tokenizer.apply_chat_template(conversation, add_generation_prompt=add_generation_prompt,
                                                       chat_template=chat_template, **template_kwargs)
-            token_ids = self.tokenizer.encode(text, add_special_tokens=False)
-            outputs.append(self._generate_one(str(next(self._ids)), text, token_ids, params))
-        return outputs
+            requests.append((text, self.tokenizer.encode(text, add_special_tokens=False), params))
+        return self._run(requests)
 
     def _params_for(self, count: int, params: SamplingParams | SequenceOf[SamplingParams] | None) -> list:
         if params is None:
@@ -111,58 +137,28 @@ class LLM:
             raise BadRequestError(f"got {len(params)} SamplingParams for {count} prompts; pass one, or one per prompt")
         return params
 
-    def _check_token_ids(self, token_ids: list[int]) -> list[int]:
-        vocab = self._runner.vocab_size
-        bad = [t for t in token_ids if not isinstance(t, int) or not 0 <= t < vocab]
-        if bad or not token_ids:
-            raise BadRequestError(f"prompt token ids must be a non-empty list of integers in [0, {vocab}); "
-                                  f"got invalid {bad[:5]}")
-        return list(token_ids)
-
-    def _generate_one(self, request_id: str, prompt: str | None, token_ids: list[int],
-                      params: SamplingParams) -> RequestOutput:
-        runner = self._runner
-        if not token_ids:
-            raise BadRequestError("the prompt is empty after tokenization; give at least one token")
-        if len(token_ids) >= self.max_model_len:
-            raise BadRequestError(f"the prompt has {len(token_ids)} tokens but the model's context is "
-                                  f"{self.max_model_len}; shorten it to leave room for the answer")
-        budget = self.max_model_len - len(token_ids)
-        new_tokens = min(params.max_tokens or budget, budget)
-        blocks = math.ceil((len(token_ids) + new_tokens) / runner.block_size)
-        if runner.num_blocks < blocks:
-            runner.resize(blocks)
-        table = list(range(blocks))
-
-        from enigma.runner import SequenceChunk
-
-        result = RequestOutput(request_id=request_id, prompt=prompt, prompt_token_ids=token_ids, outputs=[])
-        for index in range(params.n):
-            sequence = Sequence(index=index, prompt_token_ids=token_ids, params=params, tokenizer=self.tokenizer,
-                                eos_token_ids=self.eos_token_ids, max_model_len=self.max_model_len,
-                                device=runner.device)
-            want_prompt_logprobs = params.prompt_logprobs is not None and index == 0
-            step = runner.execute([SequenceChunk(token_ids, 0, table, all_logits=want_prompt_logprobs)])
-            if want_prompt_logprobs:
-                result.prompt_logprobs = self._prompt_logprobs(step.full[0], token_ids, params.prompt_logprobs)
-            while True:
-                sampled = sample(step.last, [sequence.row])
-                sequence.append(sampled.token_ids[0], sampled.logprobs[0])
-                if sequence.finished:
-                    break
-                step = runner.execute([SequenceChunk([sampled.token_ids[0]], sequence.num_tokens - 1, table)])
-            result.outputs.append(sequence.to_output())
-        result.finished = True
-        return result
-
-    def _prompt_logprobs(self, logits: torch.Tensor, token_ids: list[int], k: int) -> list:
-        logprobs = torch.log_softmax(logits.float(), dim=-1)
-        entries: list = [None]
-        for position in range(1, len(token_ids)):
-            row = top_logprobs(logprobs[position - 1], token_ids[position], k)
-            entries.append({tid: type(lp)(lp.logprob, lp.rank, self.tokenizer.decode([tid], skip_special_tokens=False))
-                            for tid, lp in row.items()})
-        return entries
+    def _run(self, requests: list[tuple[str | None, list[int], SamplingParams]]) -> list[RequestOutput]:
+        """Submit every prompt to the engine at once; step until all are done."""
+        engine = self.engine
+        ids: list[str] = []
+        try:
+            for text, token_ids, params in requests:
+                ids.append(engine.add_request(None, token_ids, params, prompt_text=text))
+        except BaseException:
+            for request_id in ids:
+                engine.abort(request_id)
+            raise
+        done: dict[str, RequestOutput] = {}
+        try:
+            while len(done) < len(ids):
+                for output in engine.step():
+                    if output.finished:
+                        done[output.request_id] = output
+        except BaseException:  # an interrupted generate leaves no request behind
+            for request_id in ids:
+                engine.abort(request_id)
+            raise
+        return [done[request_id] for request_id in ids]
 
     # ------------------------------------------------------------ embedding
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 
 import click
 
@@ -59,7 +60,9 @@ def plugins(as_json: bool) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    console = Console(soft_wrap=False)
+    # Piped output has no terminal width to honour: use a wide one rather than
+    # rich's 80 columns, so names are never cut.
+    console = Console(soft_wrap=False, width=None if sys.stdout.isatty() else 160)
     table = Table(title="Plugins", title_justify="left")
     for column in ("name", "distribution", "version", "provides", "status"):
         table.add_column(column)

@@ -1,0 +1,190 @@
+"""KV blocks for sequences: allocation, sharing and prefix caching.
+
+One pool of fixed-size blocks. A block in use has a reference count (several
+sequences with the same prompt prefix share its blocks). Once full, a block's
+content is identified by a hash chained over every token before it; a freed
+block keeps its hash and stays findable until the pool must reuse it, least
+recently freed first — automatic prefix caching, as vLLM's block pool does.
+
+``allocate`` answers False when the pool is out of blocks, so the scheduler
+can preempt instead of failing.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Sequence
+
+import attrs
+
+
+@attrs.define(eq=False)
+class Block:
+    block_id: int
+    ref_count: int = 0
+    block_hash: int | None = None
+
+
+def chain_hash(parent: int | None, tokens: Sequence[int]) -> int:
+    """The hash of a full block: its tokens and everything before them."""
+    return hash((parent, tuple(tokens)))
+
+
+class PagedCache:
+    """The builtin ``paged`` cache: block tables over one pool of ``num_blocks`` blocks."""
+
+    def __init__(self, num_blocks: int, block_size: int, *, enable_prefix_caching: bool = True,
+                 max_model_len: int | None = None) -> None:
+        if num_blocks < 1 or block_size < 1:
+            raise ValueError("a paged cache needs at least one block of at least one token")
+        self.num_blocks = num_blocks
+        self.block_size = block_size
+        self.enable_prefix_caching = enable_prefix_caching
+        self._blocks = [Block(i) for i in range(num_blocks)]
+        self._free: OrderedDict[int, Block] = OrderedDict((b.block_id, b) for b in self._blocks)
+        self._by_hash: dict[int, Block] = {}
+        self._tables: dict[str, list[Block]] = {}
+        self._hashed: dict[str, int] = {}  # request -> how many of its blocks are hashed
+        self.prefix_queries = 0
+        self.prefix_hits = 0
+        self._last_lookup: dict[str, tuple[int, int]] = {}
+
+    # ------------------------------------------------------------ pool
+
+    def _take_free(self) -> Block:
+        _, block = self._free.popitem(last=False)  # least recently freed first
+        if block.block_hash is not None:           # evict its cached content
+            if self._by_hash.get(block.block_hash) is block:
+                del self._by_hash[block.block_hash]
+            block.block_hash = None
+        block.ref_count = 1
+        return block
+
+    def _share(self, block: Block) -> None:
+        if block.ref_count == 0:
+            del self._free[block.block_id]
+        block.ref_count += 1
+
+    def _release(self, block: Block) -> None:
+        block.ref_count -= 1
+        assert block.ref_count >= 0, "block released more often than taken"
+        if block.ref_count == 0:
+            self._free[block.block_id] = block
+
+    # ------------------------------------------------------------ requests
+
+    def lookup_prefix(self, request_id: str, token_ids: Sequence[int]) -> int:
+        """Give a new request the cached blocks of its longest cached prefix.
+
+        Only full blocks count, and at least one token is always left to
+        compute (its logits are needed). Returns the number of tokens found.
+        """
+        assert request_id not in self._tables, "lookup_prefix is for requests without blocks"
+        table: list[Block] = []
+        self._tables[request_id] = table
+        self._hashed[request_id] = 0
+        if not self.enable_prefix_caching:
+            return 0
+        full_blocks = (len(token_ids) - 1) // self.block_size
+        parent = None
+        self.prefix_queries += len(token_ids)
+        for index in range(full_blocks):
+            parent = chain_hash(parent, token_ids[index * self.block_size:(index + 1) * self.block_size])
+            block = self._by_hash.get(parent)
+            if block is None:
+                break
+            self._share(block)
+            table.append(block)
+        self._hashed[request_id] = len(table)
+        found = len(table) * self.block_size
+        self.prefix_hits += found
+        self._last_lookup[request_id] = (len(token_ids), found)
+        return found
+
+    def cancel(self, request_id: str) -> None:
+        """Undo a request's lookup and allocation that could not complete (admission failed):
+        its blocks go back, and the lookup does not count in the hit rate."""
+        queried, found = self._last_lookup.pop(request_id, (0, 0))
+        self.prefix_queries -= queried
+        self.prefix_hits -= found
+        self.free(request_id)
+
+    def allocate(self, request_id: str, num_tokens: int) -> bool:
+        """Make the request's blocks cover ``num_tokens`` tokens in all; False if the pool can't."""
+        table = self._tables.setdefault(request_id, [])
+        self._hashed.setdefault(request_id, 0)
+        needed = -(-num_tokens // self.block_size) - len(table)
+        if needed <= 0:
+            return True
+        if needed > len(self._free):
+            return False
+        table.extend(self._take_free() for _ in range(needed))
+        return True
+
+    def commit(self, request_id: str, token_ids: Sequence[int]) -> None:
+        """Register the request's newly full blocks (holding ``token_ids``) for prefix caching."""
+        if not self.enable_prefix_caching:
+            return
+        table = self._tables[request_id]
+        done = self._hashed[request_id]
+        full = min(len(token_ids) // self.block_size, len(table))
+        parent = table[done - 1].block_hash if done else None
+        for index in range(done, full):
+            block = table[index]
+            parent = chain_hash(parent, token_ids[index * self.block_size:(index + 1) * self.block_size])
+            block.block_hash = parent
+            self._by_hash.setdefault(parent, block)
+        self._hashed[request_id] = max(done, full)
+
+    def free(self, request_id: str) -> None:
+        """Return every block the request holds (tail first, so the tail is evicted first)."""
+        for block in reversed(self._tables.pop(request_id, [])):
+            self._release(block)
+        self._hashed.pop(request_id, None)
+        self._last_lookup.pop(request_id, None)
+
+    def block_table(self, request_id: str) -> list[int]:
+        return [block.block_id for block in self._tables.get(request_id, [])]
+
+    def holds(self, request_id: str) -> bool:
+        return request_id in self._tables
+
+    # ------------------------------------------------------------ accounting
+
+    @property
+    def num_free_blocks(self) -> int:
+        return len(self._free)
+
+    @property
+    def num_used_blocks(self) -> int:
+        return self.num_blocks - len(self._free)
+
+    @property
+    def num_cached_blocks(self) -> int:
+        """Free blocks that still hold a findable prefix."""
+        return sum(1 for block in self._free.values() if block.block_hash is not None)
+
+    def stats(self) -> dict[str, float]:
+        return {
+            "kv_blocks_total": self.num_blocks,
+            "kv_blocks_used": self.num_used_blocks,
+            "kv_blocks_free": self.num_free_blocks,
+            "kv_blocks_cached": self.num_cached_blocks,
+            "prefix_cache_hit_rate": self.prefix_hits / self.prefix_queries if self.prefix_queries else 0.0,
+        }
+
+
+class ContiguousCache(PagedCache):
+    """The baseline ``contiguous`` cache: each sequence reserves its maximum length up front.
+
+    What a static max-length KV cache costs, expressed in blocks: a sequence
+    takes every block it could ever need at admission, and shares none.
+    """
+
+    def __init__(self, num_blocks: int, block_size: int, *, max_model_len: int,
+                 enable_prefix_caching: bool = False) -> None:
+        super().__init__(num_blocks, block_size, enable_prefix_caching=False)
+        self.max_model_len = max_model_len
+
+    def allocate(self, request_id: str, num_tokens: int) -> bool:
+        return super().allocate(request_id, max(num_tokens, self.max_model_len))

@@ -1,0 +1,67 @@
+"""One sequence in the engine: what it holds and how far it has been computed.
+
+As in vLLM v1 there is no separate prefill or decode state: a request has
+``num_tokens`` (prompt + generated) and ``num_computed_tokens`` (those whose
+keys and values are in the cache); each step computes some of the difference.
+When the two meet, the last token's logits give the next token.
+"""
+
+from __future__ import annotations
+
+import enum
+import itertools
+import time
+
+import attrs
+
+from enigma.sequence import Sequence
+
+_ORDER = itertools.count()
+
+
+class RequestStatus(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    PREEMPTED = "preempted"
+    FINISHED = "finished"
+
+
+@attrs.define(eq=False)
+class Request:
+    """One completion being generated (a prompt with ``n > 1`` becomes ``n`` requests)."""
+
+    request_id: str
+    group_id: str
+    """The caller's request id; shared by the ``n`` completions of one prompt."""
+    sequence: Sequence
+    priority: int = 0
+    """Lower runs first (vLLM's convention); ties go to the earlier arrival."""
+    arrival_time: float = attrs.field(factory=time.time)
+    status: RequestStatus = RequestStatus.WAITING
+    num_computed_tokens: int = 0
+    num_preemptions: int = 0
+    first_token_time: float | None = None
+    cached_prompt_tokens: int = 0
+    order: int = attrs.field(factory=lambda: next(_ORDER))
+    """Unique and increasing: breaks ties between equal arrivals (the ``n`` of one prompt)."""
+    skip_prefix_cache: bool = False
+    """Compute the whole prompt (its prompt logprobs are wanted)."""
+
+    @property
+    def prompt_token_ids(self) -> list[int]:
+        return self.sequence.prompt_token_ids
+
+    @property
+    def num_tokens(self) -> int:
+        return self.sequence.num_tokens
+
+    def all_token_ids(self) -> list[int]:
+        return self.sequence.prompt_token_ids + self.sequence.output_token_ids
+
+    @property
+    def finished(self) -> bool:
+        return self.status is RequestStatus.FINISHED
+
+    def sort_key(self) -> tuple[int, float, int]:
+        """Most urgent first: priority, then arrival, then submission order."""
+        return (self.priority, self.arrival_time, self.order)

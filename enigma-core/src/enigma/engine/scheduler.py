@@ -1,0 +1,121 @@
+"""Which requests run in each step: continuous batching under a token budget.
+
+Every step the scheduler first keeps the running requests going (one token
+each for decodes, the next chunk for a long prefill), then admits waiting
+requests while the token budget and ``max_num_seqs`` allow. A prompt longer
+than the budget is prefilled in chunks, so running decodes keep flowing.
+When the cache has no block for a running request, the newest (lowest
+priority) running request is preempted: its blocks are freed and it goes back
+to the front of the queue, to be recomputed later (vLLM's recompute
+preemption). ``running`` stays ordered most urgent first and victims come
+from its end, so the most urgent request always makes progress and two
+requests can never keep preempting each other. Finished and aborted requests
+leave at once, blocks freed.
+"""
+
+from __future__ import annotations
+
+import bisect
+from collections.abc import Iterable
+from typing import Any
+
+import attrs
+
+from enigma.engine.request import Request, RequestStatus
+
+
+@attrs.frozen
+class ScheduledChunk:
+    request: Request
+    num_tokens: int
+
+
+class Scheduler:
+    """The builtin ``continuous`` scheduler (FCFS, honouring ``priority``)."""
+
+    def __init__(self, cache: Any, *, max_num_seqs: int = 64, max_num_batched_tokens: int = 512) -> None:
+        self.cache = cache
+        self.max_num_seqs = max_num_seqs
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.waiting: list[Request] = []
+        self.running: list[Request] = []
+        self.num_preemptions = 0
+
+    def add_request(self, request: Request) -> None:
+        request.status = RequestStatus.WAITING
+        self.waiting.append(request)
+        self.waiting.sort(key=Request.sort_key)
+
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def schedule(self) -> list[ScheduledChunk]:
+        """This step's work; every scheduled request has blocks for its chunk."""
+        budget = self.max_num_batched_tokens
+        scheduled: list[ScheduledChunk] = []
+        preempted = False
+        index = 0
+        while index < len(self.running) and budget > 0:
+            request = self.running[index]
+            num_new = min(request.num_tokens - request.num_computed_tokens, budget)
+            while not self.cache.allocate(request.request_id, request.num_computed_tokens + num_new):
+                victim = self.running[-1]  # the least urgent; never one already scheduled this step
+                self._preempt(victim)
+                preempted = True
+                if victim is request:
+                    break
+            else:
+                scheduled.append(ScheduledChunk(request, num_new))
+                budget -= num_new
+                index += 1
+
+        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs and not preempted:
+            request = self.waiting[0]
+            tokens = [] if request.skip_prefix_cache else request.all_token_ids()
+            cached = self.cache.lookup_prefix(request.request_id, tokens)
+            num_new = min(request.num_tokens - cached, budget)
+            if not self.cache.allocate(request.request_id, cached + num_new):
+                # A waiting request holds no blocks (else two could deadlock holding
+                # halves); its prefix stays cached for the next try.
+                self.cache.cancel(request.request_id)
+                break
+            request.num_computed_tokens = cached
+            if request.num_preemptions == 0:
+                request.cached_prompt_tokens = cached
+            self.waiting.pop(0)
+            request.status = RequestStatus.RUNNING
+            bisect.insort(self.running, request, key=Request.sort_key)
+            scheduled.append(ScheduledChunk(request, num_new))
+            budget -= num_new
+        return scheduled
+
+    def _preempt(self, request: Request) -> None:
+        self.running.remove(request)
+        self.cache.free(request.request_id)
+        request.num_computed_tokens = 0
+        request.num_preemptions += 1
+        request.status = RequestStatus.PREEMPTED
+        self.num_preemptions += 1
+        self.waiting.insert(0, request)
+
+    def finish(self, request: Request) -> None:
+        """Take a finished request out and free its blocks."""
+        request.status = RequestStatus.FINISHED
+        if request in self.running:
+            self.running.remove(request)
+        if request in self.waiting:
+            self.waiting.remove(request)
+        self.cache.free(request.request_id)
+
+    def abort(self, requests: Iterable[Request]) -> None:
+        for request in requests:
+            request.sequence.abort()
+            self.finish(request)
+
+    def stats(self) -> dict[str, float]:
+        return {
+            "running": len(self.running),
+            "waiting": len(self.waiting),
+            "preempted": sum(1 for r in self.waiting if r.status is RequestStatus.PREEMPTED),
+            "preemptions_total": self.num_preemptions,
+        }
