@@ -17,7 +17,7 @@ from enigma.kinds import PROTOCOLS
 
 
 class ListScheduler:
-    def __init__(self):
+    def __init__(self, cache=None, max_num_seqs=1, max_num_batched_tokens=1):
         self.queue = []
 
     def add_request(self, request):
@@ -26,28 +26,41 @@ class ListScheduler:
     def schedule(self):
         return list(self.queue)
 
-    def update(self, step_output):
-        done = [r for r in self.queue if r in step_output]
-        self.queue = [r for r in self.queue if r not in step_output]
-        return done
+    def finish(self, request):
+        self.queue.remove(request)
 
-    def abort(self, request_ids):
-        self.queue = [r for r in self.queue if r not in set(request_ids)]
+    def abort(self, requests):
+        for request in list(requests):
+            self.finish(request)
 
     def has_unfinished(self):
         return bool(self.queue)
 
+    def stats(self):
+        return {"waiting": len(self.queue)}
+
 
 class DictCache:
-    def __init__(self, blocks=4, block_size=16):
-        self.free_blocks, self.tables, self.block_size = list(range(blocks)), {}, block_size
+    def __init__(self, num_blocks=4, block_size=16, max_model_len=64, enable_prefix_caching=False):
+        self.free_blocks, self.tables, self.block_size = list(range(num_blocks)), {}, block_size
+
+    def lookup_prefix(self, request_id, token_ids):
+        self.tables[request_id] = []
+        return 0
 
     def allocate(self, request_id, num_tokens):
-        needed = -(-num_tokens // self.block_size)
+        table = self.tables.setdefault(request_id, [])
+        needed = -(-num_tokens // self.block_size) - len(table)
         if needed > len(self.free_blocks):
             return False
-        self.tables.setdefault(request_id, []).extend(self.free_blocks.pop() for _ in range(needed))
+        table.extend(self.free_blocks.pop() for _ in range(max(needed, 0)))
         return True
+
+    def commit(self, request_id, token_ids):
+        pass
+
+    def cancel(self, request_id):
+        self.free(request_id)
 
     def free(self, request_id):
         self.free_blocks.extend(self.tables.pop(request_id, []))
@@ -117,11 +130,21 @@ def test_hook_enigma_register_backends(make_plugin_host):
     check_registration(make_plugin_host, "backend", "enigma_register_backends", TorchBackend, exercise)
 
 
+def test_builtin_cache_and_scheduler_run_an_engine_step(make_plugin_host):
+    host = make_plugin_host()
+    cache = host.create("cache", "paged", num_blocks=8, block_size=4, max_model_len=32, enable_prefix_caching=True)
+    scheduler = host.create("scheduler", "continuous", cache=cache, max_num_seqs=4, max_num_batched_tokens=16)
+    assert isinstance(cache, PROTOCOLS["cache"]) and isinstance(scheduler, PROTOCOLS["scheduler"])
+    assert host.select("cache").name == "paged" and host.select("scheduler").name == "continuous"
+    assert host.select("cache", "contiguous").plugin == "paged"
+
+
 def test_hook_enigma_register_schedulers(make_plugin_host):
     def exercise(scheduler):
         scheduler.add_request("a")
         scheduler.add_request("b")
-        assert scheduler.update(["a"]) == ["a"]
+        assert scheduler.schedule() == ["a", "b"]
+        scheduler.finish("a")
         scheduler.abort(["b"])
         assert not scheduler.has_unfinished()
 
@@ -130,6 +153,7 @@ def test_hook_enigma_register_schedulers(make_plugin_host):
 
 def test_hook_enigma_register_caches(make_plugin_host):
     def exercise(cache):
+        assert cache.lookup_prefix("r", [1, 2, 3]) == 0
         assert cache.allocate("r", 40) and len(cache.block_table("r")) == 3
         assert not cache.allocate("s", 40)
         cache.free("r")

@@ -26,6 +26,10 @@ def test_builtins_are_discovered_through_entry_points(plugin_host):
     assert record.version == enigma.__version__
     impl = plugin_host.registry.get("backend", "torch")
     assert impl.plugin == "torch" and impl.distribution == "enigma-core"
+    builtins = {(impl.kind, impl.name): impl.plugin for impl in plugin_host.registry.implementations()
+                if impl.distribution == "enigma-core"}
+    assert builtins == {("backend", "torch"): "torch", ("cache", "paged"): "paged",
+                        ("cache", "contiguous"): "paged", ("scheduler", "continuous"): "continuous"}
 
 
 def test_installed_plugin_is_found_with_its_distribution(installed_plugins):

@@ -88,30 +88,52 @@ class Backend(Protocol):
 
 @runtime_checkable
 class Scheduler(Protocol):
-    """Decides which requests run in each engine step (admission, preemption)."""
+    """Decides which requests run in each engine step (admission, chunking, preemption).
+
+    The factory is called with ``cache`` (the engine's :class:`Cache`),
+    ``max_num_seqs`` and ``max_num_batched_tokens``. Requests are
+    :class:`enigma.engine.request.Request`: ``num_tokens`` (prompt + output)
+    and ``num_computed_tokens`` (cached); the engine advances the latter.
+    """
 
     def add_request(self, request: Any) -> None:
-        """Queue a new request; called once per request, from the engine loop."""
+        """Queue a new request; called once per request by the engine."""
 
-    def schedule(self) -> Any:
-        """Choose this step's work: which requests, how many tokens each."""
+    def schedule(self) -> Sequence[Any]:
+        """This step's work: chunks ``(request, num_tokens)``, each with blocks allocated."""
 
-    def update(self, step_output: Any) -> Sequence[Any]:
-        """Record a finished step; return the requests that finished in it."""
+    def finish(self, request: Any) -> None:
+        """Take a finished request out and free its blocks."""
 
-    def abort(self, request_ids: Iterable[str]) -> None:
+    def abort(self, requests: Iterable[Any]) -> None:
         """Drop requests at once, releasing everything they hold."""
 
     def has_unfinished(self) -> bool:
         """True while any request is waiting or running."""
 
+    def stats(self) -> Mapping[str, float]:
+        """Counters (running, waiting, preempted) for health and metrics."""
+
 
 @runtime_checkable
 class Cache(Protocol):
-    """Owns KV-cache memory; hands out blocks to sequences."""
+    """Owns KV blocks: who holds which, and which prefixes are cached.
+
+    The factory is called with ``num_blocks``, ``block_size``,
+    ``max_model_len`` and ``enable_prefix_caching``.
+    """
+
+    def lookup_prefix(self, request_id: str, token_ids: Sequence[int]) -> int:
+        """Give a new request the cached blocks of its longest cached prefix; return its length in tokens."""
 
     def allocate(self, request_id: str, num_tokens: int) -> bool:
-        """Make room for ``num_tokens`` more tokens; False when there is none."""
+        """Make the request's blocks cover ``num_tokens`` tokens in all; False when there is no room."""
+
+    def commit(self, request_id: str, token_ids: Sequence[int]) -> None:
+        """The request's first ``len(token_ids)`` tokens are computed: register its full blocks."""
+
+    def cancel(self, request_id: str) -> None:
+        """Undo a lookup and allocation whose admission failed."""
 
     def free(self, request_id: str) -> None:
         """Return every block the request holds to the pool."""
