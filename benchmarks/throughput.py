@@ -136,10 +136,11 @@ def main() -> None:
 
         hf = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
         ours = enigma_throughput(LLM(folder, max_num_seqs=len(requests)), requests)
+        print(f"throughput: enigma {ours:.1f} tok/s", flush=True)
         batched = hf_static_batches(hf, requests)
+        print(f"throughput: transformers static batches of 16 {batched:.1f} tok/s", flush=True)
         single = hf_one_by_one(hf, requests)
-        print(f"throughput: enigma {ours:.1f} tok/s; transformers one by one {single:.1f} tok/s, "
-              f"static batches of 16 {batched:.1f} tok/s")
+        print(f"throughput: transformers one by one {single:.1f} tok/s", flush=True)
         print(f"ratio enigma/transformers: {ours / single:.2f}x one by one, {ours / batched:.2f}x static batches")
     if "memory" in sections:
         paged = kv_utilisation(folder, requests, "paged")

@@ -240,6 +240,11 @@ def test_runner_pool_is_sized_by_memory_budget(folder):
     assert llm.engine.cache.num_blocks == 10_000 // runner.bytes_per_block
     with pytest.raises(BadRequestError, match="less than one KV block"):
         make_llm(folder, kv_cache_memory=10)
+    with pytest.raises(BadRequestError, match=r"kv_cache_memory=1.5 is invalid: give bytes .* fraction"):
+        make_llm(folder, kv_cache_memory=1.5)
+    fraction = make_llm(folder, kv_cache_memory=0.000001, max_num_seqs=1000)
+    assert 0 < fraction.engine.cache.num_blocks < make_llm(folder, kv_cache_memory=0.00001,
+                                                           max_num_seqs=1000).engine.cache.num_blocks
 
 
 def test_contiguous_cache_baseline_reserves_whole_sequences(folder, solo):

@@ -31,15 +31,21 @@ DEFAULT_KV_CACHE_FRACTION = 0.1
 DEFAULT_KV_CACHE_CAP = 4 << 30
 
 
-def kv_blocks_for(runner: Any, kv_cache_memory: int | None, max_num_seqs: int) -> int:
-    """How many KV blocks a memory budget buys (default: a tenth of RAM, at most 4 GiB),
-    never more than ``max_num_seqs`` full-length sequences need."""
+def kv_blocks_for(runner: Any, kv_cache_memory: int | float | None, max_num_seqs: int) -> int:
+    """How many KV blocks a memory budget buys, never more than ``max_num_seqs``
+    full-length sequences need. The budget is bytes (an int), a fraction of the
+    machine's memory (a float in (0, 1]), or by default a tenth of it, at most 4 GiB."""
     import os
 
+    total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     if kv_cache_memory is None:
-        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
         kv_cache_memory = min(int(total * DEFAULT_KV_CACHE_FRACTION), DEFAULT_KV_CACHE_CAP)
-    blocks = kv_cache_memory // runner.bytes_per_block
+    elif isinstance(kv_cache_memory, float):
+        if not 0 < kv_cache_memory <= 1:
+            raise BadRequestError(f"kv_cache_memory={kv_cache_memory} is invalid: give bytes (an integer) or a "
+                                  "fraction of memory in (0, 1]")
+        kv_cache_memory = int(total * kv_cache_memory)
+    blocks = int(kv_cache_memory) // runner.bytes_per_block
     if blocks < 1:
         raise BadRequestError(f"kv_cache_memory={kv_cache_memory} bytes is less than one KV block "
                               f"({runner.bytes_per_block} bytes); give more")
@@ -60,7 +66,7 @@ class LLM:
     """A model loaded for offline generation or embedding."""
 
     def __init__(self, model: str | Path, *, dtype: str | torch.dtype = "auto", backend: str = "auto",
-                 device: str | None = None, block_size: int = 16, kv_cache_memory: int | None = None,
+                 device: str | None = None, block_size: int = 16, kv_cache_memory: int | float | None = None,
                  num_kv_blocks: int | None = None, max_num_seqs: int = 64, max_num_batched_tokens: int = 512,
                  enable_prefix_caching: bool = True, cache: str = "auto", scheduler: str = "auto") -> None:
         from enigma.loader import load_model

@@ -44,7 +44,11 @@ class _Group:
 
 
 class Engine:
-    """Continuous batching over a paged KV cache for one causal LM."""
+    """Continuous batching over a paged KV cache for one causal LM.
+
+    The engine owns its runner's KV pool (it sizes it to ``num_blocks``): give
+    each engine a runner of its own.
+    """
 
     def __init__(self, runner: ModelRunner, tokenizer: Any, *, model_name: str, num_blocks: int,
                  cache: str = "auto", scheduler: str = "auto", max_num_seqs: int = 64,
