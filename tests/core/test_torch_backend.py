@@ -71,6 +71,7 @@ def _reversed_slots(slots, block_size, top):
     ((7,), (7,)),                      # one prefill
     ((5, 1, 3), (5, 9, 12)),           # prefill, decode and a chunked prefill together
     ((1, 1, 1, 1), (1, 4, 5, 17)),     # decode-only: the padded batch path
+    ((1, 4, 1, 2), (6, 4, 13, 9)),     # decodes batched beside prefill chunks
 ])
 @pytest.mark.parametrize("heads,kv_heads", [(4, 4), (4, 2), (6, 1)])
 @pytest.mark.parametrize("consecutive", [True, False], ids=["views", "gathers"])
@@ -80,7 +81,8 @@ def test_paged_attention_matches_contiguous(query_lens, seq_lens, heads, kv_head
     torch.testing.assert_close(out.double(), expected, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("query_lens,seq_lens", [((6, 1), (6, 11)), ((1, 1), (3, 10)), ((1,), (9,))])
+@pytest.mark.parametrize("query_lens,seq_lens", [((6, 1), (6, 11)), ((1, 1), (3, 10)), ((1,), (9,)),
+                                                 ((1, 3, 1), (12, 3, 7))])
 @pytest.mark.parametrize("consecutive", [True, False], ids=["views", "gathers"])
 def test_sliding_window(query_lens, seq_lens, consecutive):
     out, expected = run_case(query_lens, seq_lens, window=4, consecutive=consecutive)

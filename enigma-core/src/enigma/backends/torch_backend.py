@@ -9,6 +9,8 @@ belong to plugins such as cuda-paged.
 
 from __future__ import annotations
 
+import itertools
+
 import torch
 import torch.nn.functional as F
 
@@ -92,6 +94,8 @@ class TorchBackend:
             device = "cuda" if torch.cuda.is_available() else "cpu"
         self.device = torch.device(device)
         self._mask_cache: tuple[AttentionMetadata, torch.Tensor] | None = None
+        self._rows_cache: tuple[AttentionMetadata, list[int], list[int]] | None = None
+        self._scratch = torch.empty(0)
 
     def kv_cache_shape(self, num_blocks: int, block_size: int, num_kv_heads: int,
                        head_dim: int) -> tuple[int, ...]:
@@ -114,48 +118,93 @@ class TorchBackend:
 
     def attention(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, *,
                   kv_cache: torch.Tensor, metadata: AttentionMetadata, scale: float) -> torch.Tensor:
-        """Write this step's KV into ``kv_cache``, then attend. See :class:`enigma.kinds.Backend`."""
+        """Write this step's KV into ``kv_cache``, then attend. See :class:`enigma.kinds.Backend`.
+
+        Decodes (one new token) of several sequences run as one padded batch,
+        even in steps that also hold prefill chunks; the rest run per sequence.
+        """
         write_kv(kv_cache, key, value, metadata.slot_mapping)
-        if metadata.is_decode_only and metadata.num_seqs > 1:
-            return self._decode(query, kv_cache, metadata, scale)
-        outputs = []
-        start = 0
+        decodes = self._decode_rows(metadata)
+        if len(decodes) == metadata.num_seqs and len(decodes) > 1:
+            return self._decode(query, kv_cache, metadata, decodes, scale)
+        out = torch.empty_like(query)
+        starts = self._token_starts(metadata)
+        if len(decodes) > 1:
+            rows = [starts[i] for i in decodes]
+            out[rows] = self._decode(query[rows], kv_cache, metadata, decodes, scale)
+            batched = set(decodes)
+        else:
+            batched = set()
         for index, (query_len, seq_len) in enumerate(zip(metadata.query_lens, metadata.seq_lens)):
+            if index in batched:
+                continue
             if metadata.first_blocks is not None:
                 keys, values = view_kv(kv_cache, metadata.first_blocks[index], seq_len)
             else:
-                keys, values = gather_kv(kv_cache, metadata.block_tables[index], seq_len)
-            outputs.append(_attend_one(query[start:start + query_len], keys, values, metadata.sliding_window, scale))
-            start += query_len
-        return outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=0)
+                num_blocks = -(-seq_len // kv_cache.shape[3])
+                blocks = self._gather(kv_cache, metadata.block_tables[index, :num_blocks])
+                keys, values = blocks[0].flatten(1, 2)[:, :seq_len], blocks[1].flatten(1, 2)[:, :seq_len]
+            start = starts[index]
+            out[start:start + query_len] = _attend_one(query[start:start + query_len], keys, values,
+                                                       metadata.sliding_window, scale)
+        return out
+
+    def _gather(self, kv_cache: torch.Tensor, block_ids: torch.Tensor) -> torch.Tensor:
+        """``kv_cache[:, :, block_ids]`` copied into a reused buffer.
+
+        Gathers run every layer of every step; a fresh tensor each time costs
+        more in page faults than the copy itself (measured ≈ 5×).
+        """
+        two, kv_heads, _, block_size, head_dim = kv_cache.shape
+        shape = (two, kv_heads, len(block_ids), block_size, head_dim)
+        needed = two * kv_heads * len(block_ids) * block_size * head_dim
+        if self._scratch.numel() < needed or self._scratch.dtype != kv_cache.dtype \
+                or self._scratch.device != kv_cache.device:
+            self._scratch = torch.empty(needed, dtype=kv_cache.dtype, device=kv_cache.device)
+        out = self._scratch[:needed].view(shape)
+        return torch.index_select(kv_cache, 2, block_ids, out=out)
+
+    def _decode_rows(self, metadata: AttentionMetadata) -> list[int]:
+        """Indices of the sequences adding one token (cached per step: every layer asks)."""
+        cached = self._rows_cache
+        if cached is None or cached[0] is not metadata:
+            rows = [i for i, length in enumerate(metadata.query_lens) if length == 1]
+            starts = [0, *itertools.accumulate(metadata.query_lens)][:-1]
+            self._rows_cache = cached = (metadata, rows, starts)
+        return cached[1]
+
+    def _token_starts(self, metadata: AttentionMetadata) -> list[int]:
+        self._decode_rows(metadata)
+        return self._rows_cache[2]
 
     def _decode(self, query: torch.Tensor, kv_cache: torch.Tensor, metadata: AttentionMetadata,
-                scale: float) -> torch.Tensor:
-        # One query per sequence: gather every sequence's blocks into a padded
-        # batch [num_seqs, kv_heads, max_len, dim] and mask the padding.
+                rows: list[int], scale: float) -> torch.Tensor:
+        # One query per sequence: gather the sequences' blocks into a padded
+        # batch [seqs, kv_heads, max_len, dim] and mask the padding.
         _, kv_heads, _, block_size, head_dim = kv_cache.shape
-        max_len = max(metadata.seq_lens)
-        num_seqs = len(metadata.seq_lens)
+        seq_lens = [metadata.seq_lens[i] for i in rows]
+        max_len = max(seq_lens)
         num_blocks = -(-max_len // block_size)
-        blocks = kv_cache.index_select(2, metadata.block_tables[:, :num_blocks].reshape(-1))
-        blocks = blocks.view(2, kv_heads, num_seqs, num_blocks * block_size, head_dim)[:, :, :, :max_len]
+        tables = metadata.block_tables if len(rows) == metadata.num_seqs else metadata.block_tables[rows]
+        blocks = self._gather(kv_cache, tables[:, :num_blocks].reshape(-1))
+        blocks = blocks.view(2, kv_heads, len(rows), num_blocks * block_size, head_dim)[:, :, :, :max_len]
         keys, values = blocks[0].transpose(0, 1), blocks[1].transpose(0, 1)  # [seqs, kv_heads, len, dim]
         out = F.scaled_dot_product_attention(
             query.unsqueeze(2),               # [seqs, heads, 1, dim]
             keys, values,
-            attn_mask=self._decode_mask(metadata, query.device),
+            attn_mask=self._decode_mask(metadata, seq_lens, query.device),
             scale=scale,
             enable_gqa=query.shape[1] != kv_heads,
         )
         return out.squeeze(2)
 
-    def _decode_mask(self, metadata: AttentionMetadata, device: torch.device) -> torch.Tensor:
+    def _decode_mask(self, metadata: AttentionMetadata, seq_lens: list[int], device: torch.device) -> torch.Tensor:
         # Every layer of a step shares the metadata object: build its mask once.
         cached = self._mask_cache
         if cached is not None and cached[0] is metadata:
             return cached[1]
-        max_len = max(metadata.seq_lens)
-        lengths = torch.tensor(metadata.seq_lens, device=device)
+        max_len = max(seq_lens)
+        lengths = torch.tensor(seq_lens, device=device)
         positions = torch.arange(max_len, device=device)
         visible = positions[None, :] < lengths[:, None]
         if metadata.sliding_window is not None:
