@@ -85,7 +85,11 @@ def use_onednn_linears(model: torch.nn.Module) -> None:
 
 
 class TorchBackend:
-    """Runs models with PyTorch on one device (``cuda`` when present, else ``cpu``)."""
+    """Runs models with PyTorch on one device (``cuda`` when present, else ``cpu``).
+
+    An instance keeps per-step scratch (masks, a gather buffer): it serves one
+    engine, stepping in one thread.
+    """
 
     name = "torch"
 
