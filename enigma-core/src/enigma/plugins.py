@@ -71,7 +71,7 @@ def _describe_exception(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}"
 
 
-def _entry_point_owners() -> dict[str, list[tuple[str, str, str]]]:
+def installed_entry_points() -> dict[str, list[tuple[str, str, str]]]:
     """Entry-point name -> [(distribution, version, module)], in sys.path order."""
     owners: dict[str, list[tuple[str, str, str]]] = {}
     seen: set[str] = set()
@@ -160,7 +160,7 @@ class PluginHost:
         allow = set(load) if load is not None else _split_names(env.get("ENIGMA_LOAD_PLUGINS"))
         block = set(disable) if disable is not None else _split_names(env.get("ENIGMA_DISABLE_PLUGINS"))
 
-        owners = _entry_point_owners()
+        owners = installed_entry_points()
         enabled: list[str] = []
         for name in sorted(owners):
             (dist_name, version, module), *others = owners[name]

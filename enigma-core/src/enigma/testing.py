@@ -17,13 +17,14 @@ has enigma-core installed gets these fixtures:
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import ModuleType
 
 import pytest
 
-from enigma.plugins import PluginHost, load_plugins, reset_host
+from enigma.plugins import CORE_DISTRIBUTION, PluginHost, installed_entry_points, load_plugins, reset_host
 
 
 @pytest.fixture
@@ -31,7 +32,7 @@ def enigma_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Pat
     """An isolated ENIGMA_HOME; enigma's environment variables cleared."""
     home = tmp_path / "enigma-home"
     home.mkdir()
-    for name in list(__import__("os").environ):
+    for name in list(os.environ):
         if name.startswith("ENIGMA_"):
             monkeypatch.delenv(name)
     monkeypatch.setenv("ENIGMA_HOME", str(home))
@@ -53,8 +54,8 @@ def make_plugin_host(enigma_home: Path) -> Callable[..., PluginHost]:
     def make(*modules: ModuleType, builtins: bool = True) -> PluginHost:
         host = PluginHost()
         if builtins:
-            builtin_names = [name for name, record in load_plugins().records.items() if record.builtin]
-            host.load_entry_points(load=builtin_names)
+            host.load_entry_points(load=[name for name, owners in installed_entry_points().items()
+                                         if owners[0][0] == CORE_DISTRIBUTION])
         for module in modules:
             host.register_module(module, name=module.__name__.rsplit(".", 1)[-1])
         return host
