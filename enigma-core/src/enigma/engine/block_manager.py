@@ -51,8 +51,15 @@ class PagedCache:
 
     # ------------------------------------------------------------ pool
 
-    def _take_free(self) -> Block:
-        _, block = self._free.popitem(last=False)  # least recently freed first
+    def _take_free(self, prefer: int | None = None) -> Block:
+        # The block after a sequence's last one, when it is free and caches
+        # nothing, keeps the sequence's blocks consecutive (backends can then
+        # read them as a view); otherwise the least recently freed block.
+        candidate = self._free.get(prefer) if prefer is not None else None
+        if candidate is not None and candidate.block_hash is None:
+            block = self._free.pop(prefer)
+        else:
+            _, block = self._free.popitem(last=False)
         if block.block_hash is not None:           # evict its cached content
             if self._by_hash.get(block.block_hash) is block:
                 del self._by_hash[block.block_hash]
@@ -118,7 +125,8 @@ class PagedCache:
             return True
         if needed > len(self._free):
             return False
-        table.extend(self._take_free() for _ in range(needed))
+        for _ in range(needed):
+            table.append(self._take_free(prefer=table[-1].block_id + 1 if table else None))
         return True
 
     def commit(self, request_id: str, token_ids: Sequence[int]) -> None:
