@@ -78,11 +78,6 @@ class AttentionMetadata:
     def num_tokens(self) -> int:
         return sum(self.query_lens)
 
-    @property
-    def is_decode_only(self) -> bool:
-        """Every sequence adds exactly one token (the batched fast path)."""
-        return all(length == 1 for length in self.query_lens)
-
 
 @attrs.define
 class ForwardContext:

@@ -128,11 +128,10 @@ class TorchBackend:
         even in steps that also hold prefill chunks; the rest run per sequence.
         """
         write_kv(kv_cache, key, value, metadata.slot_mapping)
-        decodes = self._decode_rows(metadata)
+        decodes, starts = self._layout(metadata)
         if len(decodes) == metadata.num_seqs and len(decodes) > 1:
             return self._decode(query, kv_cache, metadata, decodes, scale)
         out = torch.empty_like(query)
-        starts = self._token_starts(metadata)
         if len(decodes) > 1:
             rows = [starts[i] for i in decodes]
             out[rows] = self._decode(query[rows], kv_cache, metadata, decodes, scale)
@@ -168,18 +167,15 @@ class TorchBackend:
         out = self._scratch[:needed].view(shape)
         return torch.index_select(kv_cache, 2, block_ids, out=out)
 
-    def _decode_rows(self, metadata: AttentionMetadata) -> list[int]:
-        """Indices of the sequences adding one token (cached per step: every layer asks)."""
+    def _layout(self, metadata: AttentionMetadata) -> tuple[list[int], list[int]]:
+        """The sequences adding one token, and each sequence's first row in the batch
+        (cached per step: every layer asks)."""
         cached = self._rows_cache
         if cached is None or cached[0] is not metadata:
             rows = [i for i, length in enumerate(metadata.query_lens) if length == 1]
             starts = [0, *itertools.accumulate(metadata.query_lens)][:-1]
             self._rows_cache = cached = (metadata, rows, starts)
-        return cached[1]
-
-    def _token_starts(self, metadata: AttentionMetadata) -> list[int]:
-        self._decode_rows(metadata)
-        return self._rows_cache[2]
+        return cached[1], cached[2]
 
     def _decode(self, query: torch.Tensor, kv_cache: torch.Tensor, metadata: AttentionMetadata,
                 rows: list[int], scale: float) -> torch.Tensor:

@@ -154,9 +154,6 @@ class PagedCache:
     def block_table(self, request_id: str) -> list[int]:
         return [block.block_id for block in self._tables.get(request_id, [])]
 
-    def holds(self, request_id: str) -> bool:
-        return request_id in self._tables
-
     # ------------------------------------------------------------ accounting
 
     @property

@@ -143,13 +143,14 @@ class Engine:
         if not scheduled:
             return []
         chunks = []
-        for item in scheduled:
+        token_lists = [item.request.all_token_ids() for item in scheduled]  # once per step: O(context)
+        for item, tokens in zip(scheduled, token_lists):
             request = item.request
             start = request.num_computed_tokens
             group = self._groups[request.group_id]
             wants_prompt_logprobs = (group.prompt_logprobs is not None and request.sequence.index == 0
                                      and start < len(request.prompt_token_ids))
-            chunks.append(SequenceChunk(request.all_token_ids()[start:start + item.num_tokens], start,
+            chunks.append(SequenceChunk(tokens[start:start + item.num_tokens], start,
                                         self.cache.block_table(request.request_id),
                                         all_logits=wants_prompt_logprobs))
         logits = self.runner.execute(chunks)
@@ -160,7 +161,7 @@ class Engine:
             if index in logits.full:
                 self._add_prompt_logprobs(self._groups[request.group_id], request, logits.full[index])
             request.num_computed_tokens += item.num_tokens
-            self.cache.commit(request.request_id, request.all_token_ids()[: request.num_computed_tokens])
+            self.cache.commit(request.request_id, token_lists[index][: request.num_computed_tokens])
             if request.num_computed_tokens == request.num_tokens:
                 to_sample.append(index)
 
