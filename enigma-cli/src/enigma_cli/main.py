@@ -19,6 +19,7 @@ from enigma import __version__ as core_version
 from enigma_cli import __version__ as cli_version
 from enigma_cli.commands.config import config
 from enigma_cli.commands.plugins import plugins
+from enigma_cli.commands.train import train, train_tokenizer
 
 
 class EnigmaGroup(click.Group):
@@ -49,11 +50,14 @@ def cli(debug: bool) -> None:
       enigma plugins                 what is installed, and what can run here
       enigma config show             every setting and where it came from
       enigma config set engine.dtype bfloat16
+      enigma train --data notes/ --model ./my-llama --out ./tuned
     """
 
 
 cli.add_command(plugins)
 cli.add_command(config)
+cli.add_command(train)
+cli.add_command(train_tokenizer)
 
 
 def build_cli() -> click.Group:

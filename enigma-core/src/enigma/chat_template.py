@@ -41,6 +41,7 @@ def _strftime_now(format: str) -> str:
 @functools.lru_cache(maxsize=32)
 def _compile(template: str) -> Any:
     import jinja2
+    import jinja2.ext
     from jinja2.sandbox import ImmutableSandboxedEnvironment
 
     environment = ImmutableSandboxedEnvironment(

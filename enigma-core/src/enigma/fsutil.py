@@ -10,6 +10,23 @@ from pathlib import Path
 from typing import IO
 
 
+def _umask() -> int:
+    umask = os.umask(0)
+    os.umask(umask)
+    return umask
+
+
+def default_file_mode() -> int:
+    """The mode a plain ``open()`` would give a new file (0o666 less the umask);
+    temporary files start private (0o600), so renamed ones need this."""
+    return 0o666 & ~_umask()
+
+
+def default_dir_mode() -> int:
+    """The mode ``mkdir`` would give a new folder (0o777 less the umask)."""
+    return 0o777 & ~_umask()
+
+
 @contextlib.contextmanager
 def atomic_open(path: str | os.PathLike[str], mode: str = "w", *, file_mode: int | None = None,
                 encoding: str | None = "utf-8") -> Iterator[IO]:
@@ -17,7 +34,7 @@ def atomic_open(path: str | os.PathLike[str], mode: str = "w", *, file_mode: int
 
     On an exception the temporary file is removed and ``path`` is untouched.
     ``file_mode`` sets the permission bits (e.g. ``0o600`` for secrets) before
-    any content is written.
+    any content is written; by default a file gets the usual umask-based mode.
     """
     if mode not in ("w", "wb"):
         raise ValueError(f"atomic_open supports modes 'w' and 'wb', not {mode!r}")
@@ -25,8 +42,7 @@ def atomic_open(path: str | os.PathLike[str], mode: str = "w", *, file_mode: int
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
     try:
-        if file_mode is not None:
-            os.chmod(tmp_name, file_mode)
+        os.chmod(tmp_name, default_file_mode() if file_mode is None else file_mode)
         with os.fdopen(fd, mode, encoding=None if "b" in mode else encoding) as handle:
             yield handle
             handle.flush()

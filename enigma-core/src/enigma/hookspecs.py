@@ -127,6 +127,21 @@ def enigma_register_transports(register: Any) -> None:
     """
 
 
+# ---------------------------------------------------------------- Models
+
+
+@hookspec
+def enigma_register_models(register: Any) -> None:
+    """Register models that ship inside a package, by name (``enigma-tiny``).
+
+    Called once per plugin while plugins load. The factory takes no arguments
+    and returns the path of a Hugging Face model folder (config.json,
+    safetensors, tokenizer files) inside the package. ``LLM(name)`` and the
+    CLI find such models by name, offline, like models in the store.
+    Today: ``enigma-tiny`` (enigma-plugin-tiny).
+    """
+
+
 # ---------------------------------------------------------------- CLI
 
 
@@ -181,5 +196,6 @@ REGISTER_HOOKS: dict[str, str] = {
     "trainer": "enigma_register_trainers",
     "retriever": "enigma_register_retrievers",
     "transport": "enigma_register_transports",
+    "model": "enigma_register_models",
 }
 """The registration hook of each kind."""

@@ -1,4 +1,7 @@
-"""The seven kinds of implementation and the contract each must honour.
+"""The kinds of implementation and the contract each must honour.
+
+Seven extension kinds (backend ... transport) plus ``model``: model folders
+that packages ship, registered by name.
 
 A plugin registers implementations by kind through the ``enigma_register_*``
 hooks (see :mod:`enigma.hookspecs`). What the kernel later calls on an
@@ -25,6 +28,7 @@ KINDS: tuple[str, ...] = (
     "trainer",
     "retriever",
     "transport",
+    "model",
 )
 """Every kind an implementation can be registered as, in documentation order."""
 

@@ -54,11 +54,21 @@ def kv_blocks_for(runner: Any, kv_cache_memory: int | float | None, max_num_seqs
 
 
 def resolve_model_path(model: str | Path) -> Path:
-    """A model folder for ``model`` (a path to a Hugging Face folder)."""
+    """The folder of ``model``: a path to a Hugging Face model folder, or the
+    name of a model that an installed package ships (``enigma-tiny``)."""
     path = Path(model).expanduser()
     if path.is_dir():
         return path
-    raise NotFoundError(f"model {str(model)!r} not found: no folder at {path.resolve()}; pass the path of a "
+    from enigma.plugins import get_host
+
+    registry = get_host().registry
+    name = str(model).removesuffix(":latest")
+    packaged = {impl.name: impl for impl in registry.implementations("model")}
+    if name in packaged:
+        return Path(packaged[name].create())
+    known = ", ".join(sorted(packaged)) or "none installed"
+    raise NotFoundError(f"model {str(model)!r} not found: no folder at {path.resolve()} and no installed "
+                        f"package ships a model of that name (packaged models: {known}); pass the path of a "
                         "Hugging Face model folder (config.json, *.safetensors, tokenizer.json)")
 
 

@@ -26,6 +26,7 @@ import attrs
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from enigma.attention import ForwardContext
 from enigma.models.rope import apply_rotary, cos_sin, inverse_frequencies
@@ -190,6 +191,8 @@ class LlamaForCausalLM(nn.Module):
         self.model = LlamaModel(config)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.register_buffer("inv_freq", torch.empty(config.head_dim // 2), persistent=False)
+        self.checkpointed_layers: frozenset[int] = frozenset()
+        """Layers whose activations are recomputed in the backward pass instead of kept (training)."""
         self.post_materialize()
 
     def post_materialize(self) -> None:
@@ -219,10 +222,35 @@ class LlamaForCausalLM(nn.Module):
         """Hidden states ``[num_tokens, hidden]`` after the final norm."""
         x = self.model.embed_tokens(input_ids)
         cos, sin = cos_sin(positions, self.inv_freq, x.dtype)
-        for layer in self.model.layers:
-            x = layer(x, cos, sin, context)
+        recompute = self.checkpointed_layers if torch.is_grad_enabled() else ()
+        for index, layer in enumerate(self.model.layers):
+            if index in recompute:
+                x = checkpoint(layer, x, cos, sin, context, use_reentrant=False)
+            else:
+                x = layer(x, cos, sin, context)
         return self.model.norm(x)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Logits ``[n, vocab]`` in float32 for the given hidden states."""
         return self.lm_head(hidden).float()
+
+    def checkpoint_tensors(self) -> dict[str, torch.Tensor]:
+        """The weights under their Hugging Face checkpoint names: the inverse of
+        the loader's stacking (fused q/k/v and gate/up split again; a tied head
+        omitted, as transformers saves it)."""
+        config = self.config
+        splits = {
+            "qkv_proj": [config.num_heads * config.head_dim] + [config.num_kv_heads * config.head_dim] * 2,
+            "gate_up_proj": [config.intermediate_size] * 2,
+        }
+        tensors: dict[str, torch.Tensor] = {}
+        for name, tensor in self.state_dict().items():
+            if name == "lm_head.weight" and config.tie_word_embeddings:
+                continue
+            fused = next((key for key in self.STACKED_PARAMS if f".{key}." in f".{name}"), None)
+            if fused is None:
+                tensors[name] = tensor
+                continue
+            for part, piece in zip(self.STACKED_PARAMS[fused], tensor.split(splits[fused], dim=0)):
+                tensors[name.replace(fused, part)] = piece
+        return tensors
