@@ -5,7 +5,7 @@
 Steps: find the CPython 3.11 documentation sources (Debian's ``python3.11-doc``
 package: installed at /usr/share/doc/python3.11/html/_sources, or fetched with
 ``apt-get download python3.11-doc`` and unpacked with ``dpkg-deb``), turn them
-into plain prose (``corpus.py``), train a 4096-token byte-level BPE on it,
+into plain prose and question/answer chats (``corpus.py``), train a 4096-token byte-level BPE on it,
 pre-train a 5.4M-parameter Llama with enigma's ``sft`` trainer, and copy the
 final Hugging Face folder into the enigma-tiny package.
 """
@@ -59,7 +59,7 @@ def main() -> int:
     parser.add_argument("--docs", type=Path, help="the documentation's _sources folder (found or fetched if omitted)")
     parser.add_argument("--work", type=Path, default=ROOT / "build" / "enigma-tiny")
     parser.add_argument("--dest", type=Path, default=DEST)
-    parser.add_argument("--steps", type=int, default=900)
+    parser.add_argument("--steps", type=int, default=800)
     args = parser.parse_args()
 
     from enigma.training import TrainConfig, train
@@ -80,7 +80,7 @@ def main() -> int:
     config = TrainConfig(
         data=[str(text_dir)], model=str(work / "config.json"), tokenizer=str(work / "tokenizer"),
         out=str(work / "run"), seq_len=512, batch_size=8, max_steps=args.steps, lr=1.5e-3, warmup_steps=50,
-        min_lr_ratio=0.1, weight_decay=0.1, eval_interval=100, eval_batches=40, save_interval=100,
+        min_lr_ratio=0.1, weight_decay=0.1, eval_interval=200, eval_batches=16, save_interval=100,
         val_fraction=0.02, seed=0, threads=2,
     )
 
@@ -100,7 +100,7 @@ def main() -> int:
     for name in SHIPPED:
         shutil.copyfile(out / name, args.dest / name)
     minutes = (time.perf_counter() - started) / 60
-    summary = {"corpus": "CPython 3.11 documentation (Debian python3.11-doc), prose only",
+    summary = {"corpus": "CPython 3.11 documentation (Debian python3.11-doc): prose, and Q&A chats drawn from it",
                "corpus_license": "PSF-2.0 (text), 0BSD (examples)",
                "corpus_tokens": None, "steps": record["steps"], "tokens_seen": record["tokens"],
                "validation_loss": round(record["val_loss"], 4),

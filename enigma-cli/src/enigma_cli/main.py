@@ -18,7 +18,9 @@ from enigma import EnigmaError
 from enigma import __version__ as core_version
 from enigma_cli import __version__ as cli_version
 from enigma_cli.commands.config import config
+from enigma_cli.commands.models import cp, create, list_models, pull, rm, show
 from enigma_cli.commands.plugins import plugins
+from enigma_cli.commands.run import run
 from enigma_cli.commands.train import train, train_tokenizer
 
 
@@ -47,6 +49,10 @@ def cli(debug: bool) -> None:
 
     \b
     Examples:
+      enigma run                     chat with the default model (enigma-tiny)
+      enigma run enigma-tiny "What does os.path.join do?"
+      enigma pull hf:HuggingFaceTB/SmolLM2-135M-Instruct
+      enigma list                    the models in the store
       enigma plugins                 what is installed, and what can run here
       enigma config show             every setting and where it came from
       enigma config set engine.dtype bfloat16
@@ -54,10 +60,8 @@ def cli(debug: bool) -> None:
     """
 
 
-cli.add_command(plugins)
-cli.add_command(config)
-cli.add_command(train)
-cli.add_command(train_tokenizer)
+for command in (run, pull, list_models, show, rm, cp, create, train, train_tokenizer, plugins, config):
+    cli.add_command(command)
 
 
 def build_cli() -> click.Group:

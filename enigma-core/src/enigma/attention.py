@@ -32,10 +32,10 @@ class AttentionMetadata:
     """LongTensor ``[num_seqs, max_blocks]``: each sequence's blocks, padded with 0."""
     block_size: int
     sliding_window: int | None = None
+    """Attend only to the last ``sliding_window`` positions (Mistral-style), or all."""
     first_blocks: tuple[int, ...] | None = None
     """Set when every sequence's blocks are consecutive: each one's first block,
     so a backend may read the cache through a view instead of a gather."""
-    """Attend only to the last ``sliding_window`` positions (Mistral-style), or all."""
 
     @classmethod
     def contiguous(cls, query_lens: Sequence[int], seq_lens: Sequence[int], *, block_size: int,

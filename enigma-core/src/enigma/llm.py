@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import itertools
 import math
+from collections.abc import Iterator
 from collections.abc import Sequence as SequenceOf
 from pathlib import Path
 from typing import Any
@@ -54,22 +55,27 @@ def kv_blocks_for(runner: Any, kv_cache_memory: int | float | None, max_num_seqs
 
 
 def resolve_model_path(model: str | Path) -> Path:
-    """The folder of ``model``: a path to a Hugging Face model folder, or the
-    name of a model that an installed package ships (``enigma-tiny``)."""
+    """The folder of ``model``: a path to a Hugging Face model folder, a model in
+    the store (``name[:tag]``), or a model an installed package ships (``enigma-tiny``)."""
     path = Path(model).expanduser()
     if path.is_dir():
         return path
     from enigma.plugins import get_host
+    from enigma.store import ModelName, Store
 
-    registry = get_host().registry
-    name = str(model).removesuffix(":latest")
-    packaged = {impl.name: impl for impl in registry.implementations("model")}
-    if name in packaged:
-        return Path(packaged[name].create())
+    try:
+        name = ModelName.parse(str(model))
+    except BadRequestError:
+        name = None
+    store = Store()
+    if name is not None and store.exists(name):
+        return store.path(name)
+    packaged = {impl.name: impl for impl in get_host().registry.implementations("model")}
+    if name is not None and name.tag == "latest" and name.name in packaged:
+        return Path(packaged[name.name].create())
     known = ", ".join(sorted(packaged)) or "none installed"
-    raise NotFoundError(f"model {str(model)!r} not found: no folder at {path.resolve()} and no installed "
-                        f"package ships a model of that name (packaged models: {known}); pass the path of a "
-                        "Hugging Face model folder (config.json, *.safetensors, tokenizer.json)")
+    raise NotFoundError(f"model {str(model)!r} not found: it is not a folder, not in the store (see `enigma list`; "
+                        f"`enigma pull` fetches models) and no installed package ships it (packaged: {known})")
 
 
 class LLM:
@@ -142,6 +148,30 @@ class LLM:
                                                       chat_template=chat_template, **template_kwargs)
             requests.append((text, self.tokenizer.encode(text, add_special_tokens=False), params))
         return self._run(requests)
+
+    def stream(self, prompt: Prompt, sampling_params: SamplingParams | None = None, *,
+               prompt_text: str | None = None) -> Iterator[RequestOutput]:
+        """Generate for one prompt, yielding each step's new text and tokens as they come
+        (``outputs[i].text`` holds only the delta). Closing the iterator early, or an
+        exception such as Ctrl-C while it runs, aborts the request and frees its KV blocks."""
+        self._require_generator("stream")
+        params = sampling_params or SamplingParams()
+        if isinstance(prompt, str):
+            prompt_text, token_ids = prompt, self.tokenizer.encode(prompt)
+        else:
+            token_ids = list(prompt)
+        engine = self.engine
+        request_id = engine.add_request(None, token_ids, params, prompt_text=prompt_text)
+        finished = False
+        try:
+            while not finished:
+                for output in engine.step(delta=True):
+                    if output.request_id == request_id:
+                        finished = output.finished
+                        yield output
+        finally:
+            if not finished:
+                engine.abort(request_id)
 
     def _params_for(self, count: int, params: SamplingParams | SequenceOf[SamplingParams] | None) -> list:
         if params is None:

@@ -1,0 +1,178 @@
+"""Bringing models into the store: from the Hugging Face Hub, a local folder, or a package.
+
+Sources:
+
+- ``hf:ORG/REPO[@REVISION]`` — through huggingface_hub (``HF_ENDPOINT`` and
+  ``HF_TOKEN`` are honoured), only the files a model needs, each checked
+  against the hub's checksum (sha256 for LFS files, the git blob id for the
+  rest). Downloads land in a per-model folder under the cache, so a pull that
+  is interrupted resumes where it stopped.
+- a local folder in Hugging Face format;
+- a packaged model's name (``enigma-tiny``), copied from its package.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import shutil
+from collections.abc import Callable
+from fnmatch import fnmatch
+from pathlib import Path
+from typing import Any
+
+from enigma.errors import BadRequestError, EnigmaError, NotFoundError
+from enigma.store import FileEntry, Manifest, ModelName, Store, StoreError, sha256_file
+
+NEEDED_FILES = (
+    "config.json", "generation_config.json", "*.safetensors", "model.safetensors.index.json",
+    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
+    "chat_template.json", "README.md", "LICENSE*", "training.json",
+    # sentence-transformers folders (embedding models)
+    "modules.json", "sentence_bert_config.json", "config_sentence_transformers.json", "*_Pooling/config.json",
+    "*_Normalize/*",
+)
+"""The files of a model folder that enigma uses (never pickled ``*.bin`` weights)."""
+
+Progress = Callable[[str, int], None]
+
+
+class PullError(EnigmaError):
+    """A pull failed: no network, unknown repository, corrupt download."""
+
+
+def needed(path: str) -> bool:
+    """Whether a file of a model folder (a '/'-separated relative path) is one enigma uses."""
+    depth = path.count("/")
+    return any(fnmatch(path, pattern) for pattern in NEEDED_FILES if pattern.count("/") == depth)
+
+
+def default_name(source: str) -> str:
+    """The store name a source gets without ``--name``."""
+    if source.startswith("hf:"):
+        repo, _, revision = source[3:].partition("@")
+        base = repo.rsplit("/", 1)[-1].lower()
+        return f"{base}:{revision}" if revision and _is_tag(revision) else base
+    path = Path(source).expanduser()
+    return path.resolve().name.lower() if path.is_dir() else source
+
+
+def _is_tag(text: str) -> bool:
+    try:
+        ModelName.parse(f"x:{text}")
+        return True
+    except BadRequestError:
+        return False
+
+
+def pull(source: str, *, name: str | None = None, store: Store | None = None,
+         progress: Progress | None = None) -> Manifest:
+    """Put the model ``source`` names into the store; return its manifest."""
+    store = store or Store()
+    target = ModelName.parse(name or default_name(source))
+    if source.startswith("hf:"):
+        return pull_hub(source, target, store)
+    path = Path(source).expanduser()
+    if path.is_dir():
+        return pull_folder(path, target, store, source=f"folder:{path.resolve()}", progress=progress)
+    from enigma.plugins import get_host
+
+    packaged = {impl.name: impl for impl in get_host().registry.implementations("model")}
+    key = source.removesuffix(":latest")
+    if key in packaged:
+        folder = Path(packaged[key].create())
+        return pull_folder(folder, target, store, source=f"package:{packaged[key].distribution or key}",
+                           progress=progress)
+    known = ", ".join(sorted(packaged)) or "none installed"
+    raise NotFoundError(f"cannot pull {source!r}: it is not hf:ORG/REPO[@REVISION], not a folder, and not a "
+                        f"packaged model ({known}); for example `enigma pull hf:HuggingFaceTB/SmolLM2-135M`")
+
+
+def pull_folder(folder: Path, target: ModelName, store: Store, *, source: str,
+                progress: Progress | None = None) -> Manifest:
+    if not (folder / "config.json").exists():
+        raise BadRequestError(f"{folder} is not a Hugging Face model folder: it has no config.json")
+    files = sorted(str(p.relative_to(folder)) for p in folder.rglob("*")
+                   if p.is_file() and needed(str(p.relative_to(folder))))
+    if not any(f.endswith(".safetensors") for f in files):
+        raise BadRequestError(f"{folder} has no .safetensors weights; enigma never loads pickled weights "
+                              "(convert them with transformers' save_pretrained(safe_serialization=True))")
+    return store.add_folder(target, folder, files, source=source, progress=progress)
+
+
+def git_blob_sha1(path: Path) -> str:
+    """The id git gives a file's contents (what the hub reports for non-LFS files)."""
+    digest = hashlib.sha1(usedforsecurity=False)
+    digest.update(f"blob {path.stat().st_size}\0".encode())
+    with path.open("rb") as handle:
+        while chunk := handle.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def pull_hub(source: str, target: ModelName, store: Store) -> Manifest:
+    """Download ``hf:ORG/REPO[@REVISION]`` (resumable, verified) into the store."""
+    import huggingface_hub
+    from huggingface_hub import errors as hub_errors
+
+    repo, _, revision = source[3:].partition("@")
+    if repo.count("/") != 1 or not all(repo.split("/")):
+        raise BadRequestError(f"{source!r}: expected hf:ORG/REPO or hf:ORG/REPO@REVISION")
+    api = huggingface_hub.HfApi()
+    endpoint = api.endpoint
+    try:
+        info = api.model_info(repo, revision=revision or None, files_metadata=True)
+    except hub_errors.RepositoryNotFoundError:
+        raise NotFoundError(f"{repo} does not exist on {endpoint} (or it is private: set HF_TOKEN)") from None
+    except hub_errors.RevisionNotFoundError:
+        raise NotFoundError(f"{repo} has no revision {revision!r} on {endpoint}") from None
+    except hub_errors.HfHubHTTPError as exc:
+        raise PullError(f"the hub at {endpoint} refused {repo}: {exc}") from None
+    except Exception as exc:  # connection errors come from the HTTP client huggingface_hub uses
+        raise PullError(f"cannot reach {endpoint} to pull {repo} ({type(exc).__name__}: {exc}); check your "
+                        "network, or HF_ENDPOINT for a mirror") from None
+    wanted = [s for s in info.siblings or [] if needed(s.rfilename)]
+    if not any(s.rfilename.endswith(".safetensors") for s in wanted):
+        raise PullError(f"{repo} has no .safetensors weights; enigma never loads pickled weights")
+    from enigma.paths import get_paths
+
+    downloads = get_paths().cache_dir / "pulls" / f"{target.name}@{target.tag}"
+    with store.lock(target), store.staging(target) as staged:
+        entries = []
+        for sibling in wanted:
+            try:
+                path = Path(huggingface_hub.hf_hub_download(repo, sibling.rfilename, revision=info.sha,
+                                                            local_dir=downloads))
+            except OSError as exc:
+                if exc.errno == errno.ENOSPC:
+                    raise StoreError("disk full while downloading; free some space and run the same "
+                                     "`enigma pull` again: it resumes") from None
+                raise PullError(f"downloading {sibling.rfilename} from {endpoint} failed: {exc}") from None
+            except Exception as exc:
+                raise PullError(f"downloading {sibling.rfilename} from {endpoint} failed ({type(exc).__name__}: "
+                                f"{exc}); run the same `enigma pull` again to resume") from None
+            entries.append(_verified(path, sibling))
+            (staged / sibling.rfilename).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(path, staged / sibling.rfilename)
+        manifest = store.make_manifest(target, staged, entries, source=f"hf:{repo}@{info.sha}")
+        store.commit(staged, manifest)
+    shutil.rmtree(downloads, ignore_errors=True)
+    return manifest
+
+
+def _verified(path: Path, sibling: Any) -> FileEntry:
+    size = path.stat().st_size
+    digest = sha256_file(path)
+    lfs = sibling.lfs
+    expected_sha = (lfs.get("sha256") if isinstance(lfs, dict) else getattr(lfs, "sha256", None)) if lfs else None
+    if expected_sha is not None:
+        ok = digest == expected_sha
+    elif sibling.blob_id:
+        ok = git_blob_sha1(path) == sibling.blob_id
+    else:
+        ok = sibling.size is None or size == sibling.size
+    if not ok:
+        path.unlink(missing_ok=True)
+        raise PullError(f"{sibling.rfilename} is corrupt (its checksum does not match the hub's); the bad copy "
+                        "was deleted — run the same `enigma pull` again to download it afresh")
+    return FileEntry(sibling.rfilename, size, digest)

@@ -1,0 +1,229 @@
+"""The store and the Ollama-style commands, driven as a user would (subprocess and a pty)."""
+
+from __future__ import annotations
+
+import json
+import os
+import pty
+import select
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from hub_server import FakeHub  # noqa: E402
+from tiny_models import make_model  # noqa: E402
+
+ENIGMA = Path(sys.executable).parent / "enigma"
+
+
+@pytest.fixture(scope="module")
+def model_folder(tmp_path_factory):
+    return make_model(tmp_path_factory.mktemp("tiny-llama"), "llama-gqa", template="chatml")
+
+
+@pytest.fixture
+def hub(model_folder):
+    with FakeHub() as server:
+        server.add_repo("acme/tiny-llama", model_folder)
+        yield server
+
+
+@pytest.fixture
+def hub_env(hub):
+    return {"HF_ENDPOINT": hub.url, "HF_HUB_OFFLINE": "0", "HF_HUB_DISABLE_PROGRESS_BARS": "1"}
+
+
+def test_pull_from_the_hub_then_list_show_run(enigma, hub, hub_env, model_folder):
+    result = enigma("pull", "hf:acme/tiny-llama", env=hub_env)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("pulled tiny-llama:latest")
+    listed = json.loads(enigma("list", "--json").stdout)
+    assert [m["name"] for m in listed] == ["tiny-llama:latest"]
+    assert listed[0]["source"].startswith("hf:acme/tiny-llama@")
+    assert "tiny-llama:latest" in enigma("list").stdout
+    shown = json.loads(enigma("show", "tiny-llama", "--json").stdout)
+    assert shown["architecture"] == "LlamaForCausalLM" and shown["context_length"] == 512
+    files = {f["path"] for f in shown["files"]}
+    assert {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"} <= files
+    assert "<|im_start|>" in shown["chat_template"]
+    text = enigma("show", "tiny-llama").stdout
+    assert "LlamaForCausalLM" in text and "context length" in text
+    answer = enigma("run", "tiny-llama", "Hello", "--max-tokens", "5", "--temperature", "0")
+    assert answer.returncode == 0, answer.stderr
+    assert answer.stdout.strip()
+
+
+def test_interrupted_pull_resumes_with_a_range_request(enigma, hub, hub_env, enigma_home):
+    hub.bytes_per_second = 60_000
+    process = subprocess.Popen([str(ENIGMA), "pull", "hf:acme/tiny-llama"], env={**os.environ, **hub_env},
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 60
+    partial = []
+    while time.monotonic() < deadline and process.poll() is None:
+        partial = [p for p in enigma_home.rglob("*.incomplete") if p.stat().st_size > 50_000]
+        if partial:
+            break
+        time.sleep(0.05)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert partial, "no partial download seen before the kill"
+    assert json.loads(enigma("list", "--json").stdout) == []  # no half model in the store
+    hub.bytes_per_second = None
+    result = enigma("pull", "hf:acme/tiny-llama", env=hub_env)
+    assert result.returncode == 0, result.stderr
+    resumed = [r for r in hub.requests if r[0] == "GET" and r[1].endswith("model.safetensors") and r[2]]
+    assert resumed and int(resumed[-1][2].split("=")[1].rstrip("-")) > 50_000
+    shown = json.loads(enigma("show", "tiny-llama", "--json").stdout)
+    assert enigma("run", "tiny-llama", "Hi", "--max-tokens", "2").returncode == 0
+    assert all(len(f["sha256"]) == 64 for f in shown["files"])
+
+
+def test_corrupt_download_is_detected_and_repulled(enigma, hub, hub_env):
+    hub.corrupt = {"model.safetensors"}
+    result = enigma("pull", "hf:acme/tiny-llama", env=hub_env)
+    assert result.returncode == 1
+    assert "model.safetensors is corrupt" in result.stderr and "enigma pull" in result.stderr
+    assert json.loads(enigma("list", "--json").stdout) == []
+    hub.corrupt = set()
+    assert enigma("pull", "hf:acme/tiny-llama", env=hub_env).returncode == 0
+
+
+def test_pull_errors(enigma, hub, hub_env, tmp_path):
+    result = enigma("pull", "hf:acme/nothing-here", env=hub_env)
+    assert result.returncode == 1 and "acme/nothing-here does not exist" in result.stderr
+    result = enigma("pull", "hf:acme/tiny-llama@v9", env=hub_env)
+    assert result.returncode == 1 and "has no revision 'v9'" in result.stderr
+    offline = {**hub_env, "HF_ENDPOINT": "http://127.0.0.1:9"}
+    result = enigma("pull", "hf:acme/tiny-llama", env=offline)
+    assert result.returncode == 1 and "cannot reach http://127.0.0.1:9" in result.stderr
+    result = enigma("pull", "somewhere-else")
+    assert result.returncode == 1 and "cannot pull 'somewhere-else'" in result.stderr
+    (tmp_path / "empty").mkdir()
+    result = enigma("pull", str(tmp_path / "empty"))
+    assert result.returncode == 1 and "has no config.json" in result.stderr
+
+
+def test_names_are_validated(enigma, model_folder):
+    for bad in ("../evil", "a/b", "x:..", ":tag", "name:"):
+        result = enigma("pull", str(model_folder), "--name", bad)
+        assert result.returncode == 1, bad
+        assert "is not valid" in result.stderr, (bad, result.stderr)
+
+
+def test_local_folder_cp_create_rm(enigma, model_folder, tmp_path, enigma_home):
+    assert enigma("pull", str(model_folder), "--name", "base:v1").returncode == 0
+    assert enigma("cp", "base:v1", "copy").returncode == 0
+    names = [m["name"] for m in json.loads(enigma("list", "--json").stdout)]
+    assert names == ["base:v1", "copy:latest"]
+    store = enigma_home / "data" / "models"
+    assert os.path.samefile(store / "base/v1/model.safetensors", store / "copy/latest/model.safetensors")
+
+    (tmp_path / "Modelfile").write_text(
+        'FROM base:v1\n# a comment\nSYSTEM """You answer\nin one line."""\nPARAMETER temperature 0.3\n'
+        'PARAMETER stop "<|im_end|>"\nPARAMETER num_predict 7\n')
+    result = enigma("create", "terse", "-f", str(tmp_path / "Modelfile"))
+    assert result.returncode == 0, result.stderr
+    shown = json.loads(enigma("show", "terse", "--json").stdout)
+    assert shown["system"] == "You answer\nin one line."
+    assert shown["parameters_defaults"] == {"temperature": 0.3, "stop": ["<|im_end|>"], "max_tokens": 7}
+    assert enigma("run", "terse", "Hi").returncode == 0
+
+    (tmp_path / "Bad").write_text("FROM base:v1\nPARAMETR temperature 1\n")
+    result = enigma("create", "bad", "-f", str(tmp_path / "Bad"))
+    assert result.returncode == 1 and f"{tmp_path / 'Bad'}:2: unknown instruction 'PARAMETR'" in result.stderr
+    (tmp_path / "Bad").write_text("FROM base:v1\nPARAMETER temperature -1\n")
+    result = enigma("create", "bad", "-f", str(tmp_path / "Bad"))
+    assert result.returncode == 1 and "Bad:2: temperature = -1.0 is invalid" in result.stderr
+    (tmp_path / "Bad").write_text("FROM ./weights.gguf\n")
+    result = enigma("create", "bad", "-f", str(tmp_path / "Bad"))
+    assert result.returncode == 1 and "needs the ggml plugin" in result.stderr
+    (tmp_path / "Bad").write_text("FROM base:v1\nADAPTER ./lora\n")
+    result = enigma("create", "bad", "-f", str(tmp_path / "Bad"))
+    assert result.returncode == 1 and "ADAPTER needs the lora plugin" in result.stderr
+
+    result = enigma("rm", "copy")
+    assert result.returncode == 2 and "pass -y" in result.stderr
+    result = enigma("rm", "-y", "copy", "nope")
+    assert result.returncode == 1 and "model 'nope' not found" in result.stderr and "enigma list" in result.stderr
+    assert enigma("rm", "-y", "copy", "terse").returncode == 0
+    assert [m["name"] for m in json.loads(enigma("list", "--json").stdout)] == ["base:v1"]
+    assert (store / "base/v1/model.safetensors").exists()
+
+
+def test_run_reads_piped_stdin_and_reports_unknown_models(enigma, model_folder):
+    assert enigma("pull", str(model_folder), "--name", "tiny").returncode == 0
+    result = enigma("run", "tiny", "--max-tokens", "3", "--seed", "1", input="Explain lists.")
+    assert result.returncode == 0 and result.stdout.strip()
+    again = enigma("run", "tiny", "--max-tokens", "3", "--seed", "1", input="Explain lists.")
+    assert again.stdout == result.stdout  # same seed, same answer
+    result = enigma("run", "missing-model", "Hi")
+    assert result.returncode == 1 and "model 'missing-model' not found" in result.stderr
+    assert "enigma pull" in result.stderr
+    result = enigma("run", "tiny", "Hi", "--temperature", "-2")
+    assert result.returncode == 1 and "temperature = -2.0 is invalid" in result.stderr
+
+
+class Terminal:
+    """The command running on a pseudo-terminal, read and typed into like a person would."""
+
+    def __init__(self, *args: str) -> None:
+        self.pid, self.fd = pty.fork()
+        if self.pid == 0:  # the child
+            os.execv(str(ENIGMA), [str(ENIGMA), *args])
+        self.output = ""
+
+    def expect(self, text: str, timeout: float = 60) -> str:
+        deadline = time.monotonic() + timeout
+        while text not in self.output:
+            if time.monotonic() > deadline:
+                raise AssertionError(f"did not see {text!r}; got {self.output[-800:]!r}")
+            ready, _, _ = select.select([self.fd], [], [], 0.1)
+            if ready:
+                try:
+                    self.output += os.read(self.fd, 4096).decode(errors="replace")
+                except OSError:
+                    break
+        seen, _, self.output = self.output.partition(text)
+        return seen
+
+    def send(self, text: str) -> None:
+        os.write(self.fd, text.encode())
+
+    def wait(self) -> int:
+        _, status = os.waitpid(self.pid, 0)
+        os.close(self.fd)
+        return os.waitstatus_to_exitcode(status)
+
+
+def test_interactive_chat_on_a_terminal(enigma, model_folder):
+    assert enigma("pull", str(model_folder), "--name", "tiny").returncode == 0
+    term = Terminal("run", "tiny", "--max-tokens", "4", "--temperature", "0")
+    term.expect(">>> ")
+    term.send("Hello\r")
+    assert term.expect(">>> ").strip()  # an answer, then the prompt again
+    term.send("/set temperature 0.5\r")
+    assert "Set parameter 'temperature' to '0.5'" in term.expect(">>> ")
+    term.send("/set max_tokens 4000\r")
+    term.expect(">>> ")
+    term.send("/show parameters\r")
+    assert "temperature         0.5" in term.expect(">>> ")
+    term.send('"""\rline one\rline two\r"""\r')
+    term.expect(">>> ")
+    term.send("/set max_tokens 100000\r")
+    term.expect(">>> ")
+    term.send("Tell me everything\r")
+    time.sleep(1.0)
+    term.send("\x03")  # Ctrl-C stops the answer, not the session
+    term.expect(">>> ")
+    term.send("/clear\r")
+    assert "Cleared" in term.expect(">>> ")
+    term.send("/nope\r")
+    assert "Unknown command '/nope'" in term.expect(">>> ")
+    term.send("/bye\r")
+    assert term.wait() == 0
