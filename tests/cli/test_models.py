@@ -16,8 +16,8 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from hub_server import FakeHub  # noqa: E402
-from tiny_models import make_model  # noqa: E402
+from hub_server import FakeHub
+from tiny_models import make_model
 
 ENIGMA = Path(sys.executable).parent / "enigma"
 
@@ -60,13 +60,13 @@ def test_pull_from_the_hub_then_list_show_run(enigma, hub, hub_env, model_folder
 
 
 def test_interrupted_pull_resumes_with_a_range_request(enigma, hub, hub_env, enigma_home):
-    hub.bytes_per_second = 60_000
+    hub.bytes_per_second = 100_000
     process = subprocess.Popen([str(ENIGMA), "pull", "hf:acme/tiny-llama"], env={**os.environ, **hub_env},
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 60
     partial = []
     while time.monotonic() < deadline and process.poll() is None:
-        partial = [p for p in enigma_home.rglob("*.incomplete") if p.stat().st_size > 50_000]
+        partial = [p for p in enigma_home.rglob("model.safetensors.part") if p.stat().st_size > 50_000]
         if partial:
             break
         time.sleep(0.05)

@@ -2,11 +2,13 @@
 
 Sources:
 
-- ``hf:ORG/REPO[@REVISION]`` — through huggingface_hub (``HF_ENDPOINT`` and
-  ``HF_TOKEN`` are honoured), only the files a model needs, each checked
-  against the hub's checksum (sha256 for LFS files, the git blob id for the
-  rest). Downloads land in a per-model folder under the cache, so a pull that
-  is interrupted resumes where it stopped.
+- ``hf:ORG/REPO[@REVISION]`` — through huggingface_hub (its repository API,
+  URLs, auth headers and HTTP session; ``HF_ENDPOINT`` and ``HF_TOKEN`` are
+  honoured), only the files a model needs, each checked against the hub's
+  checksum (sha256 for LFS files, the git blob id for the rest). Files are
+  written as ``<name>.part`` in a per-model folder under the cache and
+  renamed when complete; a pull that is interrupted (even killed) resumes
+  each file from its last byte with an HTTP ``Range`` request.
 - a local folder in Hugging Face format;
 - a packaged model's name (``enigma-tiny``), copied from its package.
 """
@@ -15,6 +17,7 @@ from __future__ import annotations
 
 import errno
 import hashlib
+import os
 import shutil
 from collections.abc import Callable
 from fnmatch import fnmatch
@@ -140,15 +143,18 @@ def pull_hub(source: str, target: ModelName, store: Store) -> Manifest:
     with store.lock(target), store.staging(target) as staged:
         entries = []
         for sibling in wanted:
+            url = huggingface_hub.hf_hub_url(repo, sibling.rfilename, revision=info.sha, endpoint=endpoint)
+            path = downloads / sibling.rfilename
             try:
-                path = Path(huggingface_hub.hf_hub_download(repo, sibling.rfilename, revision=info.sha,
-                                                            local_dir=downloads))
+                download(url, path, size=sibling.size)
             except OSError as exc:
                 if exc.errno == errno.ENOSPC:
                     raise StoreError("disk full while downloading; free some space and run the same "
                                      "`enigma pull` again: it resumes") from None
-                raise PullError(f"downloading {sibling.rfilename} from {endpoint} failed: {exc}") from None
-            except Exception as exc:
+                raise PullError(f"writing {sibling.rfilename} failed: {exc}") from None
+            except hub_errors.HfHubHTTPError as exc:
+                raise PullError(f"the hub at {endpoint} refused {sibling.rfilename}: {exc}") from None
+            except Exception as exc:  # the HTTP client's connection and protocol errors
                 raise PullError(f"downloading {sibling.rfilename} from {endpoint} failed ({type(exc).__name__}: "
                                 f"{exc}); run the same `enigma pull` again to resume") from None
             entries.append(_verified(path, sibling))
@@ -158,6 +164,36 @@ def pull_hub(source: str, target: ModelName, store: Store) -> Manifest:
         store.commit(staged, manifest)
     shutil.rmtree(downloads, ignore_errors=True)
     return manifest
+
+
+def download(url: str, path: Path, *, size: int | None) -> None:
+    """Fetch ``url`` into ``path``, resuming a ``path.part`` left by an earlier try."""
+    from huggingface_hub.utils import build_hf_headers, get_session, hf_raise_for_status, tqdm
+
+    if path.exists() and (size is None or path.stat().st_size == size):
+        return
+    part = path.with_name(path.name + ".part")
+    part.parent.mkdir(parents=True, exist_ok=True)
+    have = part.stat().st_size if part.exists() else 0
+    headers = build_hf_headers()
+    if have:
+        headers["Range"] = f"bytes={have}-"
+    with get_session().stream("GET", url, headers=headers, follow_redirects=True, timeout=30) as response:
+        if response.status_code == 416 and size is not None and have == size:  # already complete
+            part.rename(path)
+            return
+        hf_raise_for_status(response)
+        if response.status_code != 206:  # the server ignored the range: start over
+            have = 0
+        with part.open("ab" if have else "wb") as handle, tqdm(
+                total=size, initial=have, unit="B", unit_scale=True, desc=path.name,
+                name="huggingface_hub.http_get") as bar:
+            for chunk in response.iter_bytes():
+                handle.write(chunk)
+                handle.flush()  # what arrived survives a kill
+                bar.update(len(chunk))
+            os.fsync(handle.fileno())
+    part.rename(path)
 
 
 def _verified(path: Path, sibling: Any) -> FileEntry:

@@ -56,8 +56,8 @@ class ModelName:
     @classmethod
     def parse(cls, text: str) -> ModelName:
         """Parse ``name`` or ``name:tag``; refuse anything that could escape the store."""
-        name, _, tag = str(text).strip().partition(":")
-        tag = tag or DEFAULT_TAG
+        name, colon, tag = str(text).strip().partition(":")
+        tag = tag if colon else DEFAULT_TAG
         for what, value, limit in (("name", name, 80), ("tag", tag, 128)):
             if not value or len(value) > limit or not _PART.match(value) or ".." in value:
                 raise BadRequestError(
