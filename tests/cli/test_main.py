@@ -118,3 +118,15 @@ def test_help_is_fast_and_shows_examples(enigma):
     assert elapsed < 2.0, f"enigma --help took {elapsed:.2f}s"
     for sub in (("plugins",), ("config",), ("config", "set")):
         assert enigma(*sub, "--help").returncode == 0
+
+
+def test_every_command_shows_examples_in_help(enigma):
+    from enigma_cli.main import cli
+
+    for name, command in cli.commands.items():
+        result = enigma(name, "--help")
+        assert result.returncode == 0, name
+        assert "Examples:" in result.stdout, f"`enigma {name} --help` shows no examples"
+        subcommands = getattr(command, "commands", {})
+        for sub in subcommands:
+            assert "Examples:" in enigma(name, sub, "--help").stdout, f"`enigma {name} {sub} --help`"

@@ -244,3 +244,28 @@ def test_hook_enigma_request_finished(observed):
     assert event.mean_inter_token_latency == 0.5
     with pytest.raises(AttributeError):
         event.prompt_tokens = 3  # observers cannot change what others see
+
+
+def test_hook_enigma_register_models(make_plugin_host, tiny_model, monkeypatch):
+    import enigma.plugins
+    from enigma import LLM, SamplingParams
+    from enigma.errors import NotFoundError
+    from enigma.llm import resolve_model_path
+
+    folder = tiny_model("llama-gqa")
+
+    @hookimpl
+    def enigma_register_models(register):
+        register("packaged-tiny", lambda: folder, summary="a model shipped inside a package")
+
+    plugin = types.ModuleType("test_model_plugin")
+    plugin.enigma_register_models = enigma_register_models
+    host = make_plugin_host(plugin)
+    assert host.records["test_model_plugin"].status == "loaded"
+    monkeypatch.setattr(enigma.plugins, "_host", host)
+    assert resolve_model_path("packaged-tiny") == folder
+    assert resolve_model_path("packaged-tiny:latest") == folder
+    with pytest.raises(NotFoundError, match=r"packaged: .*packaged-tiny"):
+        resolve_model_path("packaged-tiny:other-tag")
+    output = LLM("packaged-tiny").generate("Hello", SamplingParams(max_tokens=3, temperature=0))[0]
+    assert len(output.outputs[0].token_ids) == 3

@@ -196,4 +196,4 @@ PROTOCOLS: dict[str, type] = {
     "retriever": Retriever,
     "transport": Transport,
 }
-"""The protocol an instance of each kind must satisfy."""
+"""The protocol an instance of each extension kind must satisfy (a ``model`` factory returns a folder path)."""

@@ -23,7 +23,7 @@ def config() -> None:
     """
 
 
-@config.command()
+@config.command(epilog="\b\nExamples:\n  enigma config show\n  enigma config show --json")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON: key -> {value, source}.")
 def show(as_json: bool) -> None:
     """Every setting, its value and where it came from."""
@@ -45,7 +45,7 @@ def show(as_json: bool) -> None:
     Console(soft_wrap=False).print(table)
 
 
-@config.command()
+@config.command(epilog="\b\nExamples:\n  enigma config get models.default\n  ENIGMA_SERVER__PORT=8080 enigma config get server.port")
 @click.argument("key")
 def get(key: str) -> None:
     """Print the value of KEY (section.key)."""
@@ -54,7 +54,8 @@ def get(key: str) -> None:
     click.echo(load_config().get(key))
 
 
-@config.command(name="set")
+@config.command(name="set", epilog="\b\nExamples:\n  enigma config set engine.dtype bfloat16\n"
+                                   "  enigma config set models.default qwen:0.5b")
 @click.argument("key")
 @click.argument("value")
 def set_(key: str, value: str) -> None:
@@ -69,7 +70,7 @@ def set_(key: str, value: str) -> None:
         click.echo(f"note: {source} overrides it", err=True)
 
 
-@config.command()
+@config.command(epilog="\b\nExamples:\n  enigma config path\n  $EDITOR \"$(enigma config path)\"")
 def path() -> None:
     """Print the config file's path (it may not exist yet)."""
     from enigma.paths import get_paths

@@ -1,0 +1,64 @@
+"""How fast the command answers: ``enigma --help`` and time-to-first-token of ``enigma run``.
+
+    python benchmarks/cli_startup.py          # --repeats 5 --model enigma-tiny
+
+Each figure is the wall time from starting the process: to its exit for
+``--help``, to the first byte of the answer on stdout for ``run``. The
+baseline is ``python -c "import torch"``, the floor any torch program pays.
+Targets: ``--help`` under 0.5 s, first token under 2 s.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+BIN = Path(sys.executable).parent
+
+
+def time_to_exit(args: list[str]) -> float:
+    start = time.perf_counter()
+    subprocess.run(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=True)
+    return time.perf_counter() - start
+
+
+def time_to_first_byte(args: list[str]) -> float:
+    start = time.perf_counter()
+    process = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL)
+    assert process.stdout is not None
+    first = os.read(process.stdout.fileno(), 1)
+    elapsed = time.perf_counter() - start
+    process.stdout.read()
+    process.wait()
+    if not first or process.returncode != 0:
+        raise SystemExit(f"{' '.join(args)} failed (exit {process.returncode})")
+    return elapsed
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--model", default="enigma-tiny")
+    args = parser.parse_args()
+    enigma = str(BIN / "enigma")
+    runs: dict[str, list[float]] = {"import torch (baseline)": [], "enigma --help": [], "enigma run: first token": []}
+    for _ in range(args.repeats):
+        runs["import torch (baseline)"].append(time_to_exit([sys.executable, "-c", "import torch"]))
+        runs["enigma --help"].append(time_to_exit([enigma, "--help"]))
+        runs["enigma run: first token"].append(time_to_first_byte(
+            [enigma, "run", args.model, "What does os.path.join do?", "--max-tokens", "8", "--seed", "0"]))
+    for name, values in runs.items():
+        print(f"{name:<26} median {statistics.median(values):.2f} s   best {min(values):.2f} s")
+    help_s, ttft = statistics.median(runs["enigma --help"]), statistics.median(runs["enigma run: first token"])
+    base = statistics.median(runs["import torch (baseline)"])
+    print(f"--help {'meets' if help_s < 0.5 else 'misses'} the 0.5 s target; first token "
+          f"{'meets' if ttft < 2 else 'misses'} the 2 s target ({ttft - base:.2f} s above importing torch)")
+
+
+if __name__ == "__main__":
+    main()
