@@ -45,7 +45,8 @@ def show(as_json: bool) -> None:
     Console(soft_wrap=False).print(table)
 
 
-@config.command(epilog="\b\nExamples:\n  enigma config get models.default\n  ENIGMA_SERVER__PORT=8080 enigma config get server.port")
+@config.command(epilog="\b\nExamples:\n  enigma config get models.default\n"
+                       "  ENIGMA_SERVER__PORT=8080 enigma config get server.port")
 @click.argument("key")
 def get(key: str) -> None:
     """Print the value of KEY (section.key)."""
