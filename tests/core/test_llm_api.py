@@ -147,3 +147,21 @@ def test_folder_errors(folder, tmp_path):
     (broken / "config.json").unlink()
     with pytest.raises(NotFoundError, match="is not a Hugging Face model folder: it has no config.json"):
         LLM(broken)
+
+
+def test_stream_yields_deltas_that_add_up_to_generate(llm):
+    params = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
+    whole = llm.generate("The quick brown", params)[0].outputs[0]
+    deltas = list(llm.stream("The quick brown", params))
+    assert "".join(d.outputs[0].text for d in deltas) == whole.text
+    assert [t for d in deltas for t in d.outputs[0].token_ids] == whole.token_ids
+    assert deltas[-1].finished and not any(d.finished for d in deltas[:-1])
+
+
+def test_closing_a_stream_early_frees_its_blocks(llm):
+    stream = llm.stream("The quick brown", SamplingParams(max_tokens=200, ignore_eos=True))
+    next(stream)
+    next(stream)
+    stream.close()
+    stats = llm.engine.stats()
+    assert stats["running"] == 0 and stats["kv_blocks_used"] == 0
