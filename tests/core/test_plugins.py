@@ -29,7 +29,8 @@ def test_builtins_are_discovered_through_entry_points(plugin_host):
     builtins = {(impl.kind, impl.name): impl.plugin for impl in plugin_host.registry.implementations()
                 if impl.distribution == "enigma-core"}
     assert builtins == {("backend", "torch"): "torch", ("cache", "paged"): "paged",
-                        ("cache", "contiguous"): "paged", ("scheduler", "continuous"): "continuous"}
+                        ("cache", "contiguous"): "paged", ("scheduler", "continuous"): "continuous",
+                        ("trainer", "sft"): "sft"}
 
 
 def test_installed_plugin_is_found_with_its_distribution(installed_plugins):

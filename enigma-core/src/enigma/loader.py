@@ -1,14 +1,15 @@
 """Loading Hugging Face model folders: config.json, safetensors, tokenizer.
 
 Weights are read from safetensors only (single file or sharded with
-``model.safetensors.index.json``) — never pickle. The model is built on the
-meta device, materialized once in the target dtype, and filled tensor by
-tensor from memory-mapped files, so loading peaks near one copy of the
-weights.
+``model.safetensors.index.json``) — never pickle. The model is built
+directly on its device in the target dtype with initialization skipped (one
+allocation, no wasted random fill), then filled tensor by tensor from
+memory-mapped files, so loading peaks near one copy of the weights.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 from collections.abc import Iterator
 from contextlib import ExitStack
@@ -149,6 +150,39 @@ def _expected_shape(param: torch.Tensor, parts: list[str], part: str) -> list[in
     return list(param.shape) if len(parts) == 1 else f"a slice of {list(param.shape)}"
 
 
+_INIT_FUNCTIONS = ("uniform_", "normal_", "trunc_normal_", "constant_", "ones_", "zeros_", "xavier_uniform_",
+                   "xavier_normal_", "kaiming_uniform_", "kaiming_normal_")
+
+
+@contextlib.contextmanager
+def skip_weight_init() -> Iterator[None]:
+    """Build modules without initializing their weights (the checkpoint overwrites them).
+
+    Besides the wasted work, initializing meta tensors makes torch import its
+    compiler stack on first use (about 2 s on a small CPU), which would sit
+    in front of every ``enigma run``'s first token.
+    """
+    saved = {name: getattr(torch.nn.init, name) for name in _INIT_FUNCTIONS}
+    for name in _INIT_FUNCTIONS:
+        setattr(torch.nn.init, name, lambda tensor, *args, **kwargs: tensor)
+    try:
+        yield
+    finally:
+        for name, function in saved.items():
+            setattr(torch.nn.init, name, function)
+
+
+@contextlib.contextmanager
+def default_dtype(dtype: torch.dtype) -> Iterator[None]:
+    """Create floating-point parameters in ``dtype`` (so they are allocated once, not cast)."""
+    saved = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(saved)
+
+
 @attrs.frozen
 class LoadedModel:
     """A model ready to run, and what was read to build it."""
@@ -173,9 +207,8 @@ def load_model(folder: str | Path, *, dtype: str | torch.dtype = "auto",
     device = torch.device(device)
     torch_dtype = resolve_dtype(dtype, hf_config, device)
     cls = model_class(architecture)
-    with torch.device("meta"):
-        model = cls.from_hf_config(hf_config).to(torch_dtype)
-    model = model.to_empty(device=device)  # the one allocation, already in the target dtype
+    with torch.device(device), default_dtype(torch_dtype), skip_weight_init():
+        model = cls.from_hf_config(hf_config)  # the one allocation, in the target dtype, left uninitialized
     model.post_materialize()
     with SafetensorsWeights(folder) as weights:
         load_weights(model, weights)

@@ -76,16 +76,18 @@ def installed_entry_points() -> dict[str, list[tuple[str, str, str]]]:
     owners: dict[str, list[tuple[str, str, str]]] = {}
     seen: set[str] = set()
     for dist in importlib.metadata.distributions():
-        dist_name = dist.metadata["Name"] or ""
-        normalized = dist_name.lower().replace("_", "-")
+        # The folder-derived name is cheap; reading METADATA for each of
+        # ~100 distributions is what would make startup slow.
+        normalized = getattr(dist, "_normalized_name", None) or (dist.metadata["Name"] or "")
+        normalized = normalized.lower().replace("_", "-")
         if normalized in seen:  # shadowed copy further down sys.path
             continue
         seen.add(normalized)
-        for entry_point in dist.entry_points:
-            if entry_point.group == ENTRY_POINT_GROUP:
-                owners.setdefault(entry_point.name, []).append(
-                    (dist_name, dist.version, entry_point.value)
-                )
+        ours = [ep for ep in dist.entry_points if ep.group == ENTRY_POINT_GROUP]
+        if ours:
+            dist_name = dist.metadata["Name"] or normalized
+            for entry_point in ours:
+                owners.setdefault(entry_point.name, []).append((dist_name, dist.version, entry_point.value))
     return owners
 
 

@@ -200,6 +200,8 @@ class LlamaForCausalLM(nn.Module):
         that checkpoints do not hold; needed again after ``to_empty`` from meta."""
         if self.config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
+        if self.inv_freq.is_meta:  # computed after materializing; meta math would load torch's compiler
+            return
         config = self.config
         with torch.device(self.inv_freq.device):
             self.inv_freq = inverse_frequencies(config.head_dim, config.rope_theta, config.rope_scaling)
