@@ -156,6 +156,19 @@ def test_local_folder_cp_create_rm(enigma, model_folder, tmp_path, enigma_home):
     assert (store / "base/v1/model.safetensors").exists()
 
 
+def test_pull_the_packaged_model_and_detect_a_corrupt_store_copy(enigma, enigma_home):
+    result = enigma("pull", "enigma-tiny")
+    assert result.returncode == 0, result.stderr
+    (listed,) = json.loads(enigma("list", "--json").stdout)
+    assert listed["name"] == "enigma-tiny:latest" and listed["source"] == "package:enigma-tiny"
+    weights = enigma_home / "data" / "models" / "enigma-tiny" / "latest" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])  # a truncated file, as a full disk or a bad copy leaves
+    result = enigma("run", "enigma-tiny", "Hi")
+    assert result.returncode == 1
+    assert "model enigma-tiny:latest is corrupt (model.safetensors has 1000 bytes" in result.stderr
+    assert "fetch it again: `enigma pull enigma-tiny --name enigma-tiny:latest`" in result.stderr
+
+
 def test_run_reads_piped_stdin_and_reports_unknown_models(enigma, model_folder):
     assert enigma("pull", str(model_folder), "--name", "tiny").returncode == 0
     result = enigma("run", "tiny", "--max-tokens", "3", "--seed", "1", input="Explain lists.")

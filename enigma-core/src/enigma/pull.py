@@ -84,11 +84,19 @@ def pull(source: str, *, name: str | None = None, store: Store | None = None,
     key = source.removesuffix(":latest")
     if key in packaged:
         folder = Path(packaged[key].create())
-        return pull_folder(folder, target, store, source=f"package:{packaged[key].distribution or key}",
-                           progress=progress)
+        return pull_folder(folder, target, store, source=f"package:{key}", progress=progress)
     known = ", ".join(sorted(packaged)) or "none installed"
     raise NotFoundError(f"cannot pull {source!r}: it is not hf:ORG/REPO[@REVISION], not a folder, and not a "
                         f"packaged model ({known}); for example `enigma pull hf:HuggingFaceTB/SmolLM2-135M`")
+
+
+def repull_hint(manifest: Manifest) -> str:
+    """The command that fetches a stored model again."""
+    kind, _, rest = manifest.source.partition(":")
+    if kind == "modelfile":
+        return f"enigma create {manifest.name}:{manifest.tag} -f <its Modelfile>"
+    source = {"hf": f"hf:{rest.split('@')[0]}", "folder": rest, "package": rest}.get(kind, manifest.source)
+    return f"enigma pull {source} --name {manifest.name}:{manifest.tag}"
 
 
 def pull_folder(folder: Path, target: ModelName, store: Store, *, source: str,

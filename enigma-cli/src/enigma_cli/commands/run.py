@@ -88,8 +88,18 @@ class ChatSession:
         except Exception:  # a folder path, not a store name
             manifest = None
         device = config.get("engine.device")
-        llm = LLM(folder, dtype=config.get("engine.dtype"), backend=config.get("engine.backend"),
-                  device=None if device == "auto" else device, max_num_seqs=1)
+        try:
+            llm = LLM(folder, dtype=config.get("engine.dtype"), backend=config.get("engine.backend"),
+                      device=None if device == "auto" else device, max_num_seqs=1)
+        except Exception as exc:
+            problems = Store().verify(manifest.model_name) if manifest is not None else []
+            if problems:
+                from enigma.pull import repull_hint
+                from enigma.store import StoreError
+
+                raise StoreError(f"model {manifest.name}:{manifest.tag} is corrupt ({'; '.join(problems)}); "
+                                 f"fetch it again: `{repull_hint(manifest)}`") from exc
+            raise
         params: dict[str, Any] = {"max_tokens": None}
         params.update(manifest.defaults if manifest else {})
         system = options.pop("system", None) or (manifest.system if manifest else None)
