@@ -28,6 +28,7 @@ import corpus  # noqa: E402
 DOCS_SOURCES = Path("/usr/share/doc/python3.11/html/_sources")
 DEB_SOURCES = Path("usr/share/doc/python3.11/html/_sources")
 DEST = ROOT / "plugins" / "tiny" / "src" / "enigma_tiny" / "model"
+SAMPLING = {"temperature": 0.6, "top_p": 0.9}
 SHIPPED = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "generation_config.json")
 
 MODEL_CONFIG = {
@@ -99,6 +100,9 @@ def main() -> int:
     args.dest.mkdir(parents=True, exist_ok=True)
     for name in SHIPPED:
         shutil.copyfile(out / name, args.dest / name)
+    generation = json.loads((args.dest / "generation_config.json").read_text())
+    generation.update(SAMPLING)  # what `enigma run` uses unless told otherwise
+    (args.dest / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
     minutes = (time.perf_counter() - started) / 60
     summary = {"corpus": "CPython 3.11 documentation (Debian python3.11-doc): prose, and Q&A chats drawn from it",
                "corpus_license": "PSF-2.0 (text), 0BSD (examples)",

@@ -116,6 +116,23 @@ class LLM:
             self.max_model_len = self.engine.max_model_len
         self.eos_token_ids = self.tokenizer.eos_token_ids
 
+    GENERATION_DEFAULTS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")
+    """generation_config.json keys that :meth:`sampling_defaults` reads."""
+
+    def sampling_defaults(self) -> dict[str, Any]:
+        """The sampling settings the model's authors recommend (its generation_config.json),
+        as ``SamplingParams`` keyword arguments; vLLM applies the same ones by default."""
+        import json
+
+        path = self.loaded.folder / "generation_config.json"
+        try:
+            config = json.loads(path.read_text(encoding="utf-8")) if path.exists() else {}
+        except ValueError:
+            return {}
+        if config.get("do_sample") is False:
+            return {"temperature": 0.0}
+        return {key: config[key] for key in self.GENERATION_DEFAULTS if config.get(key) is not None}
+
     # ------------------------------------------------------------ generation
 
     def generate(self, prompts: Prompt | SequenceOf[Prompt],

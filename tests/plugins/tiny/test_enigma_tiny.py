@@ -34,6 +34,10 @@ def test_registered_through_the_model_hook_and_small():
     assert record["validation_perplexity"] > 1 and record["build_minutes"] < 40
 
 
+def test_recommends_its_sampling_settings(llm):
+    assert llm.sampling_defaults() == {"temperature": 0.6, "top_p": 0.9}
+
+
 def perplexity(llm, text):
     ids = llm.tokenizer.encode(text)
     out = llm.generate([ids], SamplingParams(max_tokens=1, prompt_logprobs=0))[0]

@@ -100,7 +100,7 @@ class ChatSession:
                 raise StoreError(f"model {manifest.name}:{manifest.tag} is corrupt ({'; '.join(problems)}); "
                                  f"fetch it again: `{repull_hint(manifest)}`") from exc
             raise
-        params: dict[str, Any] = {"max_tokens": None}
+        params: dict[str, Any] = {"max_tokens": None, **llm.sampling_defaults()}
         params.update(manifest.defaults if manifest else {})
         system = options.pop("system", None) or (manifest.system if manifest else None)
         params.update({key: value for key, value in options.items() if value is not None})

@@ -107,7 +107,8 @@ def end_of_turn_id(tokenizer: Tokenizer) -> int | None:
     return next((token for token in ids if token in tokenizer.all_special_ids), None)
 
 
-def generation_config_for(tokenizer: Tokenizer, hf_config: dict[str, Any]) -> dict[str, Any]:
+def generation_config_for(tokenizer: Tokenizer, hf_config: dict[str, Any], *,
+                          base_folder: Path | None = None) -> dict[str, Any]:
     """generation_config.json: BOS, and every id that ends generation (EOS and end of turn)."""
     eos = list(tokenizer.eos_token_ids)
     if not eos and isinstance(hf_config.get("eos_token_id"), int):
@@ -116,6 +117,11 @@ def generation_config_for(tokenizer: Tokenizer, hf_config: dict[str, Any]) -> di
     if turn_end is not None and turn_end not in eos:
         eos.append(turn_end)
     config: dict[str, Any] = {"_from_model_config": False}
+    base = base_folder / "generation_config.json" if base_folder is not None else None
+    if base is not None and base.is_file():  # fine-tuning keeps the base model's sampling recommendations
+        with contextlib.suppress(ValueError):
+            config.update({k: v for k, v in json.loads(base.read_text(encoding="utf-8")).items()
+                           if k not in ("eos_token_id", "bos_token_id")})
     if tokenizer.bos_token_id is not None:
         config["bos_token_id"] = tokenizer.bos_token_id
     if eos:
@@ -215,7 +221,8 @@ class SFTTrainer:
 
         save_dtype = None if config.save_dtype == "auto" else SAVE_DTYPES[config.save_dtype]
         save_model_folder(model, hf_config, out, tokenizer_folder=tokenizer_folder, dtype=save_dtype,
-                          generation_config=generation_config_for(tokenizer, hf_config))
+                          generation_config=generation_config_for(tokenizer, hf_config,
+                                                                  base_folder=model_folder))
         record = {"config": config.to_dict(), "steps": step, "tokens": step * tokens_per_step,
                   "val_loss": val_loss, "val_perplexity": None if val_loss is None else math.exp(val_loss)}
         atomic_write_text(out / RUN_RECORD, json.dumps(record, indent=2) + "\n")
