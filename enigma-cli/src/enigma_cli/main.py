@@ -21,6 +21,7 @@ from enigma_cli.commands.config import config
 from enigma_cli.commands.models import cp, create, list_models, pull, rm, show
 from enigma_cli.commands.plugins import plugins
 from enigma_cli.commands.run import run
+from enigma_cli.commands.serve import serve
 from enigma_cli.commands.train import train, train_tokenizer
 
 
@@ -60,7 +61,7 @@ def cli(debug: bool) -> None:
     """
 
 
-for command in (run, pull, list_models, show, rm, cp, create, train, train_tokenizer, plugins, config):
+for command in (run, serve, pull, list_models, show, rm, cp, create, train, train_tokenizer, plugins, config):
     cli.add_command(command)
 
 

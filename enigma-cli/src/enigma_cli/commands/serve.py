@@ -1,0 +1,58 @@
+"""``enigma serve``: the HTTP API (OpenAI-compatible and whatever transports are installed)."""
+
+from __future__ import annotations
+
+import logging
+
+import click
+
+
+@click.command(epilog="""
+\b
+Examples:
+  enigma serve                                  the default model on 127.0.0.1:11500
+  enigma serve enigma-tiny qwen:0.5b --port 8000
+  ENIGMA_SERVER__HOST=0.0.0.0 enigma serve mine:v1
+
+\b
+Then, with the openai SDK:
+  from openai import OpenAI
+  client = OpenAI(base_url="http://127.0.0.1:11500/v1", api_key="unused")
+  client.chat.completions.create(model="enigma-tiny", messages=[{"role": "user", "content": "Hi"}])
+""")
+@click.argument("models", nargs=-1)
+@click.option("--host", help="Address to listen on [config server.host: 127.0.0.1].")
+@click.option("--port", type=int, help="Port to listen on [config server.port: 11500].")
+@click.option("--max-body-mb", type=float, default=4.0, show_default=True, help="Largest request body accepted.")
+@click.option("--graceful-timeout", type=float, default=30.0, show_default=True,
+              help="Seconds in-flight requests get to finish on shutdown (Ctrl-C, SIGTERM).")
+def serve(models: tuple[str, ...], host: str | None, port: int | None, max_body_mb: float,
+          graceful_timeout: float) -> None:
+    """Serve models over HTTP: the OpenAI API (/v1/...), health routes, and installed transports.
+
+    One process serves every request: its engine batches them continuously,
+    so more worker processes would only hold more copies of the weights.
+    Requests pick a model by its name in the `model` field.
+    """
+    import asyncio
+
+    from enigma.config import load_config
+    from enigma.server.context import ServerContext
+    from enigma.server.serve import serve_async
+
+    config = load_config()
+    names = list(models) or [config.get("models.default")]
+    host = host or config.get("server.host")
+    port = port or config.get("server.port")
+    access = logging.getLogger("enigma.server")
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    access.addHandler(handler)
+    access.setLevel(logging.INFO)
+    access.propagate = False
+    device = config.get("engine.device")
+    context = ServerContext(names, max_body_bytes=int(max_body_mb * 2**20), llm_options={
+        "dtype": config.get("engine.dtype"), "backend": config.get("engine.backend"),
+        "device": None if device == "auto" else device})
+    click.echo(f"enigma serving {', '.join(names)} on http://{host}:{port} (OpenAI API at /v1)", err=True)
+    asyncio.run(serve_async(context, host, port, graceful_timeout=graceful_timeout))

@@ -1,0 +1,130 @@
+"""What the routes share: the loaded models, their engines, and the server's state."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import attrs
+
+from enigma.errors import NotFoundError
+
+
+@attrs.define
+class ServedModel:
+    """One model the server answers for."""
+
+    name: str
+    llm: Any
+    """The :class:`enigma.LLM` holding weights, tokenizer and engine."""
+    engine: Any
+    """Its :class:`~enigma.engine.async_engine.AsyncEngine`, or None for embedding models."""
+    created: int
+    defaults: dict[str, Any] = attrs.field(factory=dict)
+    """Sampling defaults: the model's generation_config.json, then its Modelfile PARAMETERs."""
+    system: str | None = None
+    template: str | None = None
+    embed_lock: threading.Lock = attrs.field(factory=threading.Lock)
+
+    @property
+    def is_embedding_model(self) -> bool:
+        return self.engine is None
+
+    @property
+    def max_model_len(self) -> int:
+        return self.llm.max_model_len
+
+
+def load_served_model(name: str, **llm_options: Any) -> ServedModel:
+    """Load a model by name (store, package or folder) the way ``enigma run`` does."""
+    from enigma import LLM
+    from enigma.engine.async_engine import AsyncEngine
+    from enigma.llm import resolve_model_path
+    from enigma.store import ModelName, Store
+
+    folder = resolve_model_path(name)
+    manifest = None
+    try:
+        store = Store()
+        if store.exists(ModelName.parse(name)):
+            manifest = store.get(name)
+    except Exception:  # a folder path, not a store name
+        manifest = None
+    llm = LLM(folder, **llm_options)
+    defaults = {} if llm.loaded.is_embedding_model else {**llm.sampling_defaults()}
+    if manifest is not None:
+        defaults.update(manifest.defaults)
+    engine = None if llm.loaded.is_embedding_model else AsyncEngine(llm.engine)
+    return ServedModel(name=name, llm=llm, engine=engine, created=int(time.time()), defaults=defaults,
+                       system=manifest.system if manifest else None,
+                       template=manifest.template if manifest else None)
+
+
+class ServerContext:
+    """The server's models and lifecycle: ``loading`` → ``ready`` → ``stopping``."""
+
+    def __init__(self, model_names: Sequence[str], *, llm_options: dict[str, Any] | None = None,
+                 max_body_bytes: int = 4 * 2**20) -> None:
+        self.model_names = list(model_names)
+        self.llm_options = llm_options or {}
+        self.max_body_bytes = max_body_bytes
+        self.models: dict[str, ServedModel] = {}
+        self.state = "loading"
+        self.load_error: BaseException | None = None
+        self.started = time.time()
+
+    def load(self) -> None:
+        """Load every model (blocking); the server answers health checks meanwhile."""
+        try:
+            for name in self.model_names:
+                self.models[name] = load_served_model(name, **self.llm_options)
+            self.state = "ready"
+        except BaseException as exc:
+            self.load_error = exc
+            self.state = "failed"
+            raise
+
+    async def load_in_background(self) -> None:
+        await asyncio.to_thread(self.load)
+
+    def model(self, name: Any) -> ServedModel:
+        """The served model called ``name``; 404 naming the ones served otherwise."""
+        from enigma.server.errors import APIError
+
+        if not isinstance(name, str) or not name:
+            raise APIError(400, "'model' is required: the name of a served model (see GET /v1/models)",
+                           param="model")
+        if name in self.models:
+            return self.models[name]
+        aliases = {served.name.removesuffix(":latest"): served for served in self.models.values()}
+        if name.removesuffix(":latest") in aliases:
+            return aliases[name.removesuffix(":latest")]
+        if self.state == "loading":
+            raise APIError(503, f"model {name!r} is still loading; retry shortly", code="model_loading",
+                           headers={"Retry-After": "2"})
+        served = ", ".join(self.models) or "none"
+        raise NotFoundError(f"The model {name!r} does not exist or is not served here (served: {served})")
+
+    @property
+    def alive(self) -> bool:
+        """False once the server failed to start or an engine died."""
+        if self.state == "failed":
+            return False
+        return all(m.engine is None or m.engine.is_running for m in self.models.values())
+
+    @property
+    def ready(self) -> bool:
+        return self.state == "ready" and self.alive
+
+    def stats(self) -> dict[str, Any]:
+        return {name: (served.engine.stats() if served.engine is not None else {})
+                for name, served in self.models.items()}
+
+    def close(self) -> None:
+        self.state = "stopping"
+        for served in self.models.values():
+            if served.engine is not None:
+                served.engine.shutdown()

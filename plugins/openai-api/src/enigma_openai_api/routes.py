@@ -1,0 +1,378 @@
+"""The OpenAI routes: chat completions, completions, embeddings, models."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import struct
+import time
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+from enigma.errors import BadRequestError
+from enigma.server.context import ServedModel, ServerContext
+from enigma.server.errors import APIError, from_exception
+from enigma_openai_api.validation import (
+    CHAT_FIELDS,
+    COMPLETION_FIELDS,
+    EMBEDDING_FIELDS,
+    check_fields,
+    check_messages,
+    check_prompt,
+    check_stop,
+    read_json,
+)
+
+DONE = b"data: [DONE]\n\n"
+
+
+def sse(payload: dict[str, Any]) -> bytes:
+    return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n".encode()
+
+
+class OpenAITransport:
+    """Contributes the /v1 routes."""
+
+    def routes(self, context: ServerContext) -> list[Any]:
+        from starlette.routing import Route
+
+        api = OpenAIRoutes(context)
+        return [
+            Route("/v1/chat/completions", api.chat_completions, methods=["POST"]),
+            Route("/v1/completions", api.completions, methods=["POST"]),
+            Route("/v1/embeddings", api.embeddings, methods=["POST"]),
+            Route("/v1/models", api.list_models, methods=["GET"]),
+            Route("/v1/models/{model_id:path}", api.get_model, methods=["GET"]),
+        ]
+
+
+class OpenAIRoutes:
+    def __init__(self, context: ServerContext) -> None:
+        self.context = context
+
+    # ------------------------------------------------------------ models
+
+    def _model_card(self, served: ServedModel) -> dict[str, Any]:
+        return {"id": served.name, "object": "model", "created": served.created, "owned_by": "enigma",
+                "max_model_len": served.max_model_len}
+
+    async def list_models(self, request: Any) -> Any:
+        from starlette.responses import JSONResponse
+
+        return JSONResponse({"object": "list",
+                             "data": [self._model_card(m) for m in self.context.models.values()]})
+
+    async def get_model(self, request: Any) -> Any:
+        from starlette.responses import JSONResponse
+
+        return JSONResponse(self._model_card(self.context.model(request.path_params["model_id"])))
+
+    # ------------------------------------------------------------ generation
+
+    def _generator(self, body: dict[str, Any]) -> ServedModel:
+        served = self.context.model(body.get("model"))
+        if served.is_embedding_model:
+            raise APIError(400, f"model {served.name!r} is an embedding model; use POST /v1/embeddings",
+                           param="model", code="wrong_model_kind")
+        return served
+
+    def _sampling(self, body: dict[str, Any], served: ServedModel, prompt_tokens: int, *, where: str,
+                  logprobs: int | None) -> Any:
+        from enigma import SamplingParams
+
+        values: dict[str, Any] = dict(served.defaults)
+        for key in ("temperature", "top_p", "n", "seed", "presence_penalty", "frequency_penalty", "top_k", "min_p",
+                    "repetition_penalty", "min_tokens", "ignore_eos"):
+            if body.get(key) is not None:
+                values[key] = body[key]
+        if body.get("stop") is not None:
+            values["stop"] = check_stop(body["stop"])
+        limit = served.max_model_len
+        if prompt_tokens >= limit:
+            raise APIError(400, f"This model's maximum context length is {limit} tokens. However, your {where} "
+                                f"resulted in {prompt_tokens} tokens. Please reduce the length of the {where}.",
+                           param=where, code="context_length_exceeded")
+        key = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
+        requested = body.get(key)
+        if requested is not None:
+            if requested < 1:
+                raise APIError(400, f"'{key}' must be at least 1, got {requested}", param=key)
+            if prompt_tokens + requested > limit:
+                raise APIError(400, f"This model's maximum context length is {limit} tokens. However, you requested "
+                                    f"{prompt_tokens + requested} tokens ({prompt_tokens} in the {where}, "
+                                    f"{requested} in the completion). Please reduce the length of the {where} "
+                                    "or completion.", param=key, code="context_length_exceeded")
+            values["max_tokens"] = requested
+        else:
+            values["max_tokens"] = limit - prompt_tokens
+        if logprobs is not None:
+            values["logprobs"] = logprobs
+        try:
+            return SamplingParams(**values)
+        except BadRequestError as exc:
+            raise from_exception(exc) from None
+
+    async def _first(self, served: ServedModel, token_ids: list[int], params: Any, request_id: str,
+                     prompt_text: str | None) -> tuple[Any, AsyncIterator[Any]]:
+        """Start generating; the first output (or error) arrives before any response header is sent."""
+        stream = served.engine.generate(token_ids, params, request_id, prompt_text=prompt_text)
+        try:
+            first = await anext(stream)
+        except BaseException:
+            await stream.aclose()
+            raise
+        return first, stream
+
+    async def chat_completions(self, request: Any) -> Any:
+        body = await read_json(request)
+        check_fields(body, CHAT_FIELDS)
+        served = self._generator(body)
+        messages = check_messages(body.get("messages"))
+        if served.system and not any(m["role"] == "system" for m in messages):
+            messages.insert(0, {"role": "system", "content": served.system})
+        tokenizer = served.llm.tokenizer
+        try:
+            text = tokenizer.apply_chat_template(messages, chat_template=served.template)
+        except BadRequestError as exc:
+            raise APIError(400, str(exc), param="messages") from None
+        token_ids = tokenizer.encode(text, add_special_tokens=False)
+        logprobs = None
+        if body.get("logprobs"):
+            logprobs = body.get("top_logprobs") or 0
+            if not 0 <= logprobs <= 20:
+                raise APIError(400, "'top_logprobs' must be between 0 and 20", param="top_logprobs")
+        elif body.get("top_logprobs") is not None:
+            raise APIError(400, "'top_logprobs' needs 'logprobs': true", param="top_logprobs")
+        params = self._sampling(body, served, len(token_ids), where="messages", logprobs=logprobs)
+        request_id = f"chatcmpl-{uuid.uuid4().hex}"
+        first, stream = await self._first(served, token_ids, params, request_id, text)
+        created = int(time.time())
+        base = {"id": request_id, "created": created, "model": served.name}
+        if body.get("stream"):
+            include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
+            return self._stream(self._chat_events(base, params.n, first, stream, len(token_ids), include_usage,
+                                                  tokenizer, logprobs or 0))
+        choices, completion_tokens = await _collect(first, stream, params.n)
+        return _json({**base, "object": "chat.completion", "system_fingerprint": None, "choices": [
+            {"index": index, "message": {"role": "assistant", "content": choice["text"]},
+             "logprobs": _chat_logprobs(choice["logprobs"], choice["token_ids"], tokenizer, logprobs)
+             if logprobs is not None else None,
+             "finish_reason": choice["finish_reason"]} for index, choice in enumerate(choices)],
+            "usage": _usage(len(token_ids), completion_tokens)})
+
+    async def _chat_events(self, base: dict[str, Any], n: int, first: Any, stream: AsyncIterator[Any],
+                           prompt_tokens: int, include_usage: bool, tokenizer: Any,
+                           top_logprobs: int) -> AsyncIterator[bytes]:
+        chunk = {**base, "object": "chat.completion.chunk", "system_fingerprint": None}
+        completion_tokens = 0
+        for index in range(n):
+            yield sse({**chunk, "choices": [{"index": index, "delta": {"role": "assistant", "content": ""},
+                                            "logprobs": None, "finish_reason": None}]})
+        async for output in _chain(first, stream):
+            for completion in output.outputs:
+                completion_tokens += len(completion.token_ids)
+                if not (completion.text or completion.finish_reason or completion.token_ids):
+                    continue
+                logprobs = (_chat_logprobs(completion.logprobs, completion.token_ids, tokenizer, top_logprobs)
+                            if completion.logprobs is not None else None)
+                yield sse({**chunk, "choices": [{
+                    "index": completion.index, "delta": {"content": completion.text} if completion.text else {},
+                    "logprobs": logprobs, "finish_reason": completion.finish_reason}]})
+        if include_usage:
+            yield sse({**chunk, "choices": [], "usage": _usage(prompt_tokens, completion_tokens)})
+
+    async def completions(self, request: Any) -> Any:
+        body = await read_json(request)
+        check_fields(body, COMPLETION_FIELDS)
+        served = self._generator(body)
+        prompts = check_prompt(body.get("prompt"))
+        tokenizer = served.llm.tokenizer
+        encoded = [(p, tokenizer.encode(p)) if isinstance(p, str) else (None, p) for p in prompts]
+        vocab = served.llm.loaded.hf_config.get("vocab_size", 0)
+        for _, ids in encoded:
+            if any(not 0 <= t < vocab for t in ids):
+                raise APIError(400, f"'prompt' token ids must be in [0, {vocab})", param="prompt")
+        logprobs = body.get("logprobs")
+        if logprobs is not None and not 0 <= logprobs <= 5:
+            raise APIError(400, "'logprobs' must be between 0 and 5 for completions", param="logprobs")
+        echo = bool(body.get("echo"))
+        request_id = f"cmpl-{uuid.uuid4().hex}"
+        params_list = [self._sampling(body, served, len(ids), where="prompt", logprobs=logprobs)
+                       for _, ids in encoded]
+        if body.get("stream") and len(prompts) > 1:
+            raise APIError(400, "streaming supports one prompt per request", param="prompt")
+        created = int(time.time())
+        base = {"id": request_id, "object": "text_completion", "created": created, "model": served.name}
+        if body.get("stream"):
+            text, ids = encoded[0]
+            first, stream = await self._first(served, ids, params_list[0], request_id, text)
+            include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
+            prefix = (text if text is not None else tokenizer.decode(ids)) if echo else ""
+            return self._stream(self._completion_events(base, first, stream, len(ids), include_usage, prefix,
+                                                        tokenizer))
+        starts = [await self._first(served, ids, params, f"{request_id}-{index}", text)
+                  for index, ((text, ids), params) in enumerate(zip(encoded, params_list))]
+        results = await asyncio.gather(*(_collect(first, stream, params.n)
+                                         for (first, stream), params in zip(starts, params_list)))
+        choices, completion_tokens = [], 0
+        for (text, ids), (collected, count) in zip(encoded, results):
+            completion_tokens += count
+            prefix = (text if text is not None else tokenizer.decode(ids)) if echo else ""
+            for choice in collected:
+                choices.append({"index": len(choices), "text": prefix + choice["text"],
+                                "logprobs": _completion_logprobs(choice["logprobs"], choice["token_ids"], tokenizer)
+                                if logprobs is not None else None,
+                                "finish_reason": choice["finish_reason"]})
+        prompt_tokens = sum(len(ids) for _, ids in encoded)
+        return _json({**base, "choices": choices, "usage": _usage(prompt_tokens, completion_tokens)})
+
+    async def _completion_events(self, base: dict[str, Any], first: Any, stream: AsyncIterator[Any],
+                                 prompt_tokens: int, include_usage: bool, prefix: str,
+                                 tokenizer: Any) -> AsyncIterator[bytes]:
+        completion_tokens = 0
+        if prefix:
+            yield sse({**base, "choices": [{"index": 0, "text": prefix, "logprobs": None, "finish_reason": None}]})
+        async for output in _chain(first, stream):
+            for completion in output.outputs:
+                completion_tokens += len(completion.token_ids)
+                if not (completion.text or completion.finish_reason):
+                    continue
+                yield sse({**base, "choices": [{
+                    "index": completion.index, "text": completion.text,
+                    "logprobs": _completion_logprobs(completion.logprobs, completion.token_ids, tokenizer)
+                    if completion.logprobs is not None else None,
+                    "finish_reason": completion.finish_reason}]})
+        if include_usage:
+            yield sse({**base, "choices": [], "usage": _usage(prompt_tokens, completion_tokens)})
+
+    def _stream(self, events: AsyncIterator[bytes]) -> Any:
+        from starlette.responses import StreamingResponse
+
+        async def guarded() -> AsyncIterator[bytes]:
+            try:
+                async for event in events:
+                    yield event
+            except Exception as exc:  # mid-stream failure: the error object as an event, then [DONE]
+                yield from_exception(exc).sse()
+            yield DONE
+
+        return StreamingResponse(guarded(), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+    # ------------------------------------------------------------ embeddings
+
+    async def embeddings(self, request: Any) -> Any:
+        body = await read_json(request)
+        check_fields(body, EMBEDDING_FIELDS)
+        served = self.context.model(body.get("model"))
+        if not served.is_embedding_model:
+            raise APIError(400, f"model {served.name!r} generates text; embeddings need an embedding model",
+                           param="model", code="wrong_model_kind")
+        inputs = body.get("input")
+        texts = [inputs] if isinstance(inputs, str) else inputs
+        if not isinstance(texts, list) or not texts or not all(isinstance(t, str) for t in texts):
+            raise APIError(400, "'input' must be a string or a non-empty list of strings (token-id input is "
+                                "not supported)", param="input")
+        if any(not text for text in texts):
+            raise APIError(400, "'input' must not contain empty strings", param="input")
+        encoding = body.get("encoding_format") or "float"
+        if encoding not in ("float", "base64"):
+            raise APIError(400, "'encoding_format' must be 'float' or 'base64'", param="encoding_format")
+        tokenizer = served.llm.tokenizer
+        lengths = [len(tokenizer.encode(text)) for text in texts]
+        if max(lengths) > served.max_model_len:
+            index = lengths.index(max(lengths))
+            raise APIError(400, f"input[{index}] has {lengths[index]} tokens; this model embeds at most "
+                                f"{served.max_model_len}", param="input", code="context_length_exceeded")
+
+        def embed() -> list[Any]:
+            with served.embed_lock:
+                return served.llm.embed(texts)
+
+        outputs = await asyncio.to_thread(embed)
+        if body.get("dimensions") is not None and body["dimensions"] != len(outputs[0].outputs.embedding):
+            raise APIError(400, f"'dimensions' must be {len(outputs[0].outputs.embedding)} for this model "
+                                "(it cannot shorten its embeddings)", param="dimensions")
+        data = []
+        for index, output in enumerate(outputs):
+            vector = output.outputs.embedding
+            value: Any = vector
+            if encoding == "base64":
+                value = base64.b64encode(struct.pack(f"<{len(vector)}f", *vector)).decode()
+            data.append({"object": "embedding", "index": index, "embedding": value})
+        tokens = sum(lengths)
+        return _json({"object": "list", "data": data, "model": served.name,
+                      "usage": {"prompt_tokens": tokens, "total_tokens": tokens}})
+
+
+# ---------------------------------------------------------------- helpers
+
+
+def _json(payload: dict[str, Any]) -> Any:
+    from starlette.responses import JSONResponse
+
+    return JSONResponse(payload)
+
+
+def _usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens}
+
+
+async def _chain(first: Any, stream: AsyncIterator[Any]) -> AsyncIterator[Any]:
+    try:
+        yield first
+        if not first.finished:
+            async for output in stream:
+                yield output
+    finally:
+        await stream.aclose()  # a client gone mid-stream: the engine aborts the request
+
+
+async def _collect(first: Any, stream: AsyncIterator[Any], n: int) -> tuple[list[dict[str, Any]], int]:
+    choices = [{"text": "", "token_ids": [], "logprobs": [], "finish_reason": None} for _ in range(n)]
+    async for output in _chain(first, stream):
+        for completion in output.outputs:
+            choice = choices[completion.index]
+            choice["text"] += completion.text
+            choice["token_ids"] += completion.token_ids
+            if completion.logprobs is not None:
+                choice["logprobs"] += completion.logprobs
+            if completion.finish_reason:
+                choice["finish_reason"] = completion.finish_reason
+    return choices, sum(len(c["token_ids"]) for c in choices)
+
+
+def _token_text(tokenizer: Any, token_id: int) -> str:
+    return tokenizer.decode([token_id], skip_special_tokens=False)
+
+
+def _chat_logprobs(entries: list[dict[int, Any]], token_ids: list[int], tokenizer: Any, k: int) -> dict[str, Any]:
+    content = []
+    for token_id, entry in zip(token_ids, entries):
+        chosen = entry[token_id]
+        top = sorted(entry.items(), key=lambda item: item[1].rank or 0)[:k]
+        content.append({
+            "token": _token_text(tokenizer, token_id), "logprob": chosen.logprob,
+            "bytes": list(_token_text(tokenizer, token_id).encode()),
+            "top_logprobs": [{"token": _token_text(tokenizer, t), "logprob": lp.logprob,
+                              "bytes": list(_token_text(tokenizer, t).encode())}
+                             for t, lp in top],
+        })
+    return {"content": content}
+
+
+def _completion_logprobs(entries: list[dict[int, Any]], token_ids: list[int], tokenizer: Any) -> dict[str, Any]:
+    tokens, token_logprobs, top_logprobs, offsets = [], [], [], []
+    offset = 0
+    for token_id, entry in zip(token_ids, entries):
+        text = _token_text(tokenizer, token_id)
+        tokens.append(text)
+        token_logprobs.append(entry[token_id].logprob)
+        top_logprobs.append({_token_text(tokenizer, t): lp.logprob for t, lp in entry.items()})
+        offsets.append(offset)
+        offset += len(text)
+    return {"tokens": tokens, "token_logprobs": token_logprobs, "top_logprobs": top_logprobs,
+            "text_offset": offsets}

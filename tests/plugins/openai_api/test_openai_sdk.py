@@ -1,0 +1,182 @@
+"""The OpenAI API, driven by the real openai SDK against a real server."""
+
+from __future__ import annotations
+
+import math
+
+import httpx
+import openai
+import pytest
+
+from enigma import SamplingParams
+
+MESSAGES = [{"role": "user", "content": "Say something about lists."}]
+
+
+def test_models(client):
+    assert {m.id for m in client.models.list().data} == {"tiny", "minilm"}
+    model = client.models.retrieve("tiny")
+    assert model.id == "tiny" and model.owned_by == "enigma"
+    with pytest.raises(openai.NotFoundError) as error:
+        client.models.retrieve("nope")
+    assert error.value.body["code"] == "model_not_found"
+
+
+def test_chat_matches_the_engine_and_counts_usage(client, reference):
+    reply = client.chat.completions.create(model="tiny", messages=MESSAGES, max_tokens=12, temperature=0)
+    expected = reference.chat(MESSAGES, SamplingParams(max_tokens=12, temperature=0))[0]
+    choice = reply.choices[0]
+    assert choice.message.role == "assistant" and choice.message.content == expected.outputs[0].text
+    assert choice.finish_reason == expected.outputs[0].finish_reason
+    assert reply.usage.prompt_tokens == len(expected.prompt_token_ids)
+    assert reply.usage.completion_tokens == len(expected.outputs[0].token_ids)
+    assert reply.usage.total_tokens == reply.usage.prompt_tokens + reply.usage.completion_tokens
+    assert reply.object == "chat.completion" and reply.id.startswith("chatcmpl-")
+
+
+def test_chat_streaming_adds_up_to_the_same_answer(client):
+    whole = client.chat.completions.create(model="tiny", messages=MESSAGES, max_tokens=16, temperature=0)
+    stream = client.chat.completions.create(model="tiny", messages=MESSAGES, max_tokens=16, temperature=0,
+                                            stream=True, stream_options={"include_usage": True})
+    chunks = list(stream)
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == whole.choices[0].message.content
+    assert chunks[0].choices[0].delta.role == "assistant"
+    finals = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert finals == [whole.choices[0].finish_reason]
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == whole.usage.completion_tokens
+
+
+def test_chat_n_seed_stop_and_logprobs(client):
+    reply = client.chat.completions.create(model="tiny", messages=MESSAGES, max_tokens=8, n=3, seed=7,
+                                           temperature=1.0, logprobs=True, top_logprobs=2)
+    assert [c.index for c in reply.choices] == [0, 1, 2]
+    again = client.chat.completions.create(model="tiny", messages=MESSAGES, max_tokens=8, n=3, seed=7,
+                                           temperature=1.0)
+    assert [c.message.content for c in again.choices] == [c.message.content for c in reply.choices]
+    for choice in reply.choices:
+        entries = choice.logprobs.content
+        assert len(entries) == reply.usage.completion_tokens // 3 or choice.finish_reason == "stop"
+        for entry in entries:
+            assert entry.logprob <= 0 and len(entry.top_logprobs) == 2
+            assert entry.top_logprobs[0].logprob >= entry.top_logprobs[1].logprob
+    text = client.chat.completions.create(model="tiny", messages=MESSAGES, max_tokens=30,
+                                          temperature=0).choices[0].message.content
+    stop = text.split()[1] if len(text.split()) > 1 else text[:2]
+    stopped = client.chat.completions.create(model="tiny", messages=MESSAGES, max_tokens=30, temperature=0,
+                                             stop=[stop])
+    assert stopped.choices[0].finish_reason == "stop" and stop not in stopped.choices[0].message.content
+
+
+def test_vllm_sampling_extensions(client):
+    reply = client.completions.create(model="tiny", prompt="The quick brown", max_tokens=40, temperature=0.8,
+                                      extra_body={"ignore_eos": True, "min_tokens": 40, "top_k": 5, "min_p": 0.01,
+                                                  "repetition_penalty": 1.1})
+    assert reply.usage.completion_tokens == 40 and reply.choices[0].finish_reason == "length"
+
+
+def test_completions(client, reference):
+    reply = client.completions.create(model="tiny", prompt="The quick brown", max_tokens=10, temperature=0)
+    expected = reference.generate("The quick brown", SamplingParams(max_tokens=10, temperature=0))[0]
+    assert reply.choices[0].text == expected.outputs[0].text and reply.object == "text_completion"
+    batch = client.completions.create(model="tiny", prompt=["one", "two"], max_tokens=4, n=2, temperature=0,
+                                      logprobs=2, echo=True)
+    assert [c.index for c in batch.choices] == [0, 1, 2, 3]
+    assert batch.choices[0].text.startswith("one") and batch.choices[2].text.startswith("two")
+    assert len(batch.choices[0].logprobs.tokens) == 4
+    assert all(len(top) >= 2 for top in batch.choices[0].logprobs.top_logprobs)
+    streamed = client.completions.create(model="tiny", prompt="The quick brown", max_tokens=10, temperature=0,
+                                         stream=True)
+    assert "".join(c.choices[0].text for c in streamed if c.choices) == reply.choices[0].text
+
+
+def test_embeddings_match_the_engine(client, server):
+    from tiny_models import minilm_path
+
+    from enigma import LLM
+
+    texts = ["A list is mutable.", "Tuples are not."]
+    reply = client.embeddings.create(model="minilm", input=texts)  # the SDK asks for base64 by default
+    expected = LLM(minilm_path()).embed(texts)
+    for item, reference in zip(reply.data, expected):
+        a, b = item.embedding, reference.outputs.embedding
+        cosine = sum(x * y for x, y in zip(a, b)) / math.sqrt(sum(x * x for x in a) * sum(y * y for y in b))
+        assert cosine > 0.99999
+    as_floats = client.embeddings.create(model="minilm", input="one", encoding_format="float")
+    assert len(as_floats.data[0].embedding) == 384 and as_floats.usage.prompt_tokens > 0
+    with pytest.raises(openai.BadRequestError, match="generates text"):
+        client.embeddings.create(model="tiny", input="x")
+
+
+@pytest.mark.parametrize(("kwargs", "param", "message"), [
+    ({"temperature": -1}, "temperature", "temperature = -1"),
+    ({"max_tokens": 100_000}, "max_tokens", "maximum context length is 8192 tokens"),
+    ({"extra_body": {"mirostat": 2}}, "mirostat", "unknown parameter 'mirostat'"),
+    ({"extra_body": {"tools": [{"type": "function"}]}}, "tools", "not supported"),
+    ({"n": "two"}, "n", "'n' must be an integer"),
+    ({"messages": [{"role": "robot", "content": "x"}]}, "messages[0].role", "must be system"),
+])
+def test_bad_requests_raise_the_sdk_error_naming_the_field(client, kwargs, param, message):
+    arguments = {"model": "tiny", "messages": MESSAGES, "max_tokens": 4, **kwargs}
+    with pytest.raises(openai.BadRequestError, match=message) as error:
+        client.chat.completions.create(**arguments)
+    assert error.value.status_code == 400 and error.value.body["param"] == param
+    assert error.value.body["type"] == "invalid_request_error"
+
+
+def test_unknown_model_is_404(client):
+    with pytest.raises(openai.NotFoundError, match="'nope' does not exist"):
+        client.chat.completions.create(model="nope", messages=MESSAGES)
+
+
+@pytest.mark.parametrize(("body", "status", "message"), [
+    (b"", 400, "empty"),
+    (b"{not json", 400, "not valid JSON"),
+    (b"[1, 2]", 400, "must be a JSON object"),
+    (b'{"model": "tiny", "messages": "\xff\xfe"}', 400, "not valid UTF-8"),
+    (b"{" + b" " * (2 * 2**20) + b"}", 413, "limit"),
+])
+def test_malformed_bodies(server, body, status, message):
+    response = httpx.post(f"{server[0]}/v1/chat/completions", content=body,
+                          headers={"Content-Type": "application/json"})
+    assert response.status_code == status and message in response.json()["error"]["message"]
+    assert httpx.get(f"{server[0]}/health").status_code == 200  # still serving
+
+
+def test_health_routes(server):
+    assert httpx.get(f"{server[0]}/health").json() == {"status": "ok"}
+    assert httpx.get(f"{server[0]}/health/ready").json() == {"status": "ready"}
+    full = httpx.get(f"{server[0]}/health/full").json()
+    assert full["models"]["tiny"]["engine"]["kv_blocks_used"] == 0
+    assert full["versions"]["plugins"]["openai-api"] == "0.1.0"
+    assert httpx.get(f"{server[0]}/nowhere").json()["error"]["code"] == "not_found"
+
+
+def test_langchain_chat_openai(server):
+    from langchain_openai import ChatOpenAI
+
+    chat = ChatOpenAI(base_url=f"{server[0]}/v1", api_key="unused", model="tiny", temperature=0, max_tokens=8)
+    answer = chat.invoke("Say something about lists.")
+    assert isinstance(answer.content, str) and answer.content
+    pieces = [piece.content for piece in chat.stream("Say something about lists.")]
+    assert "".join(pieces) == answer.content
+
+
+def test_clients_that_disconnect_mid_stream_leave_no_kv_blocks(server):
+    import time
+
+    # uninterrupted, these four would generate 32,000 tokens: tens of seconds here
+    body = {"model": "tiny", "messages": MESSAGES, "max_tokens": 8000, "stream": True, "ignore_eos": True}
+    started = time.monotonic()
+    for _ in range(4):
+        with httpx.stream("POST", f"{server[0]}/v1/chat/completions", json=body) as response:
+            lines = response.iter_lines()
+            assert next(lines).startswith("data: ")
+            next(lines)
+        # leaving the block closes the connection mid-stream
+    while True:
+        engine = httpx.get(f"{server[0]}/health/full").json()["models"]["tiny"]["engine"]
+        if engine["kv_blocks_used"] == 0 and engine["running"] == 0:
+            break
+        assert time.monotonic() - started < 5, engine
+        time.sleep(0.05)
