@@ -65,6 +65,12 @@ class ServerConfig:
                         check=lambda v: bool(v) and " " not in v, doc="address to bind")
     port: int = setting(11500, allowed="an integer from 1 to 65535",
                         check=lambda v: 1 <= v <= 65535, doc="TCP port")
+    rate_limit: int = setting(0, allowed="requests per minute, 0 for no limit", check=lambda v: v >= 0,
+                              doc="default requests/min for each API key without its own limit")
+    ip_rate_limit: int = setting(0, allowed="requests per minute, 0 for no limit", check=lambda v: v >= 0,
+                                 doc="requests/min from one client address")
+    metrics_auth: bool = setting(False, allowed="true or false", check=lambda v: isinstance(v, bool),
+                                 doc="require an API key for /metrics")
 
 
 @attrs.define

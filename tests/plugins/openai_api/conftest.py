@@ -36,29 +36,37 @@ def server(tmp_path_factory):
     for source, name in ((folder, "tiny"), (minilm_path(), "minilm")):
         subprocess.run([str(ENIGMA), "pull", str(source), "--name", name], env=env, check=True,
                        capture_output=True)
+    process, base = launch(env, "tiny", "minilm", "--max-body-mb", "1", log_path=home / "server.log")
+    yield base, env, folder
+    stop(process)
+
+
+def launch(env: dict[str, str], *args: str, log_path: Path) -> tuple[subprocess.Popen, str]:
+    """Start `enigma serve ARGS` on a free port; return once it is ready."""
     port = free_port()
-    log = (home / "server.log").open("w")
-    process = subprocess.Popen([str(ENIGMA), "serve", "tiny", "minilm", "--port", str(port), "--max-body-mb", "1"],
-                               env=env, stdout=log, stderr=subprocess.STDOUT)
+    log = log_path.open("w")
+    process = subprocess.Popen([str(ENIGMA), "serve", *args, "--port", str(port)], env=env, stdout=log,
+                               stderr=subprocess.STDOUT)
     base = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 120
     while True:
         try:
             if httpx.get(f"{base}/health/ready").status_code == 200:
-                break
+                return process, base
         except httpx.TransportError:
             pass
         if process.poll() is not None or time.monotonic() > deadline:
             process.kill()
-            raise RuntimeError(f"the server did not become ready:\n{(home / 'server.log').read_text()}")
+            raise RuntimeError(f"the server did not become ready:\n{log_path.read_text()}")
         time.sleep(0.2)
-    yield base, env, folder
+
+
+def stop(process: subprocess.Popen) -> int:
     process.send_signal(2)
     try:
-        process.wait(timeout=30)
+        return process.wait(timeout=30)
     finally:
         process.kill()
-        log.close()
 
 
 @pytest.fixture(scope="session")

@@ -24,15 +24,17 @@ Then, with the openai SDK:
 @click.option("--host", help="Address to listen on [config server.host: 127.0.0.1].")
 @click.option("--port", type=int, help="Port to listen on [config server.port: 11500].")
 @click.option("--max-body-mb", type=float, default=4.0, show_default=True, help="Largest request body accepted.")
+@click.option("--no-auth", is_flag=True, help="Serve without API keys even if some exist (local use).")
 @click.option("--graceful-timeout", type=float, default=30.0, show_default=True,
               help="Seconds in-flight requests get to finish on shutdown (Ctrl-C, SIGTERM).")
-def serve(models: tuple[str, ...], host: str | None, port: int | None, max_body_mb: float,
+def serve(models: tuple[str, ...], host: str | None, port: int | None, max_body_mb: float, no_auth: bool,
           graceful_timeout: float) -> None:
     """Serve models over HTTP: the OpenAI API (/v1/...), health routes, and installed transports.
 
     One process serves every request: its engine batches them continuously,
     so more worker processes would only hold more copies of the weights.
-    Requests pick a model by its name in the `model` field.
+    Requests pick a model by its name in the `model` field. Once an API key
+    exists (`enigma keys create`), requests need one unless --no-auth.
     """
     import asyncio
 
@@ -51,7 +53,10 @@ def serve(models: tuple[str, ...], host: str | None, port: int | None, max_body_
     access.setLevel(logging.INFO)
     access.propagate = False
     device = config.get("engine.device")
-    context = ServerContext(names, max_body_bytes=int(max_body_mb * 2**20), llm_options={
+    context = ServerContext(names, max_body_bytes=int(max_body_mb * 2**20), auth=not no_auth,
+                            rate_limit=config.get("server.rate_limit"),
+                            ip_rate_limit=config.get("server.ip_rate_limit"),
+                            metrics_auth=config.get("server.metrics_auth"), llm_options={
         "dtype": config.get("engine.dtype"), "backend": config.get("engine.backend"),
         "device": None if device == "auto" else device})
     click.echo(f"enigma serving {', '.join(names)} on http://{host}:{port} (OpenAI API at /v1)", err=True)

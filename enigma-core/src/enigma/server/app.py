@@ -26,6 +26,8 @@ def build_app(context: ServerContext, *, load_models: bool = True) -> Any:
     from starlette.routing import Route
 
     from enigma.plugins import get_host
+    from enigma.server.auth import AuthGuard
+    from enigma.server.keys import KeyStore
 
     registry = get_host().registry
     routes: list[Any] = [
@@ -65,7 +67,12 @@ def build_app(context: ServerContext, *, load_models: bool = True) -> Any:
 
     app = Starlette(
         routes=routes,
-        middleware=[Middleware(RequestGuard, context=context)],
+        middleware=[
+            Middleware(RequestGuard, context=context),
+            Middleware(AuthGuard, keys=KeyStore(context.keys_path), auth=context.auth,
+                       default_rate=context.rate_limit, ip_rate=context.ip_rate_limit,
+                       metrics_public=not context.metrics_auth),
+        ],
         # EnigmaError and APIError answer in the exception middleware; only other
         # exceptions reach the outermost handler (logged as a 500).
         exception_handlers={APIError: on_error, EnigmaError: on_error, Exception: on_error,

@@ -1,0 +1,82 @@
+"""API keys and rate limits, with the openai SDK against a real server."""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+import subprocess
+
+import httpx
+import openai
+import pytest
+from conftest import ENIGMA, launch, stop
+
+MESSAGES = [{"role": "user", "content": "Hi"}]
+
+
+@pytest.fixture(scope="module")
+def guarded(server, tmp_path_factory):
+    """A server with two keys: alice (default limits) and bob (3 requests/min)."""
+    home = tmp_path_factory.mktemp("auth-home")
+    env = {**server[1], "ENIGMA_HOME": str(home)}
+    subprocess.run([str(ENIGMA), "pull", str(server[2]), "--name", "tiny"], env=env, check=True, capture_output=True)
+    keys = {}
+    for name, extra in (("alice", []), ("bob", ["--rate-limit", "3/min"]), ("carol", [])):
+        result = subprocess.run([str(ENIGMA), "keys", "create", name, *extra], env=env, check=True,
+                                capture_output=True, text=True)
+        keys[name] = result.stdout.strip()
+    process, base = launch(env, "tiny", log_path=home / "server.log")
+    yield base, env, keys, home
+    stop(process)
+
+
+def client(base, key):
+    return openai.OpenAI(base_url=f"{base}/v1", api_key=key, max_retries=0)
+
+
+def test_keys_are_stored_as_hashes_only(guarded):
+    _, env, keys, home = guarded
+    path = home / "config" / "api_keys.json"
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
+    stored = path.read_text()
+    assert all(key not in stored for key in keys.values())
+    listed = json.loads(subprocess.run([str(ENIGMA), "keys", "list", "--json"], env=env, capture_output=True,
+                                       text=True).stdout)
+    assert [entry["name"] for entry in listed] == ["alice", "bob", "carol"]
+    assert listed[1]["rate_limit"] == 3
+
+
+def test_requests_need_a_valid_key(guarded):
+    base, _, keys, _ = guarded
+    reply = client(base, keys["alice"]).chat.completions.create(model="tiny", messages=MESSAGES, max_tokens=2)
+    assert reply.choices[0].message.role == "assistant"
+    missing = httpx.get(f"{base}/v1/models")
+    assert missing.status_code == 401 and missing.json()["error"]["code"] == "missing_api_key"
+    assert missing.headers["WWW-Authenticate"] == "Bearer"
+    with pytest.raises(openai.AuthenticationError, match="Incorrect API key provided") as wrong:
+        client(base, "sk-enigma-not-a-key").models.list()
+    assert wrong.value.body["code"] == "invalid_api_key"
+    assert httpx.get(f"{base}/health").status_code == 200  # health stays public
+    assert httpx.get(f"{base}/v1/models", headers={"Authorization": f"Bearer {keys['alice']}"}).status_code == 200
+
+
+def test_a_revoked_key_gets_the_same_401_as_an_unknown_one(guarded):
+    base, env, keys, _ = guarded
+    subprocess.run([str(ENIGMA), "keys", "revoke", "carol"], env=env, check=True, capture_output=True)
+    revoked = httpx.get(f"{base}/v1/models", headers={"Authorization": f"Bearer {keys['carol']}"})
+    unknown = httpx.get(f"{base}/v1/models", headers={"Authorization": "Bearer sk-enigma-never-existed"})
+    assert revoked.status_code == unknown.status_code == 401
+    assert revoked.json() == unknown.json()
+
+
+def test_a_key_over_its_rate_limit_gets_429_while_others_are_served(guarded):
+    base, _, keys, _ = guarded
+    bob = client(base, keys["bob"])
+    for _ in range(3):
+        bob.models.list()
+    with pytest.raises(openai.RateLimitError) as limited:
+        bob.models.list()
+    assert limited.value.status_code == 429 and int(limited.value.response.headers["Retry-After"]) >= 1
+    assert limited.value.body["code"] == "rate_limit_exceeded"
+    assert client(base, keys["alice"]).models.list().data[0].id == "tiny"
