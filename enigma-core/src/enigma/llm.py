@@ -84,7 +84,8 @@ class LLM:
     def __init__(self, model: str | Path, *, dtype: str | torch.dtype = "auto", backend: str = "auto",
                  device: str | None = None, block_size: int = 16, kv_cache_memory: int | float | None = None,
                  num_kv_blocks: int | None = None, max_num_seqs: int = 64, max_num_batched_tokens: int = 512,
-                 enable_prefix_caching: bool = True, cache: str = "auto", scheduler: str = "auto") -> None:
+                 enable_prefix_caching: bool = True, cache: str = "auto", scheduler: str = "auto",
+                 served_model_name: str | None = None) -> None:
         from enigma.loader import load_model
         from enigma.plugins import get_host
         from enigma.tokenizer import Tokenizer
@@ -93,7 +94,7 @@ class LLM:
         self.backend = get_host().create("backend", backend, device=device)
         self.loaded = load_model(folder, dtype=dtype, device=self.backend.device)
         self.tokenizer = Tokenizer(folder)
-        self.model_name = str(model)
+        self.model_name = served_model_name or str(model)  # the name events and errors use
         self._ids = itertools.count()
         self._runner = None
         self._pooling = None

@@ -10,7 +10,7 @@ import subprocess
 import httpx
 import openai
 import pytest
-from conftest import ENIGMA, launch, stop
+from serving import ENIGMA, launch, stop
 
 MESSAGES = [{"role": "user", "content": "Hi"}]
 

@@ -53,7 +53,7 @@ def load_served_model(name: str, **llm_options: Any) -> ServedModel:
             manifest = store.get(name)
     except Exception:  # a folder path, not a store name
         manifest = None
-    llm = LLM(folder, **llm_options)
+    llm = LLM(folder, served_model_name=name, **llm_options)
     defaults = {} if llm.loaded.is_embedding_model else {**llm.sampling_defaults()}
     if manifest is not None:
         defaults.update(manifest.defaults)
