@@ -11,19 +11,10 @@ import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
-from enigma.errors import BadRequestError
 from enigma.server.context import ServedModel, ServerContext
 from enigma.server.errors import APIError, from_exception
-from enigma_openai_api.validation import (
-    CHAT_FIELDS,
-    COMPLETION_FIELDS,
-    EMBEDDING_FIELDS,
-    check_fields,
-    check_messages,
-    check_prompt,
-    check_stop,
-    read_json,
-)
+from enigma_openai_api.prepare import prepare_chat, prepare_completion
+from enigma_openai_api.validation import EMBEDDING_FIELDS, check_fields, read_json
 
 DONE = b"data: [DONE]\n\n"
 
@@ -71,49 +62,6 @@ class OpenAIRoutes:
 
     # ------------------------------------------------------------ generation
 
-    def _generator(self, body: dict[str, Any]) -> ServedModel:
-        served = self.context.model(body.get("model"))
-        if served.is_embedding_model:
-            raise APIError(400, f"model {served.name!r} is an embedding model; use POST /v1/embeddings",
-                           param="model", code="wrong_model_kind")
-        return served
-
-    def _sampling(self, body: dict[str, Any], served: ServedModel, prompt_tokens: int, *, where: str,
-                  logprobs: int | None) -> Any:
-        from enigma import SamplingParams
-
-        values: dict[str, Any] = dict(served.defaults)
-        for key in ("temperature", "top_p", "n", "seed", "presence_penalty", "frequency_penalty", "top_k", "min_p",
-                    "repetition_penalty", "min_tokens", "ignore_eos"):
-            if body.get(key) is not None:
-                values[key] = body[key]
-        if body.get("stop") is not None:
-            values["stop"] = check_stop(body["stop"])
-        limit = served.max_model_len
-        if prompt_tokens >= limit:
-            raise APIError(400, f"This model's maximum context length is {limit} tokens. However, your {where} "
-                                f"resulted in {prompt_tokens} tokens. Please reduce the length of the {where}.",
-                           param=where, code="context_length_exceeded")
-        key = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
-        requested = body.get(key)
-        if requested is not None:
-            if requested < 1:
-                raise APIError(400, f"'{key}' must be at least 1, got {requested}", param=key)
-            if prompt_tokens + requested > limit:
-                raise APIError(400, f"This model's maximum context length is {limit} tokens. However, you requested "
-                                    f"{prompt_tokens + requested} tokens ({prompt_tokens} in the {where}, "
-                                    f"{requested} in the completion). Please reduce the length of the {where} "
-                                    "or completion.", param=key, code="context_length_exceeded")
-            values["max_tokens"] = requested
-        else:
-            values["max_tokens"] = limit - prompt_tokens
-        if logprobs is not None:
-            values["logprobs"] = logprobs
-        try:
-            return SamplingParams(**values)
-        except BadRequestError as exc:
-            raise from_exception(exc) from None
-
     async def _first(self, served: ServedModel, token_ids: list[int], params: Any, request_id: str,
                      prompt_text: str | None) -> tuple[Any, AsyncIterator[Any]]:
         """Start generating; the first output (or error) arrives before any response header is sent."""
@@ -127,25 +75,8 @@ class OpenAIRoutes:
 
     async def chat_completions(self, request: Any) -> Any:
         body = await read_json(request)
-        check_fields(body, CHAT_FIELDS)
-        served = self._generator(body)
-        messages = check_messages(body.get("messages"))
-        if served.system and not any(m["role"] == "system" for m in messages):
-            messages.insert(0, {"role": "system", "content": served.system})
+        served, text, token_ids, params, logprobs = prepare_chat(self.context, body)
         tokenizer = served.llm.tokenizer
-        try:
-            text = tokenizer.apply_chat_template(messages, chat_template=served.template)
-        except BadRequestError as exc:
-            raise APIError(400, str(exc), param="messages") from None
-        token_ids = tokenizer.encode(text, add_special_tokens=False)
-        logprobs = None
-        if body.get("logprobs"):
-            logprobs = body.get("top_logprobs") or 0
-            if not 0 <= logprobs <= 20:
-                raise APIError(400, "'top_logprobs' must be between 0 and 20", param="top_logprobs")
-        elif body.get("top_logprobs") is not None:
-            raise APIError(400, "'top_logprobs' needs 'logprobs': true", param="top_logprobs")
-        params = self._sampling(body, served, len(token_ids), where="messages", logprobs=logprobs)
         request_id = f"chatcmpl-{uuid.uuid4().hex}"
         first, stream = await self._first(served, token_ids, params, request_id, text)
         created = int(time.time())
@@ -185,23 +116,11 @@ class OpenAIRoutes:
 
     async def completions(self, request: Any) -> Any:
         body = await read_json(request)
-        check_fields(body, COMPLETION_FIELDS)
-        served = self._generator(body)
-        prompts = check_prompt(body.get("prompt"))
+        served, encoded, params_list, logprobs = prepare_completion(self.context, body)
         tokenizer = served.llm.tokenizer
-        encoded = [(p, tokenizer.encode(p)) if isinstance(p, str) else (None, p) for p in prompts]
-        vocab = served.llm.loaded.hf_config.get("vocab_size", 0)
-        for _, ids in encoded:
-            if any(not 0 <= t < vocab for t in ids):
-                raise APIError(400, f"'prompt' token ids must be in [0, {vocab})", param="prompt")
-        logprobs = body.get("logprobs")
-        if logprobs is not None and not 0 <= logprobs <= 5:
-            raise APIError(400, "'logprobs' must be between 0 and 5 for completions", param="logprobs")
         echo = bool(body.get("echo"))
         request_id = f"cmpl-{uuid.uuid4().hex}"
-        params_list = [self._sampling(body, served, len(ids), where="prompt", logprobs=logprobs)
-                       for _, ids in encoded]
-        if body.get("stream") and len(prompts) > 1:
+        if body.get("stream") and len(encoded) > 1:
             raise APIError(400, "streaming supports one prompt per request", param="prompt")
         created = int(time.time())
         base = {"id": request_id, "object": "text_completion", "created": created, "model": served.name}
