@@ -80,3 +80,26 @@ def test_a_key_over_its_rate_limit_gets_429_while_others_are_served(guarded):
     assert limited.value.status_code == 429 and int(limited.value.response.headers["Retry-After"]) >= 1
     assert limited.value.body["code"] == "rate_limit_exceeded"
     assert client(base, keys["alice"]).models.list().data[0].id == "tiny"
+
+
+def test_websockets_authenticate_with_a_query_parameter(guarded):
+    import asyncio
+
+    from websockets.asyncio.client import connect
+    from websockets.exceptions import InvalidStatus
+
+    base, _, keys, _ = guarded
+    url = base.replace("http://", "ws://") + "/v1/ws"
+
+    async def main():
+        with pytest.raises(InvalidStatus) as refused:
+            async with connect(url):
+                pass
+        assert refused.value.response.status_code == 401
+        async with connect(f"{url}?api_key={keys['alice']}") as socket:
+            await socket.send(json.dumps({"type": "completion", "id": "1", "model": "tiny", "prompt": "Hi",
+                                          "max_tokens": 2}))
+            while (message := json.loads(await socket.recv()))["type"] != "done":
+                assert message["type"] == "delta"
+
+    asyncio.run(main())
