@@ -69,6 +69,10 @@ class ServerConfig:
                               doc="default requests/min for each API key without its own limit")
     ip_rate_limit: int = setting(0, allowed="requests per minute, 0 for no limit", check=lambda v: v >= 0,
                                  doc="requests/min from one client address")
+    token_rate_limit: int = setting(0, allowed="tokens per minute, 0 for no limit", check=lambda v: v >= 0,
+                                    doc="default prompt+generated tokens/min for each API key")
+    ip_token_rate_limit: int = setting(0, allowed="tokens per minute, 0 for no limit", check=lambda v: v >= 0,
+                                       doc="prompt+generated tokens/min from one client address")
     metrics_auth: bool = setting(False, allowed="true or false", check=lambda v: isinstance(v, bool),
                                  doc="require an API key for /metrics")
 

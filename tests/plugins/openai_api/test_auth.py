@@ -17,12 +17,13 @@ MESSAGES = [{"role": "user", "content": "Hi"}]
 
 @pytest.fixture(scope="module")
 def guarded(server, tmp_path_factory):
-    """A server with two keys: alice (default limits) and bob (3 requests/min)."""
+    """A server with keys: alice and carol (default limits), bob (3 requests/min), dave (30 tokens/min)."""
     home = tmp_path_factory.mktemp("auth-home")
     env = {**server[1], "ENIGMA_HOME": str(home)}
     subprocess.run([str(ENIGMA), "pull", str(server[2]), "--name", "tiny"], env=env, check=True, capture_output=True)
     keys = {}
-    for name, extra in (("alice", []), ("bob", ["--rate-limit", "3/min"]), ("carol", [])):
+    for name, extra in (("alice", []), ("bob", ["--rate-limit", "3/min"]), ("carol", []),
+                        ("dave", ["--token-limit", "30/min"])):
         result = subprocess.run([str(ENIGMA), "keys", "create", name, *extra], env=env, check=True,
                                 capture_output=True, text=True)
         keys[name] = result.stdout.strip()
@@ -43,8 +44,8 @@ def test_keys_are_stored_as_hashes_only(guarded):
     assert all(key not in stored for key in keys.values())
     listed = json.loads(subprocess.run([str(ENIGMA), "keys", "list", "--json"], env=env, capture_output=True,
                                        text=True).stdout)
-    assert [entry["name"] for entry in listed] == ["alice", "bob", "carol"]
-    assert listed[1]["rate_limit"] == 3
+    assert [entry["name"] for entry in listed] == ["alice", "bob", "carol", "dave"]
+    assert listed[1]["rate_limit"] == 3 and listed[3]["token_limit"] == 30
 
 
 def test_requests_need_a_valid_key(guarded):
@@ -103,3 +104,15 @@ def test_websockets_authenticate_with_a_query_parameter(guarded):
                 assert message["type"] == "delta"
 
     asyncio.run(main())
+
+
+def test_a_key_over_its_token_budget_gets_429(guarded):
+    base, _, keys, _ = guarded
+    dave = client(base, keys["dave"])
+    reply = dave.completions.create(model="tiny", prompt="Hello there", max_tokens=28,
+                                    extra_body={"ignore_eos": True})
+    assert reply.usage.total_tokens > 30  # the request that crosses the budget still completes
+    with pytest.raises(openai.RateLimitError, match="tokens per minute") as limited:
+        dave.completions.create(model="tiny", prompt="Hello", max_tokens=2)
+    assert limited.value.body["type"] == "tokens"
+    assert client(base, keys["alice"]).completions.create(model="tiny", prompt="Hi", max_tokens=2).choices

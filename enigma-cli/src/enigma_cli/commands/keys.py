@@ -31,11 +31,13 @@ def _rate(value: str | None) -> int | None:
 @keys.command(epilog="\b\nExamples:\n  enigma keys create laptop\n  enigma keys create ci --rate-limit 60/min")
 @click.argument("name")
 @click.option("--rate-limit", help="Requests per minute for this key, as in 60/min (default: server.rate_limit).")
-def create(name: str, rate_limit: str | None) -> None:
+@click.option("--token-limit", help="Prompt+generated tokens per minute, as in 20000/min "
+                                    "(default: server.token_rate_limit).")
+def create(name: str, rate_limit: str | None, token_limit: str | None) -> None:
     """Create a key; it is printed once and never stored."""
     from enigma.server.keys import KeyStore
 
-    key = KeyStore().create(name, rate_limit=_rate(rate_limit))
+    key = KeyStore().create(name, rate_limit=_rate(rate_limit), token_limit=_rate(token_limit))
     click.echo(key)
     click.echo(f"Key {name!r} created. Keep it now: enigma stores only its hash.", err=True)
 

@@ -56,6 +56,8 @@ def serve(models: tuple[str, ...], host: str | None, port: int | None, max_body_
     context = ServerContext(names, max_body_bytes=int(max_body_mb * 2**20), auth=not no_auth,
                             rate_limit=config.get("server.rate_limit"),
                             ip_rate_limit=config.get("server.ip_rate_limit"),
+                            token_rate_limit=config.get("server.token_rate_limit"),
+                            ip_token_rate_limit=config.get("server.ip_token_rate_limit"),
                             metrics_auth=config.get("server.metrics_auth"), llm_options={
         "dtype": config.get("engine.dtype"), "backend": config.get("engine.backend"),
         "device": None if device == "auto" else device})

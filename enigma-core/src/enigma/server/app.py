@@ -71,6 +71,7 @@ def build_app(context: ServerContext, *, load_models: bool = True) -> Any:
             Middleware(RequestGuard, context=context),
             Middleware(AuthGuard, keys=KeyStore(context.keys_path), auth=context.auth,
                        default_rate=context.rate_limit, ip_rate=context.ip_rate_limit,
+                       token_rate=context.token_rate_limit, ip_token_rate=context.ip_token_rate_limit,
                        metrics_public=not context.metrics_auth),
         ],
         # EnigmaError and APIError answer in the exception middleware; only other

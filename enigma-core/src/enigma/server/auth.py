@@ -23,22 +23,35 @@ PUBLIC_PATHS = ("/health", "/health/ready", "/health/full")
 
 
 class TokenBucket:
-    """``rate`` requests per minute, bursting up to ``rate``."""
+    """``rate`` units per minute, bursting up to ``rate``: requests, or model tokens."""
 
     def __init__(self, rate: int) -> None:
         self.rate = rate
         self.tokens = float(rate)
         self.updated = time.monotonic()
 
-    def take(self) -> float:
-        """0 if a request may go now, else the seconds until it may."""
+    def _refill(self) -> None:
         now = time.monotonic()
         self.tokens = min(self.rate, self.tokens + (now - self.updated) * self.rate / 60)
         self.updated = now
+
+    def take(self) -> float:
+        """0 if a request may go now (and count it), else the seconds until it may."""
+        self._refill()
         if self.tokens >= 1:
             self.tokens -= 1
             return 0.0
         return (1 - self.tokens) * 60 / self.rate
+
+    def overdrawn(self) -> float:
+        """0 while the budget is not negative, else the seconds until it is not."""
+        self._refill()
+        return 0.0 if self.tokens >= 0 else -self.tokens * 60 / self.rate
+
+    def spend(self, amount: int) -> None:
+        """Charge ``amount`` after the fact (the next request waits if it went negative)."""
+        self._refill()
+        self.tokens -= amount
 
 
 class RateLimiter:
@@ -46,26 +59,43 @@ class RateLimiter:
         self._buckets: dict[tuple[str, str], TokenBucket] = {}
         self._lock = threading.Lock()
 
+    def _bucket(self, kind: str, who: str, rate: int) -> TokenBucket:
+        bucket = self._buckets.get((kind, who))
+        if bucket is None or bucket.rate != rate:
+            bucket = self._buckets[(kind, who)] = TokenBucket(rate)
+        return bucket
+
     def check(self, kind: str, who: str, rate: int) -> float:
+        """Count one request; the wait in seconds if over ``rate`` per minute."""
         if rate <= 0:
             return 0.0
         with self._lock:
-            bucket = self._buckets.get((kind, who))
-            if bucket is None or bucket.rate != rate:
-                bucket = self._buckets[(kind, who)] = TokenBucket(rate)
-            return bucket.take()
+            return self._bucket(kind, who, rate).take()
+
+    def overdrawn(self, kind: str, who: str, rate: int) -> float:
+        if rate <= 0:
+            return 0.0
+        with self._lock:
+            return self._bucket(kind, who, rate).overdrawn()
+
+    def spend(self, kind: str, who: str, rate: int, amount: int) -> None:
+        if rate > 0 and amount > 0:
+            with self._lock:
+                self._bucket(kind, who, rate).spend(amount)
 
 
 class AuthGuard:
     """Checks keys and rate limits before a request reaches any route."""
 
     def __init__(self, app: Any, *, keys: KeyStore, auth: bool = True, default_rate: int = 0, ip_rate: int = 0,
-                 metrics_public: bool = True) -> None:
+                 token_rate: int = 0, ip_token_rate: int = 0, metrics_public: bool = True) -> None:
         self.app = app
         self.keys = keys
         self.auth = auth
         self.default_rate = default_rate
         self.ip_rate = ip_rate
+        self.token_rate = token_rate
+        self.ip_token_rate = ip_token_rate
         self.public = PUBLIC_PATHS + (("/metrics",) if metrics_public else ())
         self.limiter = RateLimiter()
 
@@ -74,23 +104,38 @@ class AuthGuard:
             await self.app(scope, receive, send)
             return
         try:
-            key_name, rate = self._authenticate(scope)
+            key_name, rate, token_rate = self._authenticate(scope)
             client = (scope.get("client") or ("unknown", 0))[0]
             wait = self.limiter.check("ip", client, self.ip_rate)
             if not wait and key_name is not None:
                 wait = self.limiter.check("key", key_name, rate)
             if wait:
-                raise APIError(429, f"Rate limit reached: try again in {wait:.1f}s.", code="rate_limit_exceeded",
-                               type="requests", headers={"Retry-After": str(max(1, math.ceil(wait)))})
+                raise APIError(429, f"Rate limit reached for requests: try again in {wait:.1f}s.",
+                               code="rate_limit_exceeded", type="requests",
+                               headers={"Retry-After": str(max(1, math.ceil(wait)))})
+            wait = max(self.limiter.overdrawn("ip-tokens", client, self.ip_token_rate),
+                       self.limiter.overdrawn("key-tokens", key_name or "", token_rate if key_name else 0))
+            if wait:
+                raise APIError(429, f"Rate limit reached for tokens per minute: try again in {wait:.1f}s.",
+                               code="rate_limit_exceeded", type="tokens",
+                               headers={"Retry-After": str(max(1, math.ceil(wait)))})
         except APIError as error:
             await _refuse(scope, receive, send, error)
             return
-        scope.setdefault("state", {})["api_key"] = key_name
+
+        def charge(tokens: int) -> None:
+            self.limiter.spend("ip-tokens", client, self.ip_token_rate, tokens)
+            if key_name is not None:
+                self.limiter.spend("key-tokens", key_name, token_rate, tokens)
+
+        state = scope.setdefault("state", {})
+        state["api_key"] = key_name
+        state["charge_tokens"] = charge
         await self.app(scope, receive, send)
 
-    def _authenticate(self, scope: dict) -> tuple[str | None, int]:
+    def _authenticate(self, scope: dict) -> tuple[str | None, int, int]:
         if not self.auth or not self.keys.keys():  # on by default as soon as a key exists
-            return None, self.default_rate
+            return None, self.default_rate, 0
         headers = dict(scope.get("headers") or [])
         presented = None
         authorization = headers.get(b"authorization", b"").decode("latin-1")
@@ -105,7 +150,14 @@ class AuthGuard:
         key = self.keys.verify(presented)
         if key is None:
             raise APIError(401, "Incorrect API key provided.", code="invalid_api_key")
-        return key.name, key.rate_limit or self.default_rate
+        return key.name, key.rate_limit or self.default_rate, key.token_limit or self.token_rate
+
+
+def charge_tokens(scope_state: Any, tokens: int) -> None:
+    """Count a finished request's tokens against its key's and address's tokens/min budgets."""
+    charge = scope_state.get("charge_tokens") if isinstance(scope_state, dict) else None
+    if charge is not None:
+        charge(tokens)
 
 
 async def _refuse(scope: dict, receive: Any, send: Any, error: APIError) -> None:

@@ -68,13 +68,16 @@ class ServerContext:
 
     def __init__(self, model_names: Sequence[str], *, llm_options: dict[str, Any] | None = None,
                  max_body_bytes: int = 4 * 2**20, auth: bool = True, rate_limit: int = 0, ip_rate_limit: int = 0,
-                 metrics_auth: bool = False, keys_path: Any = None) -> None:
+                 token_rate_limit: int = 0, ip_token_rate_limit: int = 0, metrics_auth: bool = False,
+                 keys_path: Any = None) -> None:
         self.model_names = list(model_names)
         self.llm_options = llm_options or {}
         self.max_body_bytes = max_body_bytes
         self.auth = auth
         self.rate_limit = rate_limit
         self.ip_rate_limit = ip_rate_limit
+        self.token_rate_limit = token_rate_limit
+        self.ip_token_rate_limit = ip_token_rate_limit
         self.metrics_auth = metrics_auth
         self.keys_path = keys_path
         self.models: dict[str, ServedModel] = {}

@@ -35,6 +35,8 @@ class APIKey:
     created: str
     rate_limit: int | None = None
     """Requests per minute; None: the server's default."""
+    token_limit: int | None = None
+    """Prompt + generated tokens per minute; None: the server's default."""
 
 
 def _hash(key: str) -> str:
@@ -62,18 +64,20 @@ class KeyStore:
         atomic_write_text(self.path, json.dumps({"keys": [attrs.asdict(k) for k in keys]}, indent=2) + "\n",
                           file_mode=0o600)
 
-    def create(self, name: str, *, rate_limit: int | None = None) -> str:
+    def create(self, name: str, *, rate_limit: int | None = None, token_limit: int | None = None) -> str:
         """Make a key called ``name``; return it (the only time it is shown)."""
         if not _NAME.match(name):
             raise BadRequestError(f"key name {name!r} is not valid: use letters, digits, '.', '_' and '-'")
         if rate_limit is not None and rate_limit < 1:
             raise BadRequestError(f"rate limit {rate_limit} must be at least 1 request per minute")
+        if token_limit is not None and token_limit < 1:
+            raise BadRequestError(f"token limit {token_limit} must be at least 1 token per minute")
         keys = self.keys()
         if any(k.name == name for k in keys):
             raise BadRequestError(f"a key named {name!r} exists; revoke it first or pick another name")
         key = PREFIX + secrets.token_urlsafe(32)
         created = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
-        self._save([*keys, APIKey(name, key[: len(PREFIX) + 4], _hash(key), created, rate_limit)])
+        self._save([*keys, APIKey(name, key[: len(PREFIX) + 4], _hash(key), created, rate_limit, token_limit)])
         return key
 
     def revoke(self, name: str) -> None:
@@ -92,5 +96,5 @@ class KeyStore:
         return found
 
     def as_dict(self) -> list[dict[str, Any]]:
-        return [{"name": k.name, "key": k.shown + "...", "created": k.created, "rate_limit": k.rate_limit}
-                for k in self.keys()]
+        return [{"name": k.name, "key": k.shown + "...", "created": k.created, "rate_limit": k.rate_limit,
+                 "token_limit": k.token_limit} for k in self.keys()]

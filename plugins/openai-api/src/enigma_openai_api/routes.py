@@ -8,9 +8,10 @@ import json
 import struct
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
+from enigma.server.auth import charge_tokens
 from enigma.server.context import ServedModel, ServerContext
 from enigma.server.errors import APIError, from_exception
 from enigma_openai_api.prepare import prepare_chat, prepare_completion
@@ -77,15 +78,17 @@ class OpenAIRoutes:
         body = await read_json(request)
         served, text, token_ids, params, logprobs = prepare_chat(self.context, body)
         tokenizer = served.llm.tokenizer
+        charge = _charger(request)
         request_id = f"chatcmpl-{uuid.uuid4().hex}"
         first, stream = await self._first(served, token_ids, params, request_id, text)
+        charge(len(token_ids))
         created = int(time.time())
         base = {"id": request_id, "created": created, "model": served.name}
         if body.get("stream"):
             include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
             return self._stream(self._chat_events(base, params.n, first, stream, len(token_ids), include_usage,
-                                                  tokenizer, logprobs or 0))
-        choices, completion_tokens = await _collect(first, stream, params.n)
+                                                  tokenizer, logprobs or 0, charge))
+        choices, completion_tokens = await _collect(first, stream, params.n, charge)
         return _json({**base, "object": "chat.completion", "system_fingerprint": None, "choices": [
             {"index": index, "message": {"role": "assistant", "content": choice["text"]},
              "logprobs": _chat_logprobs(choice["logprobs"], choice["token_ids"], tokenizer, logprobs)
@@ -95,13 +98,13 @@ class OpenAIRoutes:
 
     async def _chat_events(self, base: dict[str, Any], n: int, first: Any, stream: AsyncIterator[Any],
                            prompt_tokens: int, include_usage: bool, tokenizer: Any,
-                           top_logprobs: int) -> AsyncIterator[bytes]:
+                           top_logprobs: int, charge: Callable[[int], None]) -> AsyncIterator[bytes]:
         chunk = {**base, "object": "chat.completion.chunk", "system_fingerprint": None}
         completion_tokens = 0
         for index in range(n):
             yield sse({**chunk, "choices": [{"index": index, "delta": {"role": "assistant", "content": ""},
                                             "logprobs": None, "finish_reason": None}]})
-        async for output in _chain(first, stream):
+        async for output in _chain(first, stream, charge):
             for completion in output.outputs:
                 completion_tokens += len(completion.token_ids)
                 if not (completion.text or completion.finish_reason or completion.token_ids):
@@ -118,6 +121,8 @@ class OpenAIRoutes:
         body = await read_json(request)
         served, encoded, params_list, logprobs = prepare_completion(self.context, body)
         tokenizer = served.llm.tokenizer
+        charge = _charger(request)
+        charge(sum(len(ids) for _, ids in encoded))
         echo = bool(body.get("echo"))
         request_id = f"cmpl-{uuid.uuid4().hex}"
         if body.get("stream") and len(encoded) > 1:
@@ -130,10 +135,10 @@ class OpenAIRoutes:
             include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
             prefix = (text if text is not None else tokenizer.decode(ids)) if echo else ""
             return self._stream(self._completion_events(base, first, stream, len(ids), include_usage, prefix,
-                                                        tokenizer))
+                                                        tokenizer, charge))
         starts = [await self._first(served, ids, params, f"{request_id}-{index}", text)
                   for index, ((text, ids), params) in enumerate(zip(encoded, params_list))]
-        results = await asyncio.gather(*(_collect(first, stream, params.n)
+        results = await asyncio.gather(*(_collect(first, stream, params.n, charge)
                                          for (first, stream), params in zip(starts, params_list)))
         choices, completion_tokens = [], 0
         for (text, ids), (collected, count) in zip(encoded, results):
@@ -149,11 +154,11 @@ class OpenAIRoutes:
 
     async def _completion_events(self, base: dict[str, Any], first: Any, stream: AsyncIterator[Any],
                                  prompt_tokens: int, include_usage: bool, prefix: str,
-                                 tokenizer: Any) -> AsyncIterator[bytes]:
+                                 tokenizer: Any, charge: Callable[[int], None]) -> AsyncIterator[bytes]:
         completion_tokens = 0
         if prefix:
             yield sse({**base, "choices": [{"index": 0, "text": prefix, "logprobs": None, "finish_reason": None}]})
-        async for output in _chain(first, stream):
+        async for output in _chain(first, stream, charge):
             for completion in output.outputs:
                 completion_tokens += len(completion.token_ids)
                 if not (completion.text or completion.finish_reason):
@@ -229,6 +234,11 @@ class OpenAIRoutes:
 # ---------------------------------------------------------------- helpers
 
 
+def _charger(request: Any) -> Callable[[int], None]:
+    state = request.scope.get("state") or {}
+    return lambda tokens: charge_tokens(state, tokens)
+
+
 def _json(payload: dict[str, Any]) -> Any:
     from starlette.responses import JSONResponse
 
@@ -240,19 +250,26 @@ def _usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
             "total_tokens": prompt_tokens + completion_tokens}
 
 
-async def _chain(first: Any, stream: AsyncIterator[Any]) -> AsyncIterator[Any]:
+async def _chain(first: Any, stream: AsyncIterator[Any], charge: Callable[[int], None]) -> AsyncIterator[Any]:
+    """All outputs, each one's new tokens charged to the caller's tokens/min budget."""
     try:
-        yield first
-        if not first.finished:
-            async for output in stream:
-                yield output
+        output = first
+        while True:
+            charge(sum(len(c.token_ids) for c in output.outputs))
+            yield output
+            if output.finished:
+                break
+            output = await anext(stream)
+    except StopAsyncIteration:
+        pass
     finally:
         await stream.aclose()  # a client gone mid-stream: the engine aborts the request
 
 
-async def _collect(first: Any, stream: AsyncIterator[Any], n: int) -> tuple[list[dict[str, Any]], int]:
+async def _collect(first: Any, stream: AsyncIterator[Any], n: int,
+                   charge: Callable[[int], None]) -> tuple[list[dict[str, Any]], int]:
     choices = [{"text": "", "token_ids": [], "logprobs": [], "finish_reason": None} for _ in range(n)]
-    async for output in _chain(first, stream):
+    async for output in _chain(first, stream, charge):
         for completion in output.outputs:
             choice = choices[completion.index]
             choice["text"] += completion.text

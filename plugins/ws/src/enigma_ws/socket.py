@@ -7,6 +7,7 @@ import json
 import uuid
 from typing import Any
 
+from enigma.server.auth import charge_tokens
 from enigma.server.context import ServerContext
 from enigma.server.errors import APIError, from_exception
 
@@ -102,6 +103,7 @@ class Session:
                     raise APIError(400, "a WebSocket completion takes one prompt", param="prompt")
                 (text, token_ids), params = encoded[0], params_list[0]
             usage["prompt_tokens"] = len(token_ids)
+            charge_tokens(self.websocket.scope.get("state") or {}, len(token_ids))
             finish = dict.fromkeys(range(params.n))
             engine_id = f"ws-{uuid.uuid4().hex}"
             stream = served.engine.generate(token_ids, params, engine_id, prompt_text=text)
@@ -109,6 +111,7 @@ class Session:
                 async for output in stream:
                     for completion in output.outputs:
                         usage["completion_tokens"] += len(completion.token_ids)
+                        charge_tokens(self.websocket.scope.get("state") or {}, len(completion.token_ids))
                         if completion.text:
                             await self.send({"type": "delta", "id": request_id, "index": completion.index,
                                              "text": completion.text})
