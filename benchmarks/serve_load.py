@@ -35,8 +35,9 @@ sys.path.insert(0, str(ROOT / "tests"))
 
 from serving import ENIGMA, launch, stop  # noqa: E402
 
-WORDS = ("the list type supports slicing while a tuple is immutable and a dictionary maps keys to values "
-         "generators yield items lazily and modules group related code").split()
+WORDS = ["the", "list", "type", "supports", "slicing", "while", "a", "tuple", "is", "immutable", "and",
+         "dictionary", "maps", "keys", "to", "values", "generators", "yield", "items", "lazily", "modules",
+         "group", "related", "code"]
 
 
 def make_requests(count: int, seed: int = 0) -> list[dict]:
@@ -109,7 +110,7 @@ async def scenario(base: str, keys: dict[str, str], *, clients: int, disconnects
         deadline = time.monotonic() + 10
         while True:
             engine = (await client.get("/health/full")).json()["models"]["load"]["engine"]
-            if engine["kv_blocks_used"] == 0 and engine["running"] == 0 or time.monotonic() > deadline:
+            if (engine["kv_blocks_used"] == 0 and engine["running"] == 0) or time.monotonic() > deadline:
                 break
             await asyncio.sleep(0.05)
     mismatches = [i for i, (a, b) in enumerate(zip(solo, results)) if a.get("text") != b.get("text")]

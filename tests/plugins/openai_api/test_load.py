@@ -10,8 +10,8 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[3] / "benchmarks"))
 
-import serve_load  # noqa: E402
-from serving import stop  # noqa: E402
+import serve_load
+from serving import stop
 
 
 @pytest.mark.slow
