@@ -180,3 +180,22 @@ def test_clients_that_disconnect_mid_stream_leave_no_kv_blocks(server):
             break
         assert time.monotonic() - started < 5, engine
         time.sleep(0.05)
+
+
+def test_openapi_document_matches_the_server(server):
+    from enigma_openai_api.validation import CHAT_FIELDS, COMPLETION_FIELDS, EMBEDDING_FIELDS
+
+    document = httpx.get(f"{server[0]}/openapi.json").json()
+    assert document["openapi"].startswith("3.")
+    for path in ("/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/models", "/health/ready"):
+        assert path in document["paths"], path
+    schemas = document["components"]["schemas"]
+    for name, fields in (("ChatCompletionRequest", CHAT_FIELDS), ("CompletionRequest", COMPLETION_FIELDS),
+                         ("EmbeddingRequest", EMBEDDING_FIELDS)):
+        assert set(schemas[name]["properties"]) == set(fields) and schemas[name]["additionalProperties"] is False
+    # every documented path answers something other than "no such route"
+    for path, operations in document["paths"].items():
+        url = server[0] + path.replace("{model_id}", "tiny")
+        for method in operations:
+            response = httpx.request(method.upper(), url, json={} if method == "post" else None)
+            assert response.status_code != 404 or response.json()["error"]["code"] != "not_found", path

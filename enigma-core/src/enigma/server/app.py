@@ -35,9 +35,15 @@ def build_app(context: ServerContext, *, load_models: bool = True) -> Any:
         Route("/health/ready", health_ready, methods=["GET"]),
         Route("/health/full", health_full, methods=["GET"]),
     ]
-    for implementation in registry.implementations("transport"):
-        if implementation.availability():
-            routes.extend(implementation.create().routes(context))
+    transports = [impl.create() for impl in registry.implementations("transport") if impl.availability()]
+    for transport in transports:
+        routes.extend(transport.routes(context))
+    document = openapi_document(transports)
+
+    async def openapi(request: Any) -> JSONResponse:
+        return JSONResponse(document)
+
+    routes.append(Route("/openapi.json", openapi, methods=["GET"]))
 
     async def on_error(request: Request, exc: Exception) -> JSONResponse:
         error = from_exception(exc)
@@ -82,6 +88,33 @@ def build_app(context: ServerContext, *, load_models: bool = True) -> Any:
     )
     app.state.context = context
     return app
+
+
+HEALTH_PATHS = {
+    "/health": "Alive: 200 while the server and its engines run, 503 once one has died",
+    "/health/ready": "Ready: 200 once models are loaded and engines step; 503 while loading or shutting down",
+    "/health/full": "State, per-model engine stats (KV usage, queues) and versions",
+    "/openapi.json": "This document",
+}
+
+
+def openapi_document(transports: list[Any]) -> dict[str, Any]:
+    """OpenAPI 3.1 for the app: health routes, and what each transport describes (``openapi()``)."""
+    import enigma
+
+    paths: dict[str, Any] = {path: {"get": {"summary": summary, "responses": {"200": {"description": "OK"}}}}
+                             for path, summary in HEALTH_PATHS.items()}
+    components: dict[str, Any] = {"schemas": {}, "securitySchemes": {
+        "bearer": {"type": "http", "scheme": "bearer", "description": "an API key from `enigma keys create`"}}}
+    for transport in transports:
+        describe = getattr(transport, "openapi", None)
+        if describe is None:
+            continue
+        part = describe()
+        paths.update(part.get("paths", {}))
+        components["schemas"].update(part.get("components", {}).get("schemas", {}))
+    return {"openapi": "3.1.0", "info": {"title": "enigma", "version": enigma.__version__},
+            "paths": paths, "components": components, "security": [{"bearer": []}, {}]}
 
 
 class RequestGuard:

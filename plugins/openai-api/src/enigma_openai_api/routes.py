@@ -25,7 +25,12 @@ def sse(payload: dict[str, Any]) -> bytes:
 
 
 class OpenAITransport:
-    """Contributes the /v1 routes."""
+    """Contributes the /v1 routes (and their OpenAPI description)."""
+
+    def openapi(self) -> dict[str, Any]:
+        from enigma_openai_api.openapi import openapi_components, openapi_paths
+
+        return {"paths": openapi_paths(), "components": {"schemas": openapi_components()}}
 
     def routes(self, context: ServerContext) -> list[Any]:
         from starlette.routing import Route
