@@ -17,9 +17,10 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from hub_server import FakeHub
-from tiny_models import make_model
+from tiny_models import EOS_ID, SPECIAL_TOKENS, make_model
 
 ENIGMA = Path(sys.executable).parent / "enigma"
+IM_END_ID = SPECIAL_TOKENS.index("<|im_end|>")
 
 
 @pytest.fixture(scope="module")
@@ -215,8 +216,14 @@ class Terminal:
 
 
 def test_interactive_chat_on_a_terminal(enigma, tmp_path):
-    # a long context, so that an answer is still streaming when Ctrl-C comes
+    # a long context, and end-of-text/end-of-turn never the likeliest token, so that a greedy
+    # answer is still streaming when Ctrl-C comes
+    from safetensors.torch import load_file, save_file
+
     folder = make_model(tmp_path / "long", "llama-gqa", template="chatml", max_position_embeddings=8192)
+    weights = load_file(folder / "model.safetensors")
+    weights["lm_head.weight"][[EOS_ID, IM_END_ID]] = 0.0
+    save_file(weights, folder / "model.safetensors", metadata={"format": "pt"})
     assert enigma("pull", str(folder), "--name", "long").returncode == 0
     term = Terminal("run", "long", "--max-tokens", "4", "--temperature", "0")
     term.expect(">>> ")
@@ -224,18 +231,21 @@ def test_interactive_chat_on_a_terminal(enigma, tmp_path):
     assert term.expect(">>> ").strip()  # an answer, then the prompt again
     term.send("/set temperature 0.5\r")
     assert "Set parameter 'temperature' to '0.5'" in term.expect(">>> ")
-    term.send("/set max_tokens 8000\r")
-    term.expect(">>> ")
     term.send("/show parameters\r")
     assert "temperature         0.5" in term.expect(">>> ")
     term.send('"""\rline one\rline two\r"""\r')
     term.expect(">>> ")
+    term.send("/set max_tokens 8000\r")
+    term.expect(">>> ")
+    term.send("/set temperature 0\r")
+    term.expect(">>> ")
     term.send("Tell me everything\r")
     time.sleep(1.5)
     term.send("\x03")  # Ctrl-C stops the answer, not the session
+    answer = term.expect(">>> ")
+    assert len(answer) > 20 and "Use Ctrl-D" not in answer  # interrupted mid-answer
     term.send("/clear\r")
-    term.expect("Cleared the conversation")  # the session survived the interrupt (expect raises if not)
-    term.expect(">>> ")
+    assert "Cleared the conversation" in term.expect(">>> ")
     term.send("/nope\r")
     assert "Unknown command '/nope'" in term.expect(">>> ")
     term.send("/bye\r")

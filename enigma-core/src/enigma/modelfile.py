@@ -151,13 +151,10 @@ def create_from_modelfile(name: str, path: str | Path, *, store: Any = None) -> 
         raise NotAvailableError(f"{spec.source}: ADAPTER needs the lora plugin (pip install enigma-plugin-lora)")
     folder = resolve_model_path(local if local.is_dir() else base)
     inherited: dict[str, Any] = {}
-    try:
-        if store.exists(ModelName.parse(base)) and store.path(base) == folder:
-            original = store.get(base)
-            inherited = {"system": original.system, "template": original.template,
-                         "defaults": dict(original.defaults), "license": original.license}
-    except BadRequestError:
-        pass
+    original = store.manifest_for(base, folder)
+    if original is not None:
+        inherited = {"system": original.system, "template": original.template,
+                     "defaults": dict(original.defaults), "license": original.license}
     if spec.template is not None:
         _check_template(spec.template, spec.source)
     defaults = {**inherited.get("defaults", {}), **spec.parameters}

@@ -224,6 +224,18 @@ class Store:
         manifest = self.get(model)
         return self.folder(manifest.model_name)
 
+    def manifest_for(self, model: str, folder: Path) -> Manifest | None:
+        """The manifest of the store model ``model`` names, if ``folder`` (what
+        :func:`enigma.llm.resolve_model_path` found for it) is that model's folder;
+        None for plain folders and packaged models."""
+        try:
+            name = ModelName.parse(model)
+        except BadRequestError:
+            return None
+        if not self.exists(name) or Path(folder) != self.folder(name):
+            return None
+        return self.get(name)
+
     def list(self) -> list[Manifest]:
         """Every stored model, by name."""
         manifests = []

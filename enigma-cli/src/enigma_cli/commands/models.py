@@ -85,16 +85,10 @@ def list_models(as_json: bool) -> None:
 def model_details(model: str) -> dict[str, Any]:
     """What ``enigma show`` prints, for a store model, a packaged model or a folder."""
     from enigma.llm import resolve_model_path
-    from enigma.store import ModelName, Store, describe_folder
+    from enigma.store import Store, describe_folder
 
     folder = resolve_model_path(model)
-    store = Store()
-    manifest = None
-    try:
-        if store.exists(ModelName.parse(model)) and store.path(model) == folder:
-            manifest = store.get(model)
-    except Exception:  # not a store name: a folder or a packaged model
-        manifest = None
+    manifest = Store().manifest_for(model, folder)
     details: dict[str, Any] = {"name": str(model), "path": str(folder)}
     if manifest is not None:
         details.update({"name": f"{manifest.name}:{manifest.tag}", "id": manifest.id, "source": manifest.source,

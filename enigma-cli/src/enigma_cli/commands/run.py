@@ -77,16 +77,10 @@ class ChatSession:
     def open(cls, model: str, config: Any, options: dict[str, Any]) -> ChatSession:
         from enigma import LLM
         from enigma.llm import resolve_model_path
-        from enigma.store import ModelName, Store
+        from enigma.store import Store
 
         folder = resolve_model_path(model)
-        manifest = None
-        try:
-            store = Store()
-            if store.exists(ModelName.parse(model)):
-                manifest = store.get(model)
-        except Exception:  # a folder path, not a store name
-            manifest = None
+        manifest = Store().manifest_for(model, folder)
         device = config.get("engine.device")
         try:
             llm = LLM(folder, dtype=config.get("engine.dtype"), backend=config.get("engine.backend"),

@@ -43,16 +43,10 @@ def load_served_model(name: str, **llm_options: Any) -> ServedModel:
     from enigma import LLM
     from enigma.engine.async_engine import AsyncEngine
     from enigma.llm import resolve_model_path
-    from enigma.store import ModelName, Store
+    from enigma.store import Store
 
     folder = resolve_model_path(name)
-    manifest = None
-    try:
-        store = Store()
-        if store.exists(ModelName.parse(name)):
-            manifest = store.get(name)
-    except Exception:  # a folder path, not a store name
-        manifest = None
+    manifest = Store().manifest_for(name, folder)
     llm = LLM(folder, served_model_name=name, **llm_options)
     defaults = {} if llm.loaded.is_embedding_model else {**llm.sampling_defaults()}
     if manifest is not None:
