@@ -116,3 +116,15 @@ def test_a_key_over_its_token_budget_gets_429(guarded):
         dave.completions.create(model="tiny", prompt="Hello", max_tokens=2)
     assert limited.value.body["type"] == "tokens"
     assert client(base, keys["alice"]).completions.create(model="tiny", prompt="Hi", max_tokens=2).choices
+
+
+def test_no_auth_and_per_address_limits(server, tmp_path):
+    env = {**server[1], "ENIGMA_HOME": str(tmp_path), "ENIGMA_SERVER__IP_RATE_LIMIT": "4"}
+    subprocess.run([str(ENIGMA), "pull", str(server[2]), "--name", "tiny"], env=env, check=True, capture_output=True)
+    subprocess.run([str(ENIGMA), "keys", "create", "someone"], env=env, check=True, capture_output=True)
+    process, base = launch(env, "tiny", "--no-auth", log_path=tmp_path / "server.log")
+    try:
+        statuses = [httpx.get(f"{base}/v1/models").status_code for _ in range(6)]
+    finally:
+        stop(process)
+    assert statuses[:4] == [200] * 4 and statuses[4:] == [429, 429]  # no key needed; the address is limited
