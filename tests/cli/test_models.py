@@ -250,3 +250,30 @@ def test_interactive_chat_on_a_terminal(enigma, tmp_path):
     assert "Unknown command '/nope'" in term.expect(">>> ")
     term.send("/bye\r")
     assert term.wait() == 0
+
+
+def test_one_shot_run_answers_through_a_running_server(enigma, model_folder, enigma_home):
+    import httpx
+    from serving import launch, stop
+
+    assert enigma("pull", str(model_folder), "--name", "tiny").returncode == 0
+    env = {**os.environ, "ENIGMA_HOME": str(enigma_home)}
+    process, base = launch(env, "tiny", log_path=enigma_home / "server.log")
+    port = base.rsplit(":", 1)[1]
+
+    def finished_on_server():
+        metrics = httpx.get(f"{base}/metrics").text
+        return sum(float(line.rsplit(" ", 1)[1]) for line in metrics.splitlines()
+                   if line.startswith("enigma:request_success_total"))
+
+    try:
+        before = finished_on_server()
+        remote = enigma("run", "tiny", "Hello", "--max-tokens", "5", "--temperature", "0",
+                        env={"ENIGMA_SERVER__PORT": port})
+        assert remote.returncode == 0, remote.stderr
+        assert finished_on_server() == before + 1  # the server answered
+        local = enigma("run", "tiny", "Hello", "--max-tokens", "5", "--temperature", "0", "--local",
+                       env={"ENIGMA_SERVER__PORT": port})
+        assert finished_on_server() == before + 1 and local.stdout == remote.stdout  # same answer, loaded here
+    finally:
+        stop(process)
