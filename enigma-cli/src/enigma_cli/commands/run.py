@@ -39,7 +39,7 @@ Examples:
 @click.option("--seed", type=int, help="Seed for reproducible sampling.")
 @click.option("--system", help="System message.")
 @click.option("--local", is_flag=True, help="Load the model here even when a running `enigma serve` has it.")
-def run(model: str | None, prompt: tuple[str, ...], **options: Any) -> None:
+def run(model: str | None, prompt: tuple[str, ...], local: bool, **options: Any) -> None:
     """Run a model: answer PROMPT and exit, or start an interactive chat.
 
     Reads the prompt from stdin when it is piped. MODEL defaults to the
@@ -57,14 +57,13 @@ def run(model: str | None, prompt: tuple[str, ...], **options: Any) -> None:
         text = f"{text}\n\n{piped}".strip() if text else piped.strip()
         if not text:
             raise click.UsageError("the piped prompt is empty")
-    if text and not options.pop("local"):
+    if text and not local:
         from enigma_cli.commands.remote import answer_remotely, find_server
 
         base = find_server(config.get("server.host"), config.get("server.port"), model)
         if base is not None:  # a running `enigma serve` has the model loaded: no load, no torch here
             answer_remotely(base, model, text, options, sys.stdout)
             return
-    options.pop("local", None)
     session = ChatSession.open(model, config, options)
     if text:
         session.answer(text, out=sys.stdout)
