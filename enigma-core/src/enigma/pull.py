@@ -183,6 +183,9 @@ def download(url: str, path: Path, *, size: int | None) -> None:
     part = path.with_name(path.name + ".part")
     part.parent.mkdir(parents=True, exist_ok=True)
     have = part.stat().st_size if part.exists() else 0
+    if size is not None and have > size:  # not a prefix of this file: start over
+        part.unlink()
+        have = 0
     headers = build_hf_headers()
     if have:
         headers["Range"] = f"bytes={have}-"
