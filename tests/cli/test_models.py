@@ -277,3 +277,8 @@ def test_one_shot_run_answers_through_a_running_server(enigma, model_folder, eni
         assert finished_on_server() == before + 1 and local.stdout == remote.stdout  # same answer, loaded here
     finally:
         stop(process)
+
+
+def test_serve_refuses_an_unknown_model_before_starting(enigma):
+    result = enigma("serve", "no-such-model", "--port", "9")
+    assert result.returncode == 1 and "model 'no-such-model' not found" in result.stderr

@@ -15,14 +15,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from tiny_models import CORPUS, write_tokenizer
+from tiny_models import CORPUS, llama_config, write_tokenizer
 
 ENIGMA = Path(sys.executable).parent / "enigma"
-CONFIG = {
-    "architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": 384, "hidden_size": 128,
-    "intermediate_size": 256, "num_hidden_layers": 4, "num_attention_heads": 4, "num_key_value_heads": 2,
-    "max_position_embeddings": 128, "tie_word_embeddings": True, "eos_token_id": 1,
-}
+CONFIG = llama_config(hidden_size=128, intermediate_size=256, num_hidden_layers=4)
 
 
 @pytest.fixture

@@ -8,7 +8,7 @@ import math
 
 import pytest
 import torch
-from tiny_models import CORPUS, write_tokenizer
+from tiny_models import CORPUS, llama_config, write_tokenizer
 
 from enigma import LLM, SamplingParams
 from enigma.errors import ConfigError, NotFoundError
@@ -17,11 +17,7 @@ from enigma.training.attention import causal_lm_loss
 from enigma.training.sft import build_model, lr_factor
 from enigma.training.tokenizer import train_tokenizer
 
-TINY_CONFIG = {
-    "architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": 384, "hidden_size": 64,
-    "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
-    "max_position_embeddings": 128, "rms_norm_eps": 1e-5, "tie_word_embeddings": True, "eos_token_id": 1,
-}
+TINY_CONFIG = llama_config()
 
 
 @pytest.fixture

@@ -44,6 +44,10 @@ def serve(models: tuple[str, ...], host: str | None, port: int | None, max_body_
 
     config = load_config()
     names = list(models) or [config.get("models.default")]
+    from enigma.llm import resolve_model_path
+
+    for name in names:  # an unknown name fails now, not after the server is up
+        resolve_model_path(name)
     host = host or config.get("server.host")
     port = port or config.get("server.port")
     access = logging.getLogger("enigma.server")

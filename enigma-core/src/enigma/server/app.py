@@ -27,7 +27,6 @@ def build_app(context: ServerContext, *, load_models: bool = True) -> Any:
 
     from enigma.plugins import get_host
     from enigma.server.auth import AuthGuard
-    from enigma.server.keys import KeyStore
 
     registry = get_host().registry
     routes: list[Any] = [
@@ -75,10 +74,7 @@ def build_app(context: ServerContext, *, load_models: bool = True) -> Any:
         routes=routes,
         middleware=[
             Middleware(RequestGuard, context=context),
-            Middleware(AuthGuard, keys=KeyStore(context.keys_path), auth=context.auth,
-                       default_rate=context.rate_limit, ip_rate=context.ip_rate_limit,
-                       token_rate=context.token_rate_limit, ip_token_rate=context.ip_token_rate_limit,
-                       metrics_public=not context.metrics_auth),
+            Middleware(AuthGuard, context=context),
         ],
         # EnigmaError and APIError answer in the exception middleware; only other
         # exceptions reach the outermost handler (logged as a 500).

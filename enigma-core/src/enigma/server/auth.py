@@ -87,16 +87,15 @@ class RateLimiter:
 class AuthGuard:
     """Checks keys and rate limits before a request reaches any route."""
 
-    def __init__(self, app: Any, *, keys: KeyStore, auth: bool = True, default_rate: int = 0, ip_rate: int = 0,
-                 token_rate: int = 0, ip_token_rate: int = 0, metrics_public: bool = True) -> None:
+    def __init__(self, app: Any, *, context: Any) -> None:
         self.app = app
-        self.keys = keys
-        self.auth = auth
-        self.default_rate = default_rate
-        self.ip_rate = ip_rate
-        self.token_rate = token_rate
-        self.ip_token_rate = ip_token_rate
-        self.public = PUBLIC_PATHS + (("/metrics",) if metrics_public else ())
+        self.keys = KeyStore(context.keys_path)
+        self.auth = context.auth
+        self.default_rate = context.rate_limit
+        self.ip_rate = context.ip_rate_limit
+        self.token_rate = context.token_rate_limit
+        self.ip_token_rate = context.ip_token_rate_limit
+        self.public = PUBLIC_PATHS if context.metrics_auth else (*PUBLIC_PATHS, "/metrics")
         self.limiter = RateLimiter()
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:

@@ -91,7 +91,12 @@ class ServerContext:
             raise
 
     async def load_in_background(self) -> None:
-        await asyncio.to_thread(self.load)
+        try:
+            await asyncio.to_thread(self.load)
+        except Exception:  # /health answers 503 from now on; say why in the log
+            import logging
+
+            logging.getLogger("enigma.server").exception("loading %s failed", ", ".join(self.model_names))
 
     def model(self, name: Any) -> ServedModel:
         """The served model called ``name``; 404 naming the ones served otherwise."""

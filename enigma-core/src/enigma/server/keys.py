@@ -50,15 +50,24 @@ class KeyStore:
 
             path = get_paths().config_dir / "api_keys.json"
         self.path = Path(path)
+        self._cache: tuple[tuple[int, int, int], list[APIKey]] | None = None
 
     def keys(self) -> list[APIKey]:
-        if not self.path.exists():
+        """The keys, parsed again only when the file changed (the server checks them on every request)."""
+        try:
+            stat = self.path.stat()
+        except FileNotFoundError:
             return []
+        version = (stat.st_ino, stat.st_mtime_ns, stat.st_size)  # atomic rewrites change the inode
+        if self._cache is not None and self._cache[0] == version:
+            return self._cache[1]
         try:
             data = json.loads(self.path.read_text(encoding="utf-8"))
-            return [APIKey(**entry) for entry in data["keys"]]
+            keys = [APIKey(**entry) for entry in data["keys"]]
         except (ValueError, KeyError, TypeError) as exc:
             raise ConfigError(f"{self.path} is corrupt ({exc}); remove it and create the keys again") from exc
+        self._cache = (version, keys)
+        return keys
 
     def _save(self, keys: list[APIKey]) -> None:
         atomic_write_text(self.path, json.dumps({"keys": [attrs.asdict(k) for k in keys]}, indent=2) + "\n",
