@@ -6,7 +6,7 @@ import attrs
 import pytest
 import torch
 
-from enigma.attention import AttentionMetadata
+from enigma.attention import AttentionMetadata, block_runs
 from enigma.backends.torch_backend import TorchBackend, gather_kv, write_kv
 from enigma.kinds import Backend
 
@@ -28,16 +28,20 @@ def reference_attention(query, keys, values, scale, window=None):
 
 
 def run_case(query_lens, seq_lens, *, heads=4, kv_heads=2, dim=8, block_size=4, window=None, seed=0,
-             consecutive=True):
+             layout="views", padded_decodes=True):
     generator = torch.Generator().manual_seed(seed)
     metadata = AttentionMetadata.contiguous(query_lens, seq_lens, block_size=block_size,
                                             sliding_window=window)
-    if not consecutive:  # scatter the blocks: reverse the pool's order, so only gathers can work
+    if layout != "views":  # scatter the blocks: reverse the pool's order, so every block is a run of its own
         top = int(metadata.block_tables.max())
-        metadata = attrs.evolve(metadata, block_tables=top - metadata.block_tables,
+        tables = top - metadata.block_tables
+        runs = tuple(block_runs(tables[i, :-(-length // block_size)].tolist()) for i, length in enumerate(seq_lens))
+        metadata = attrs.evolve(metadata, block_tables=tables,
                                 slot_mapping=_reversed_slots(metadata.slot_mapping, block_size, top),
-                                first_blocks=None)
+                                block_runs=runs if layout == "runs" else None)
     backend = TorchBackend(device="cpu")
+    if not padded_decodes:
+        backend.PADDED_DECODE_BYTES = 0
     num_blocks = int(metadata.block_tables.max()) + 2
     cache = torch.zeros(backend.kv_cache_shape(num_blocks, block_size, kv_heads, dim))
     # Each sequence's full history, contiguous; its cached part goes into the
@@ -74,19 +78,41 @@ def _reversed_slots(slots, block_size, top):
     ((1, 4, 1, 2), (6, 4, 13, 9)),     # decodes batched beside prefill chunks
 ])
 @pytest.mark.parametrize("heads,kv_heads", [(4, 4), (4, 2), (6, 1)])
-@pytest.mark.parametrize("consecutive", [True, False], ids=["views", "gathers"])
-def test_paged_attention_matches_contiguous(query_lens, seq_lens, heads, kv_heads, consecutive):
-    out, expected = run_case(query_lens, seq_lens, heads=heads, kv_heads=kv_heads, consecutive=consecutive)
+@pytest.mark.parametrize("layout", ["views", "runs", "gathers"])
+@pytest.mark.parametrize("padded_decodes", [True, False], ids=["padded", "in-place"])
+def test_paged_attention_matches_contiguous(query_lens, seq_lens, heads, kv_heads, layout, padded_decodes):
+    out, expected = run_case(query_lens, seq_lens, heads=heads, kv_heads=kv_heads, layout=layout,
+                             padded_decodes=padded_decodes)
     assert out.shape == expected.shape
     torch.testing.assert_close(out.double(), expected, atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("query_lens,seq_lens", [((6, 1), (6, 11)), ((1, 1), (3, 10)), ((1,), (9,)),
-                                                 ((1, 3, 1), (12, 3, 7))])
-@pytest.mark.parametrize("consecutive", [True, False], ids=["views", "gathers"])
-def test_sliding_window(query_lens, seq_lens, consecutive):
-    out, expected = run_case(query_lens, seq_lens, window=4, consecutive=consecutive)
+                                                 ((1, 3, 1), (12, 3, 7)), ((1, 1), (17, 4))])
+@pytest.mark.parametrize("layout", ["views", "runs", "gathers"])
+@pytest.mark.parametrize("padded_decodes", [True, False], ids=["padded", "in-place"])
+def test_sliding_window(query_lens, seq_lens, layout, padded_decodes):
+    out, expected = run_case(query_lens, seq_lens, window=4, layout=layout, padded_decodes=padded_decodes)
     torch.testing.assert_close(out.double(), expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("length,gathers", [(160, 1), (48, 0)])
+def test_a_decode_over_too_many_runs_is_gathered(monkeypatch, length, gathers):
+    # one run per block: 40 runs is over MAX_DECODE_RUNS, 12 is not
+    assert TorchBackend.MAX_DECODE_RUNS < 40
+    calls = []
+    gather = TorchBackend._gather
+    monkeypatch.setattr(TorchBackend, "_gather", lambda self, *args: calls.append(1) or gather(self, *args))
+    out, expected = run_case((1,), (length,), layout="runs", padded_decodes=False)
+    torch.testing.assert_close(out.double(), expected, atol=1e-5, rtol=1e-5)
+    assert len(calls) == gathers
+
+
+def test_block_runs():
+    assert block_runs([4, 5, 6, 9, 2, 3]) == ((4, 3), (9, 1), (2, 2))
+    assert block_runs([7]) == ((7, 1),)
+    assert block_runs([]) == ()
+    assert block_runs([3, 2, 1]) == ((3, 1), (2, 1), (1, 1))
 
 
 def test_new_keys_and_values_land_in_their_slots():

@@ -130,8 +130,11 @@ class Cache(Protocol):
     def lookup_prefix(self, request_id: str, token_ids: Sequence[int]) -> int:
         """Give a new request the cached blocks of its longest cached prefix; return its length in tokens."""
 
-    def allocate(self, request_id: str, num_tokens: int) -> bool:
-        """Make the request's blocks cover ``num_tokens`` tokens in all; False when there is no room."""
+    def allocate(self, request_id: str, num_tokens: int, *, expected_tokens: int | None = None) -> bool:
+        """Make the request's blocks cover ``num_tokens`` tokens in all; False when there is no room.
+
+        ``expected_tokens`` is how long the request may grow (prompt + max_tokens): a
+        placement hint (keep its blocks consecutive), never a reservation."""
 
     def commit(self, request_id: str, token_ids: Sequence[int]) -> None:
         """The request's first ``len(token_ids)`` tokens are computed: register its full blocks."""

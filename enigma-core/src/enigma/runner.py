@@ -14,7 +14,7 @@ from collections.abc import Sequence
 import attrs
 import torch
 
-from enigma.attention import AttentionMetadata, ForwardContext
+from enigma.attention import AttentionMetadata, ForwardContext, block_runs
 from enigma.loader import LoadedModel
 
 
@@ -82,8 +82,6 @@ class ModelRunner:
             for position in range(chunk.start, chunk.start + len(chunk.token_ids)):
                 slots.append(table[position // block_size] * block_size + position % block_size)
         width = max(len(chunk.block_table) for chunk in chunks)
-        consecutive = all(list(chunk.block_table) == list(range(chunk.block_table[0], chunk.block_table[0]
-                                                                 + len(chunk.block_table))) for chunk in chunks)
         tables = [list(chunk.block_table) + [0] * (width - len(chunk.block_table)) for chunk in chunks]
         return AttentionMetadata(
             query_lens=tuple(len(chunk.token_ids) for chunk in chunks),
@@ -91,7 +89,7 @@ class ModelRunner:
             slot_mapping=torch.tensor(slots, dtype=torch.long, device=self.device),
             block_tables=torch.tensor(tables, dtype=torch.long, device=self.device),
             block_size=block_size,
-            first_blocks=tuple(chunk.block_table[0] for chunk in chunks) if consecutive else None,
+            block_runs=tuple(block_runs(chunk.block_table) for chunk in chunks),
         )
 
     @torch.inference_mode()

@@ -55,6 +55,13 @@ class Sequence:
         return len(self.prompt_token_ids) + len(self.output_token_ids)
 
     @property
+    def max_num_tokens(self) -> int:
+        """The most tokens (prompt + output) this sequence can reach: ``max_tokens`` or the context."""
+        if self.params.max_tokens is None:
+            return self.max_model_len
+        return min(len(self.prompt_token_ids) + self.params.max_tokens, self.max_model_len)
+
+    @property
     def text(self) -> str:
         return self._text
 

@@ -1,9 +1,10 @@
 """The reference backend: plain PyTorch on CPU or CUDA.
 
-Attention reads each sequence's keys and values from the paged KV cache by
-gathering its blocks, then runs ``scaled_dot_product_attention``. Decode-only
-steps (one new token per sequence) run as one padded batch; steps with
-prefills run sequence by sequence. Faster kernels that read blocks in place
+Attention reads each sequence's keys and values from the paged KV cache:
+decodes read them in place, a strided view per run of consecutive blocks
+(the block manager keeps a sequence's blocks consecutive when it can);
+prefill chunks read one run as a view or gather their blocks, then run
+``scaled_dot_product_attention``. Fused kernels that walk block tables
 belong to plugins such as cuda-paged.
 """
 
@@ -104,7 +105,7 @@ class TorchBackend:
             device = "cuda" if torch.cuda.is_available() else "cpu"
         self.device = torch.device(device)
         self._mask_cache: tuple[AttentionMetadata, torch.Tensor] | None = None
-        self._rows_cache: tuple[AttentionMetadata, list[int], list[int]] | None = None
+        self._layout_cache: tuple[AttentionMetadata, list[int], bool] | None = None
         self._scratch = torch.empty(0)
 
     def kv_cache_shape(self, num_blocks: int, block_size: int, num_kv_heads: int,
@@ -130,33 +131,41 @@ class TorchBackend:
                   kv_cache: torch.Tensor, metadata: AttentionMetadata, scale: float) -> torch.Tensor:
         """Write this step's KV into ``kv_cache``, then attend. See :class:`enigma.kinds.Backend`.
 
-        Decodes (one new token) of several sequences run as one padded batch,
-        even in steps that also hold prefill chunks; the rest run per sequence.
+        Each sequence attends on its own. A decode (one new token) reads its
+        keys and values where they lie, run of consecutive blocks by run; a
+        prefill chunk reads a single run as a view and gathers otherwise.
+        Many short decodes together run as one padded batch instead, where
+        copying their few keys costs less than a loop over them.
         """
         write_kv(kv_cache, key, value, metadata.slot_mapping)
-        decodes, starts = self._layout(metadata)
-        if len(decodes) == metadata.num_seqs and len(decodes) > 1:
-            return self._decode(query, kv_cache, metadata, decodes, scale)
-        out = torch.empty_like(query)
-        if len(decodes) > 1:
-            rows = [starts[i] for i in decodes]
-            out[rows] = self._decode(query[rows], kv_cache, metadata, decodes, scale)
-            batched = set(decodes)
-        else:
-            batched = set()
+        starts, padded = self._layout(metadata, kv_cache)
+        if padded:
+            return self._decode_padded(query, kv_cache, metadata, scale)
+        outputs = []
         for index, (query_len, seq_len) in enumerate(zip(metadata.query_lens, metadata.seq_lens)):
-            if index in batched:
+            start = starts[index]
+            runs = metadata.block_runs[index] if metadata.block_runs is not None else None
+            if query_len == 1 and runs is not None and len(runs) <= self.MAX_DECODE_RUNS:
+                outputs.append(_decode_in_place(query[start], kv_cache, runs, seq_len, metadata.sliding_window,
+                                                scale))
                 continue
-            if metadata.first_blocks is not None:
-                keys, values = view_kv(kv_cache, metadata.first_blocks[index], seq_len)
+            if runs is not None and len(runs) == 1:
+                keys, values = view_kv(kv_cache, runs[0][0], seq_len)
             else:
                 num_blocks = -(-seq_len // kv_cache.shape[3])
                 blocks = self._gather(kv_cache, metadata.block_tables[index, :num_blocks])
                 keys, values = blocks[0].flatten(1, 2)[:, :seq_len], blocks[1].flatten(1, 2)[:, :seq_len]
-            start = starts[index]
-            out[start:start + query_len] = _attend_one(query[start:start + query_len], keys, values,
-                                                       metadata.sliding_window, scale)
-        return out
+            outputs.append(_attend_one(query[start:start + query_len], keys, values, metadata.sliding_window,
+                                       scale))
+        return outputs[0] if len(outputs) == 1 else torch.cat(outputs)
+
+    MAX_DECODE_RUNS = 16
+    """A decode whose blocks form more runs than this is gathered instead."""
+
+    PADDED_DECODE_BYTES = 4 << 20
+    """Decode-only steps whose padded keys and values (one layer) fit in this many
+    bytes run as one padded batch: small enough to stay in cache, so the copy is
+    cheaper than a per-sequence loop."""
 
     def _gather(self, kv_cache: torch.Tensor, block_ids: torch.Tensor) -> torch.Tensor:
         """``kv_cache[:, :, block_ids]`` copied into a reused buffer.
@@ -173,51 +182,89 @@ class TorchBackend:
         out = self._scratch[:needed].view(shape)
         return torch.index_select(kv_cache, 2, block_ids, out=out)
 
-    def _layout(self, metadata: AttentionMetadata) -> tuple[list[int], list[int]]:
-        """The sequences adding one token, and each sequence's first row in the batch
-        (cached per step: every layer asks)."""
-        cached = self._rows_cache
+    def _layout(self, metadata: AttentionMetadata, kv_cache: torch.Tensor) -> tuple[list[int], bool]:
+        """Each sequence's first row in the flat batch, and whether this is a step
+        for the padded decode batch (cached per step: every layer asks)."""
+        cached = self._layout_cache
         if cached is None or cached[0] is not metadata:
-            rows = [i for i, length in enumerate(metadata.query_lens) if length == 1]
             starts = [0, *itertools.accumulate(metadata.query_lens)][:-1]
-            self._rows_cache = cached = (metadata, rows, starts)
+            padded = False
+            if metadata.num_seqs > 1 and metadata.num_tokens == metadata.num_seqs:
+                _, kv_heads, _, block_size, head_dim = kv_cache.shape
+                width = -(-max(metadata.seq_lens) // block_size) * block_size
+                padded_bytes = 2 * kv_heads * width * head_dim * kv_cache.element_size() * metadata.num_seqs
+                padded = padded_bytes <= self.PADDED_DECODE_BYTES
+            self._layout_cache = cached = (metadata, starts, padded)
         return cached[1], cached[2]
 
-    def _decode(self, query: torch.Tensor, kv_cache: torch.Tensor, metadata: AttentionMetadata,
-                rows: list[int], scale: float) -> torch.Tensor:
+    def _decode_padded(self, query: torch.Tensor, kv_cache: torch.Tensor, metadata: AttentionMetadata,
+                       scale: float) -> torch.Tensor:
         # One query per sequence: gather the sequences' blocks into a padded
         # batch [seqs, kv_heads, max_len, dim] and mask the padding.
         _, kv_heads, _, block_size, head_dim = kv_cache.shape
-        seq_lens = [metadata.seq_lens[i] for i in rows]
+        seq_lens = metadata.seq_lens
         max_len = max(seq_lens)
         num_blocks = -(-max_len // block_size)
-        tables = metadata.block_tables if len(rows) == metadata.num_seqs else metadata.block_tables[rows]
-        blocks = self._gather(kv_cache, tables[:, :num_blocks].reshape(-1))
-        blocks = blocks.view(2, kv_heads, len(rows), num_blocks * block_size, head_dim)[:, :, :, :max_len]
+        blocks = self._gather(kv_cache, metadata.block_tables[:, :num_blocks].reshape(-1))
+        blocks = blocks.view(2, kv_heads, len(seq_lens), num_blocks * block_size, head_dim)[:, :, :, :max_len]
         keys, values = blocks[0].transpose(0, 1), blocks[1].transpose(0, 1)  # [seqs, kv_heads, len, dim]
         out = F.scaled_dot_product_attention(
             query.unsqueeze(2),               # [seqs, heads, 1, dim]
             keys, values,
-            attn_mask=self._decode_mask(metadata, seq_lens, query.device),
+            attn_mask=self._decode_mask(metadata, query.device),
             scale=scale,
             enable_gqa=query.shape[1] != kv_heads,
         )
         return out.squeeze(2)
 
-    def _decode_mask(self, metadata: AttentionMetadata, seq_lens: list[int], device: torch.device) -> torch.Tensor:
+    def _decode_mask(self, metadata: AttentionMetadata, device: torch.device) -> torch.Tensor:
         # Every layer of a step shares the metadata object: build its mask once.
         cached = self._mask_cache
         if cached is not None and cached[0] is metadata:
             return cached[1]
-        max_len = max(seq_lens)
+        seq_lens = metadata.seq_lens
         lengths = torch.tensor(seq_lens, device=device)
-        positions = torch.arange(max_len, device=device)
+        positions = torch.arange(max(seq_lens), device=device)
         visible = positions[None, :] < lengths[:, None]
         if metadata.sliding_window is not None:
             visible &= positions[None, :] >= (lengths[:, None] - metadata.sliding_window)
         mask = visible[:, None, None, :]
         self._mask_cache = (metadata, mask)
         return mask
+
+
+def _decode_in_place(query: torch.Tensor, kv_cache: torch.Tensor, runs: tuple[tuple[int, int], ...],
+                     seq_len: int, window: int | None, scale: float) -> torch.Tensor:
+    """One sequence's single query (``[heads, dim]``) over its cached keys and values,
+    read where they lie: each run of consecutive blocks is a strided view, and the
+    scores of all runs share one softmax. Returns ``[1, heads, dim]``."""
+    _, kv_heads, num_blocks, block_size, head_dim = kv_cache.shape
+    heads = query.shape[0]
+    grouped = (query * scale).view(kv_heads, heads // kv_heads, head_dim)   # heads grouped by their KV head
+    head_stride, kv_stride = num_blocks * block_size * head_dim, kv_heads * num_blocks * block_size * head_dim
+    base = kv_cache.storage_offset()
+    first_visible = 0 if window is None else max(0, seq_len - window)
+    pieces = []                                                             # (storage offset, tokens)
+    position = 0
+    for first, count in runs:
+        lo, hi = max(position, first_visible), min(position + count * block_size, seq_len)
+        if lo < hi:
+            pieces.append((base + (first * block_size + lo - position) * head_dim, hi - lo))
+        position += count * block_size
+        if position >= seq_len:
+            break
+    scores = [torch.matmul(grouped, kv_cache.as_strided((kv_heads, head_dim, n), (head_stride, 1, head_dim),
+                                                           offset))
+              for offset, n in pieces]                                      # [kv_heads, group, n] each
+    probs = (scores[0] if len(scores) == 1 else torch.cat(scores, dim=-1)).softmax(dim=-1)
+    out = None
+    seen = 0
+    for offset, n in pieces:
+        values = kv_cache.as_strided((kv_heads, n, head_dim), (head_stride, head_dim, 1), offset + kv_stride)
+        part = probs[..., seen:seen + n]
+        out = torch.matmul(part, values) if out is None else torch.baddbmm(out, part, values)
+        seen += n
+    return out.view(1, heads, head_dim)
 
 
 def _attend_one(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, window: int | None,

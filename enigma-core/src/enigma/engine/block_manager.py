@@ -8,6 +8,15 @@ recently freed first — automatic prefix caching, as vLLM's block pool does.
 
 ``allocate`` answers False when the pool is out of blocks, so the scheduler
 can preempt instead of failing.
+
+Blocks are handed out one at a time, as sequences grow, but placed so that
+each sequence's blocks stay consecutive when the pool allows: a sequence
+claims a free stretch the size it expects to reach (``expected_tokens``), and
+others place their blocks elsewhere while free room lasts. A claim is only a
+preference: it holds no memory, and when room runs short any free block is
+used. Backends read a consecutive run of blocks as a view instead of a copy
+(see ``AttentionMetadata.block_runs``), which on CPU is most of the cost of
+decode attention.
 """
 
 from __future__ import annotations
@@ -48,24 +57,82 @@ class PagedCache:
         self.prefix_queries = 0
         self.prefix_hits = 0
         self._last_lookup: dict[str, tuple[int, int]] = {}
+        self._claim_owner: list[str | None] = [None] * num_blocks  # who placed its next blocks here
+        self._claims: dict[str, range] = {}
 
     # ------------------------------------------------------------ pool
 
-    def _take_free(self, prefer: int | None = None) -> Block:
-        # The block after a sequence's last one, when it is free and caches
-        # nothing, keeps the sequence's blocks consecutive (backends can then
-        # read them as a view); otherwise the least recently freed block.
-        candidate = self._free.get(prefer) if prefer is not None else None
-        if candidate is not None and candidate.block_hash is None:
-            block = self._free.pop(prefer)
-        else:
-            _, block = self._free.popitem(last=False)
+    def _take(self, block: Block) -> Block:
+        del self._free[block.block_id]
         if block.block_hash is not None:           # evict its cached content
             if self._by_hash.get(block.block_hash) is block:
                 del self._by_hash[block.block_hash]
             block.block_hash = None
         block.ref_count = 1
         return block
+
+    def _next_block(self, request_id: str, table: list[Block], remaining: int) -> Block:
+        """A block for the request's next tokens: right after its last one when that is
+        free and nobody else claimed it, else the first of a newly placed stretch."""
+        if table:
+            after = table[-1].block_id + 1
+            if after < self.num_blocks and after in self._free and self._claim_owner[after] in (None, request_id):
+                return self._take(self._blocks[after])
+        return self._take(self._blocks[self._place(request_id, remaining)])
+
+    def _place(self, request_id: str, want: int) -> int:
+        """Where a stretch of ``want`` blocks for ``request_id`` starts; claims it.
+
+        In the free stretches nobody else claimed, the ``want`` blocks in a row
+        that evict the least cached content (then the lowest); failing that
+        the longest such stretch; failing that (others claimed every free
+        block) the second half of the longest free stretch, taken from its
+        claimant.
+        """
+        owner = self._claim_owner
+        unclaimed = self._free_stretches(lambda i: owner[i] is None or owner[i] == request_id)
+        fitting = [(first, length) for first, length in unclaimed if length >= want]
+        if fitting:
+            cached_before = [0]                     # cached_before[i]: cached blocks among 0 .. i-1
+            for block in self._blocks:
+                cached_before.append(cached_before[-1] + (block.block_hash is not None))
+            _, start = min((cached_before[at + want] - cached_before[at], at)
+                           for first, length in fitting for at in range(first, first + length - want + 1))
+            length = want
+        elif unclaimed:
+            start, length = max(unclaimed, key=lambda run: run[1])
+        else:
+            first, length = max(self._free_stretches(lambda i: True), key=lambda run: run[1])
+            start = first + length // 2
+            length -= length // 2
+        claim = range(start, start + min(want, length))
+        for index in self._claims.pop(request_id, ()):
+            if owner[index] == request_id:
+                owner[index] = None
+        for index in claim:
+            owner[index] = request_id
+        self._claims[request_id] = claim
+        return start
+
+    def _free_stretches(self, eligible) -> list[tuple[int, int]]:
+        """Maximal runs ``(first, length)`` of free blocks that are ``eligible``."""
+        free = self._free
+        stretches = []
+        start = None
+        for index in range(self.num_blocks + 1):
+            ok = index < self.num_blocks and index in free and eligible(index)
+            if ok and start is None:
+                start = index
+            elif not ok and start is not None:
+                stretches.append((start, index - start))
+                start = None
+        return stretches
+
+    def _release_claim(self, request_id: str) -> None:
+        owner = self._claim_owner
+        for index in self._claims.pop(request_id, ()):
+            if owner[index] == request_id:
+                owner[index] = None
 
     def _share(self, block: Block) -> None:
         if block.ref_count == 0:
@@ -116,8 +183,12 @@ class PagedCache:
         self.prefix_hits -= found
         self.free(request_id)
 
-    def allocate(self, request_id: str, num_tokens: int) -> bool:
-        """Make the request's blocks cover ``num_tokens`` tokens in all; False if the pool can't."""
+    def allocate(self, request_id: str, num_tokens: int, *, expected_tokens: int | None = None) -> bool:
+        """Make the request's blocks cover ``num_tokens`` tokens in all; False if the pool can't.
+
+        ``expected_tokens`` (how long the request may grow) only guides where
+        its blocks go, so that they stay consecutive.
+        """
         table = self._tables.setdefault(request_id, [])
         self._hashed.setdefault(request_id, 0)
         needed = -(-num_tokens // self.block_size) - len(table)
@@ -125,8 +196,9 @@ class PagedCache:
             return True
         if needed > len(self._free):
             return False
+        expected_blocks = max(-(-(expected_tokens or 0) // self.block_size), len(table) + needed)
         for _ in range(needed):
-            table.append(self._take_free(prefer=table[-1].block_id + 1 if table else None))
+            table.append(self._next_block(request_id, table, expected_blocks - len(table)))
         return True
 
     def commit(self, request_id: str, token_ids: Sequence[int]) -> None:
@@ -148,6 +220,7 @@ class PagedCache:
         """Return every block the request holds (tail first, so the tail is evicted first)."""
         for block in reversed(self._tables.pop(request_id, [])):
             self._release(block)
+        self._release_claim(request_id)
         self._hashed.pop(request_id, None)
         self._last_lookup.pop(request_id, None)
 
@@ -191,5 +264,5 @@ class ContiguousCache(PagedCache):
         super().__init__(num_blocks, block_size, enable_prefix_caching=False)
         self.max_model_len = max_model_len
 
-    def allocate(self, request_id: str, num_tokens: int) -> bool:
+    def allocate(self, request_id: str, num_tokens: int, *, expected_tokens: int | None = None) -> bool:
         return super().allocate(request_id, max(num_tokens, self.max_model_len))

@@ -58,7 +58,8 @@ class Scheduler:
         while index < len(self.running) and budget > 0:
             request = self.running[index]
             num_new = min(request.num_tokens - request.num_computed_tokens, budget)
-            while not self.cache.allocate(request.request_id, request.num_computed_tokens + num_new):
+            while not self.cache.allocate(request.request_id, request.num_computed_tokens + num_new,
+                                          expected_tokens=request.sequence.max_num_tokens):
                 victim = self.running[-1]  # the least urgent; never one already scheduled this step
                 self._preempt(victim)
                 preempted = True
@@ -74,7 +75,8 @@ class Scheduler:
             tokens = [] if request.skip_prefix_cache else request.all_token_ids()
             cached = self.cache.lookup_prefix(request.request_id, tokens)
             num_new = min(request.num_tokens - cached, budget)
-            if not self.cache.allocate(request.request_id, cached + num_new):
+            if not self.cache.allocate(request.request_id, cached + num_new,
+                                       expected_tokens=request.sequence.max_num_tokens):
                 # A waiting request holds no blocks (else two could deadlock holding
                 # halves); its prefix stays cached for the next try.
                 self.cache.cancel(request.request_id)

@@ -1,0 +1,89 @@
+"""The paged cache's block placement: sequences that grow together keep their blocks consecutive."""
+
+from __future__ import annotations
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from enigma.attention import block_runs
+from enigma.engine.block_manager import PagedCache
+
+
+def grow_together(cache, requests, steps, expected):
+    """Allocate like decoding does: every request one token further, round after round."""
+    lengths = dict.fromkeys(requests, 1)
+    for _ in range(steps):
+        for request in requests:
+            lengths[request] += 1
+            assert cache.allocate(request, lengths[request], expected_tokens=expected)
+
+
+def test_sequences_growing_together_stay_consecutive():
+    cache = PagedCache(num_blocks=64, block_size=4)
+    grow_together(cache, ["a", "b", "c"], steps=40, expected=48)
+    for request in "abc":
+        table = cache.block_table(request)
+        assert len(table) == 11
+        assert len(block_runs(table)) == 1, table
+
+
+def test_without_a_hint_growing_sequences_interleave():
+    # the old behaviour, for contrast: no expected length, no room kept
+    cache = PagedCache(num_blocks=64, block_size=4)
+    grow_together(cache, ["a", "b"], steps=20, expected=None)
+    assert len(block_runs(cache.block_table("a"))) > 1
+
+
+def test_when_claims_cover_the_pool_a_newcomer_splits_the_longest_free_stretch():
+    cache = PagedCache(num_blocks=16, block_size=1)
+    assert cache.allocate("a", 1, expected_tokens=16)      # claims the whole pool
+    assert cache.allocate("b", 1, expected_tokens=8)       # takes the back half of what is free
+    assert cache.block_table("a") == [0]
+    assert cache.block_table("b") == [8]
+    grow_together(cache, ["a", "b"], steps=7, expected=None)
+    assert block_runs(cache.block_table("a")) == ((0, 8),)
+    assert block_runs(cache.block_table("b")) == ((8, 8),)
+
+
+def test_empty_blocks_are_placed_before_cached_ones():
+    cache = PagedCache(num_blocks=12, block_size=2)
+    tokens = list(range(8))
+    assert cache.allocate("old", 8, expected_tokens=8)
+    cache.commit("old", tokens)
+    cache.free("old")                                      # 4 cached blocks, findable
+    assert cache.allocate("new", 2, expected_tokens=8)
+    assert not set(cache.block_table("new")) & {0, 1, 2, 3}
+    cache.free("new")
+    assert cache.lookup_prefix("probe", [*tokens, 99]) == 8  # the old prefix survived
+
+
+def test_a_full_pool_still_allocates_every_block():
+    cache = PagedCache(num_blocks=10, block_size=1)
+    assert cache.allocate("a", 3, expected_tokens=10)
+    assert cache.allocate("b", 3, expected_tokens=10)
+    assert cache.allocate("c", 4, expected_tokens=10)
+    assert cache.num_free_blocks == 0
+    assert not cache.allocate("a", 4)
+    assert sorted(cache.block_table("a") + cache.block_table("b") + cache.block_table("c")) == list(range(10))
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from("abcdef"), st.integers(1, 12), st.integers(0, 40), st.booleans()),
+                max_size=40))
+def test_placement_never_hands_out_a_block_twice(operations):
+    cache = PagedCache(num_blocks=24, block_size=2)
+    sizes: dict[str, int] = {}
+    for request, grow, expected, free in operations:
+        if free:
+            cache.free(request)
+            sizes.pop(request, None)
+            continue
+        want = sizes.get(request, 0) + grow
+        if cache.allocate(request, want, expected_tokens=expected or None):
+            sizes[request] = want
+        held = [block for name in sizes for block in cache.block_table(name)]
+        assert len(held) == len(set(held))
+        assert cache.num_used_blocks == len(held)
+    for request in list(sizes):
+        cache.free(request)
+    assert cache.num_free_blocks == 24
