@@ -49,7 +49,7 @@ def main() -> None:
 
     from enigma import LLM, SamplingParams
 
-    llm = LLM(folder)
+    llm = LLM(folder, enable_prefix_caching=False)  # every repeat prefills the same prompt: really prefill it
 
     def enigma_generate(new_tokens: int) -> None:
         out = llm.generate([prompt], SamplingParams(temperature=0, max_tokens=new_tokens, ignore_eos=True))

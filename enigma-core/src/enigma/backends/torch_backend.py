@@ -59,13 +59,17 @@ class OneDNNLinear(torch.nn.Module):
     For one token at a time (decode), oneDNN streams the weights markedly
     faster on CPU than ``nn.Linear``'s default path (see BENCHMARKS.md), and as
     fast for prefill. The weight stays an ordinary ``[out, in]`` parameter, so
-    a head tied to the embeddings keeps sharing it. Small weights stay on
-    ``nn.Linear``: below about 600K elements oneDNN's per-call cost outweighs
-    its bandwidth (measured here: 256x768 takes 39 us with ``F.linear`` and
-    61 us with oneDNN; 768x2304 takes 258 us and 141 us).
+    a head tied to the embeddings keeps sharing it. In a model small enough to
+    stay in the CPU's caches, small weights stay on ``nn.Linear``: there, below
+    about 600K elements, oneDNN's per-call cost outweighs its bandwidth
+    (measured here: 256x768 takes 39 us with ``F.linear`` and 61 us with
+    oneDNN; 768x2304 takes 258 us and 141 us). Weights streamed from memory
+    favour oneDNN at every size (768x768: 219 us against 249 us).
     """
 
     MIN_WEIGHT_ELEMENTS = 600_000
+    CACHE_RESIDENT_BYTES = 32 << 20
+    """Models whose Linear weights fit in this many bytes keep small Linears on ``nn.Linear``."""
 
     def __init__(self, linear: torch.nn.Linear) -> None:
         super().__init__()
@@ -74,9 +78,9 @@ class OneDNNLinear(torch.nn.Module):
         self.bias = linear.bias
 
     @staticmethod
-    def supported(linear: torch.nn.Linear) -> bool:
+    def supported(linear: torch.nn.Linear, *, min_elements: int = MIN_WEIGHT_ELEMENTS) -> bool:
         return (linear.weight.dtype == torch.float32 and linear.weight.device.type == "cpu"
-                and linear.weight.numel() >= OneDNNLinear.MIN_WEIGHT_ELEMENTS
+                and linear.weight.numel() >= min_elements
                 and torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise"))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -84,11 +88,15 @@ class OneDNNLinear(torch.nn.Module):
 
 
 def use_onednn_linears(model: torch.nn.Module) -> None:
-    """Run every exact ``nn.Linear`` of ``model`` through :class:`OneDNNLinear`, in place."""
-    for module in list(model.modules()):
-        for name, child in list(module.named_children()):
-            if type(child) is torch.nn.Linear and OneDNNLinear.supported(child):
-                setattr(module, name, OneDNNLinear(child))
+    """Run the exact ``nn.Linear``s of ``model`` through :class:`OneDNNLinear`, in place
+    (all of them, or in a cache-resident model only the large ones)."""
+    linears = [(module, name, child) for module in model.modules() for name, child in module.named_children()
+               if type(child) is torch.nn.Linear]
+    weight_bytes = sum(child.weight.nbytes for _, _, child in linears)
+    min_elements = 0 if weight_bytes > OneDNNLinear.CACHE_RESIDENT_BYTES else OneDNNLinear.MIN_WEIGHT_ELEMENTS
+    for module, name, child in linears:
+        if OneDNNLinear.supported(child, min_elements=min_elements):
+            setattr(module, name, OneDNNLinear(child))
 
 
 class TorchBackend:
@@ -236,11 +244,15 @@ class TorchBackend:
 def _decode_in_place(query: torch.Tensor, kv_cache: torch.Tensor, runs: tuple[tuple[int, int], ...],
                      seq_len: int, window: int | None, scale: float) -> torch.Tensor:
     """One sequence's single query (``[heads, dim]``) over its cached keys and values,
-    read where they lie: each run of consecutive blocks is a strided view, and the
-    scores of all runs share one softmax. Returns ``[1, heads, dim]``."""
+    read where they lie: each run of consecutive blocks is a strided view.
+
+    The query heads that share a KV head attend as that head's queries (no
+    mask is needed: a decode sees every cached key). One run is one SDPA call
+    (its CPU kernel beats two matmuls here by 1.2-2x); several runs share one
+    softmax over their matmul scores. Returns ``[1, heads, dim]``.
+    """
     _, kv_heads, num_blocks, block_size, head_dim = kv_cache.shape
     heads = query.shape[0]
-    grouped = (query * scale).view(kv_heads, heads // kv_heads, head_dim)   # heads grouped by their KV head
     head_stride, kv_stride = num_blocks * block_size * head_dim, kv_heads * num_blocks * block_size * head_dim
     base = kv_cache.storage_offset()
     first_visible = 0 if window is None else max(0, seq_len - window)
@@ -253,6 +265,14 @@ def _decode_in_place(query: torch.Tensor, kv_cache: torch.Tensor, runs: tuple[tu
         position += count * block_size
         if position >= seq_len:
             break
+    if len(pieces) == 1:
+        offset, n = pieces[0]
+        keys = kv_cache.as_strided((1, kv_heads, n, head_dim), (0, head_stride, head_dim, 1), offset)
+        values = kv_cache.as_strided((1, kv_heads, n, head_dim), (0, head_stride, head_dim, 1), offset + kv_stride)
+        out = F.scaled_dot_product_attention(query.view(1, kv_heads, heads // kv_heads, head_dim), keys, values,
+                                             scale=scale)
+        return out.view(1, heads, head_dim)
+    grouped = (query * scale).view(kv_heads, heads // kv_heads, head_dim)
     scores = [torch.matmul(grouped, kv_cache.as_strided((kv_heads, head_dim, n), (head_stride, 1, head_dim),
                                                            offset))
               for offset, n in pieces]                                      # [kv_heads, group, n] each
