@@ -41,7 +41,7 @@ def run_case(query_lens, seq_lens, *, heads=4, kv_heads=2, dim=8, block_size=4, 
                                 block_runs=runs if layout == "runs" else None)
     backend = TorchBackend(device="cpu")
     if not padded_decodes:
-        backend.PADDED_DECODE_BYTES = 0
+        backend.PADDED_DECODE_BYTES_PER_SEQ = 0
     num_blocks = int(metadata.block_tables.max()) + 2
     cache = torch.zeros(backend.kv_cache_shape(num_blocks, block_size, kv_heads, dim))
     # Each sequence's full history, contiguous; its cached part goes into the
