@@ -87,3 +87,16 @@ def test_placement_never_hands_out_a_block_twice(operations):
     for request in list(sizes):
         cache.free(request)
     assert cache.num_free_blocks == 24
+
+
+def test_among_cached_blocks_the_least_recently_freed_go_first():
+    cache = PagedCache(num_blocks=8, block_size=1)
+    for name, tokens in (("first", [1, 2, 3, 4]), ("second", [5, 6, 7, 8])):
+        assert cache.allocate(name, 4, expected_tokens=4)
+        cache.commit(name, tokens)
+    cache.free("second")                                   # freed first: evicted first,
+    cache.free("first")                                    # though it lies at higher block ids
+    assert cache.allocate("new", 4, expected_tokens=4)
+    assert cache.block_table("new") == [4, 5, 6, 7]
+    assert cache.lookup_prefix("probe-kept", [1, 2, 3, 4, 0]) == 4
+    assert cache.lookup_prefix("probe-evicted", [5, 6, 7, 8, 0]) == 0

@@ -3,8 +3,9 @@
 One pool of fixed-size blocks. A block in use has a reference count (several
 sequences with the same prompt prefix share its blocks). Once full, a block's
 content is identified by a hash chained over every token before it; a freed
-block keeps its hash and stays findable until the pool must reuse it, least
-recently freed first — automatic prefix caching, as vLLM's block pool does.
+block keeps its hash and stays findable until the pool must reuse it, empty
+blocks first, then the least recently freed — automatic prefix caching, as
+vLLM's block pool does.
 
 ``allocate`` answers False when the pool is out of blocks, so the scheduler
 can preempt instead of failing.
@@ -84,20 +85,26 @@ class PagedCache:
         """Where a stretch of ``want`` blocks for ``request_id`` starts; claims it.
 
         In the free stretches nobody else claimed, the ``want`` blocks in a row
-        that evict the least cached content (then the lowest); failing that
-        the longest such stretch; failing that (others claimed every free
-        block) the second half of the longest free stretch, taken from its
-        claimant.
+        that evict the fewest cached blocks, and of those the least recently
+        freed (then the lowest); failing that the longest such stretch;
+        failing that (others claimed every free block) the second half of the
+        longest free stretch, taken from its claimant.
         """
         owner = self._claim_owner
         unclaimed = self._free_stretches(lambda i: owner[i] is None or owner[i] == request_id)
         fitting = [(first, length) for first, length in unclaimed if length >= want]
         if fitting:
-            cached_before = [0]                     # cached_before[i]: cached blocks among 0 .. i-1
-            for block in self._blocks:
-                cached_before.append(cached_before[-1] + (block.block_hash is not None))
-            _, start = min((cached_before[at + want] - cached_before[at], at)
-                           for first, length in fitting for at in range(first, first + length - want + 1))
+            recency = [0] * self.num_blocks         # cached free blocks: 1 + rank in freeing order
+            for rank, block in enumerate(self._free.values(), start=1):
+                if block.block_hash is not None:
+                    recency[block.block_id] = rank
+            cached_before, recency_before = [0], [0]  # prefix sums over block ids
+            for value in recency:
+                cached_before.append(cached_before[-1] + (value > 0))
+                recency_before.append(recency_before[-1] + value)
+            *_, start = min((cached_before[at + want] - cached_before[at],
+                             recency_before[at + want] - recency_before[at], at)
+                            for first, length in fitting for at in range(first, first + length - want + 1))
             length = want
         elif unclaimed:
             start, length = max(unclaimed, key=lambda run: run[1])
