@@ -273,7 +273,7 @@ def _decode_in_place(query: torch.Tensor, kv_cache: torch.Tensor, runs: tuple[tu
         values = kv_cache.as_strided((1, kv_heads, n, head_dim), (0, head_stride, head_dim, 1), offset + kv_stride)
         out = F.scaled_dot_product_attention(query.view(1, kv_heads, heads // kv_heads, head_dim), keys, values,
                                              scale=scale)
-        return out.view(1, heads, head_dim)
+        return out.reshape(1, heads, head_dim)  # CUDA's kernels may hand back a non-contiguous layout
     grouped = (query * scale).view(kv_heads, heads // kv_heads, head_dim)
     scores = [torch.matmul(grouped, kv_cache.as_strided((kv_heads, head_dim, n), (head_stride, 1, head_dim),
                                                            offset))
