@@ -126,11 +126,11 @@ class LlamaAttention(nn.Module):
         self.o_proj = nn.Linear(self.q_size, config.hidden_size, bias=config.o_bias)
         self.scale = self.head_dim ** -0.5
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor,
                 context: ForwardContext) -> torch.Tensor:
         tokens = x.shape[0]
         qkv = self.qkv_proj(x).view(tokens, self.num_heads + 2 * self.num_kv_heads, self.head_dim)
-        qk = apply_rotary(qkv[:, : self.num_heads + self.num_kv_heads], cos, sin)  # q and k in one go
+        qk = apply_rotary(qkv[:, : self.num_heads + self.num_kv_heads], cos, signed_sin)  # q and k in one go
         q, k = qk.split([self.num_heads, self.num_kv_heads], dim=1)
         v = qkv[:, self.num_heads + self.num_kv_heads:]
         out = context.backend.attention(
@@ -162,9 +162,9 @@ class LlamaDecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor,
                 context: ForwardContext) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, context)
+        x = x + self.self_attn(self.input_layernorm(x), cos, signed_sin, context)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -223,13 +223,13 @@ class LlamaForCausalLM(nn.Module):
                 context: ForwardContext) -> torch.Tensor:
         """Hidden states ``[num_tokens, hidden]`` after the final norm."""
         x = self.model.embed_tokens(input_ids)
-        cos, sin = cos_sin(positions, self.inv_freq, x.dtype)
+        cos, signed_sin = cos_sin(positions, self.inv_freq, x.dtype)
         recompute = self.checkpointed_layers if torch.is_grad_enabled() else ()
         for index, layer in enumerate(self.model.layers):
             if index in recompute:
-                x = checkpoint(layer, x, cos, sin, context, use_reentrant=False)
+                x = checkpoint(layer, x, cos, signed_sin, context, use_reentrant=False)
             else:
-                x = layer(x, cos, sin, context)
+                x = layer(x, cos, signed_sin, context)
         return self.model.norm(x)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:

@@ -42,14 +42,20 @@ def inverse_frequencies(head_dim: int, theta: float, scaling: dict[str, Any] | N
 
 
 def cos_sin(positions: torch.Tensor, inv_freq: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """``cos, sin`` of shape ``[num_tokens, 1, head_dim]`` for the given positions."""
+    """``cos`` and the signed ``sin`` (``[-sin, sin]`` over the two halves), each
+    ``[num_tokens, 1, head_dim]``, for the given positions: what :func:`apply_rotary` takes."""
     freqs = positions.float()[:, None] * inv_freq.float()[None, :]   # [tokens, head_dim/2]
-    angles = torch.cat((freqs, freqs), dim=-1)[:, None, :]    # [tokens, 1, head_dim]
-    return angles.cos().to(dtype), angles.sin().to(dtype)
+    cos = freqs.cos()
+    sin = freqs.sin()
+    return (torch.cat((cos, cos), dim=-1)[:, None, :].to(dtype),
+            torch.cat((-sin, sin), dim=-1)[:, None, :].to(dtype))
 
 
-def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate ``x`` ``[tokens, heads, head_dim]`` (halves layout, as Llama checkpoints use)."""
-    half = x.shape[-1] // 2
-    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-    return torch.addcmul(x * cos, rotated, sin)
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
+    """Rotate ``x`` ``[tokens, heads, head_dim]`` (halves layout, as Llama checkpoints use).
+
+    ``x * cos + rotate_half(x) * sin`` with ``rotate_half(x) = [-x2, x1]``,
+    written as ``roll(x) * [-sin, sin]``: the same numbers, in three kernels
+    instead of six (each costs ≈ 10 µs in a decode step).
+    """
+    return torch.addcmul(x * cos, torch.roll(x, x.shape[-1] // 2, dims=-1), signed_sin)
