@@ -113,9 +113,7 @@ class PagedCache:
             start = first + length // 2
             length -= length // 2
         claim = range(start, start + min(want, length))
-        for index in self._claims.pop(request_id, ()):
-            if owner[index] == request_id:
-                owner[index] = None
+        self._release_claim(request_id)
         for index in claim:
             owner[index] = request_id
         self._claims[request_id] = claim
