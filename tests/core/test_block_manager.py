@@ -100,3 +100,14 @@ def test_among_cached_blocks_the_least_recently_freed_go_first():
     assert cache.block_table("new") == [4, 5, 6, 7]
     assert cache.lookup_prefix("probe-kept", [1, 2, 3, 4, 0]) == 4
     assert cache.lookup_prefix("probe-evicted", [5, 6, 7, 8, 0]) == 0
+
+
+def test_growing_past_a_claim_does_not_evict_a_cached_neighbour():
+    cache = PagedCache(num_blocks=12, block_size=1)
+    assert cache.allocate("a", 2, expected_tokens=2)      # blocks 0, 1
+    assert cache.allocate("old", 4, expected_tokens=4)    # blocks 2-5, right after a's
+    cache.commit("old", [1, 2, 3, 4])
+    cache.free("old")                                     # cached and unclaimed now
+    assert cache.allocate("a", 3)                         # grows past its claim
+    assert cache.block_table("a")[2] not in {2, 3, 4, 5}
+    assert cache.lookup_prefix("probe", [1, 2, 3, 4, 0]) == 4

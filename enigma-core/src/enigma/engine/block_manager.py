@@ -74,10 +74,14 @@ class PagedCache:
 
     def _next_block(self, request_id: str, table: list[Block], remaining: int) -> Block:
         """A block for the request's next tokens: right after its last one when that is
-        free and nobody else claimed it, else the first of a newly placed stretch."""
+        free and either in the request's claim or unclaimed and empty (a cached block
+        outside the claim is left to placement, which evicts cached content last);
+        else the first of a newly placed stretch."""
         if table:
             after = table[-1].block_id + 1
-            if after < self.num_blocks and after in self._free and self._claim_owner[after] in (None, request_id):
+            owner = self._claim_owner[after] if after < self.num_blocks else None
+            if after in self._free and (owner == request_id
+                                        or (owner is None and self._blocks[after].block_hash is None)):
                 return self._take(self._blocks[after])
         return self._take(self._blocks[self._place(request_id, remaining)])
 
