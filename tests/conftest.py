@@ -16,6 +16,16 @@ FIXTURE_PLUGINS = ("enigma-plugin-exact", "enigma-plugin-broken")
 pytest_plugins = ["pytester"]
 
 
+@pytest.fixture(scope="session", autouse=True)
+def native_kernels_built_apart(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """Compile enigma's native CPU kernels once for the session, outside the user's cache."""
+    from enigma import native
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("ENIGMA_HOME", str(tmp_path_factory.mktemp("native-kernels-home")))
+        native.kernels()
+
+
 @pytest.fixture(scope="session")
 def fixture_plugins_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The fixture plugins installed by pip into a folder of their own.

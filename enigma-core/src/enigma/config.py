@@ -55,6 +55,9 @@ class EngineConfig:
     device: str = setting("auto", allowed="'auto' or a torch device such as cpu, cuda, cuda:1",
                           check=lambda v: bool(re.match(r"^(auto|cpu|cuda(:\d+)?|mps)$", v)),
                           doc="device the backend runs on")
+    native_kernels: bool = setting(True, allowed="true or false", check=lambda v: isinstance(v, bool),
+                                   doc="compile enigma's native CPU kernels with the system C compiler and "
+                                       "use them (false: torch's kernels only)")
 
 
 @attrs.define

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from enigma.attention import AttentionMetadata
+from enigma.native import NativeKernels, kernels
 
 
 def kv_cache_shape(num_blocks: int, block_size: int, num_kv_heads: int, head_dim: int) -> tuple[int, ...]:
@@ -53,50 +54,61 @@ def view_kv(kv_cache: torch.Tensor, first_block: int, length: int) -> tuple[torc
     return flat[0], flat[1]
 
 
-class OneDNNLinear(torch.nn.Module):
-    """A Linear run by oneDNN's matmul kernels, on the same weight tensor.
+class CPULinear(torch.nn.Module):
+    """A float32 Linear on CPU, run by the kernel that is fastest for the rows it gets.
 
-    For one token at a time (decode), oneDNN streams the weights markedly
-    faster on CPU than ``nn.Linear``'s default path (see BENCHMARKS.md), and as
-    fast for prefill. The weight stays an ordinary ``[out, in]`` parameter, so
-    a head tied to the embeddings keeps sharing it. In a model small enough to
-    stay in the CPU's caches, small weights stay on ``nn.Linear``: there, below
-    about 600K elements, oneDNN's per-call cost outweighs its bandwidth
-    (measured here: 256x768 takes 39 us with ``F.linear`` and 61 us with
-    oneDNN; 768x2304 takes 258 us and 141 us). Weights streamed from memory
-    favour oneDNN at every size (768x768: 219 us against 249 us).
+    Up to :attr:`NATIVE_MAX_ROWS` rows (decode steps stream the weights once for a
+    few tokens), enigma's native kernel (:mod:`enigma.native`), which streams
+    them at close to the memory bandwidth: on the 110M benchmark model all of a
+    step's Linears take 25 ms against oneDNN's 33 and ``F.linear``'s 50 (see
+    BENCHMARKS.md). More rows (prefill), or no native kernels here: oneDNN's
+    blocked matmul, except, in a model small enough to stay in the CPU's caches,
+    for weights under about 600K elements, where oneDNN's per-call cost
+    outweighs its speed and ``F.linear`` stays (256x768: 39 us against 61 us;
+    768x2304: 258 us against 141 us). The weight stays an ordinary ``[out, in]``
+    parameter, so a head tied to the embeddings keeps sharing it, and
+    whatever needs gradients runs ``F.linear``.
     """
 
-    MIN_WEIGHT_ELEMENTS = 600_000
+    NATIVE_MAX_ROWS = 32
+    """Above this many rows oneDNN's blocked matmul beats the streaming kernel (measured: 48 rows)."""
+    ONEDNN_MIN_ELEMENTS = 600_000
     CACHE_RESIDENT_BYTES = 32 << 20
-    """Models whose Linear weights fit in this many bytes keep small Linears on ``nn.Linear``."""
+    """Models whose Linear weights fit in this many bytes keep small Linears off oneDNN."""
 
-    def __init__(self, linear: torch.nn.Linear) -> None:
+    def __init__(self, linear: torch.nn.Linear, *, native: NativeKernels | None, onednn: bool) -> None:
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.weight = linear.weight
         self.bias = linear.bias
+        self.native = native
+        self.onednn = onednn
 
     @staticmethod
-    def supported(linear: torch.nn.Linear, *, min_elements: int = MIN_WEIGHT_ELEMENTS) -> bool:
-        return (linear.weight.dtype == torch.float32 and linear.weight.device.type == "cpu"
-                and linear.weight.numel() >= min_elements
-                and torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise"))
+    def supported(linear: torch.nn.Linear) -> bool:
+        return linear.weight.dtype == torch.float32 and linear.weight.device.type == "cpu"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [], "")
+        if torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad):
+            return F.linear(x, self.weight, self.bias)
+        if self.native is not None and x.numel() <= self.NATIVE_MAX_ROWS * self.in_features:
+            return self.native.linear(x, self.weight, self.bias)
+        if self.onednn:
+            return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [], "")
+        return F.linear(x, self.weight, self.bias)
 
 
-def use_onednn_linears(model: torch.nn.Module) -> None:
-    """Run the exact ``nn.Linear``s of ``model`` through :class:`OneDNNLinear`, in place
-    (all of them, or in a cache-resident model only the large ones)."""
+def use_cpu_linears(model: torch.nn.Module) -> None:
+    """Run the exact float32 ``nn.Linear``s of ``model`` as :class:`CPULinear`, in place."""
     linears = [(module, name, child) for module in model.modules() for name, child in module.named_children()
-               if type(child) is torch.nn.Linear]
+               if type(child) is torch.nn.Linear and CPULinear.supported(child)]
+    native = kernels()
     weight_bytes = sum(child.weight.nbytes for _, _, child in linears)
-    min_elements = 0 if weight_bytes > OneDNNLinear.CACHE_RESIDENT_BYTES else OneDNNLinear.MIN_WEIGHT_ELEMENTS
+    min_onednn = 0 if weight_bytes > CPULinear.CACHE_RESIDENT_BYTES else CPULinear.ONEDNN_MIN_ELEMENTS
+    has_onednn = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
     for module, name, child in linears:
-        if OneDNNLinear.supported(child, min_elements=min_elements):
-            setattr(module, name, OneDNNLinear(child))
+        onednn = has_onednn and child.weight.numel() >= min_onednn
+        setattr(module, name, CPULinear(child, native=native, onednn=onednn))
 
 
 class TorchBackend:
@@ -125,14 +137,14 @@ class TorchBackend:
         """Move ``model`` to this backend's device, parameters in ``dtype``, in eval mode.
 
         Buffers keep their dtype: RoPE frequencies stay float32. On CPU,
-        Linears run through oneDNN (see :class:`OneDNNLinear`).
+        float32 Linears pick their kernel by the rows they get (see :class:`CPULinear`).
         """
         model = model.to(device=self.device)
         for param in model.parameters():
             if param.dtype != dtype:
                 param.data = param.data.to(dtype)
         if self.device.type == "cpu":
-            use_onednn_linears(model)
+            use_cpu_linears(model)
         return model.eval()
 
     def attention(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, *,

@@ -1,0 +1,156 @@
+"""Native CPU kernels, compiled for this machine on first use.
+
+On CPU, a decode step is a stream of matrix-vector products: each token reads
+every weight once, so its speed is the memory bandwidth the kernel reaches.
+For one to a few dozen rows, oneDNN reaches about three quarters of it here
+and MKL (``F.linear``) half; the plain loop in ``kernels.c``, vectorised by the
+compiler, comes close to all of it (see BENCHMARKS.md).
+
+The library is compiled with the system's C compiler (``$CC``, else ``cc``)
+for this CPU (``-O3 -march=native``, with OpenMP when the compiler has it; it
+then shares torch's OpenMP runtime and threads), once, and cached in enigma's
+cache directory under a name that hashes the source, the command and the CPU.
+Where there is no compiler, the compile fails, or the setting
+``engine.native_kernels`` is false (``ENIGMA_ENGINE__NATIVE_KERNELS=false``),
+:func:`kernels` returns None and callers keep their torch path.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import logging
+import os
+import platform
+import shlex
+import shutil
+import subprocess
+import tempfile
+from importlib import resources
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger(__name__)
+
+SOURCE = "kernels.c"
+COMPILE_TIMEOUT_S = 120
+
+
+class NativeBuildError(RuntimeError):
+    """The kernels could not be compiled or loaded here."""
+
+
+class NativeKernels:
+    """The loaded library, with a torch-facing function per kernel."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        try:
+            library = ctypes.CDLL(str(path))  # ctypes releases the GIL during each call
+        except OSError as error:
+            raise NativeBuildError(f"could not load {path}: {error}; delete it to rebuild") from error
+        self._linear = library.enigma_linear
+        self._linear.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p,
+                                 ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int32]
+        self._linear.restype = None
+
+    def linear(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        """``x @ weight.T + bias`` for float32 CPU tensors, as ``F.linear``; ``weight``
+        (``[out, in]``) and ``bias`` contiguous. Best for few rows of ``x``: it streams
+        the weights once for every row, two rows at a time."""
+        if x.dtype != torch.float32 or weight.dtype != torch.float32 or x.device.type != "cpu":
+            raise ValueError(f"native linear takes float32 CPU tensors, not x {x.dtype} on {x.device} "
+                             f"and weight {weight.dtype}; use torch.nn.functional.linear")
+        out_features, in_features = weight.shape
+        if x.shape[-1] != in_features or not weight.is_contiguous() or (bias is not None and not bias.is_contiguous()):
+            raise ValueError(f"native linear: x {tuple(x.shape)} and weight {tuple(weight.shape)} do not match, "
+                             "or weight or bias is not contiguous")
+        x = x.contiguous()
+        rows = x.numel() // in_features if in_features else 0
+        y = torch.empty(*x.shape[:-1], out_features, dtype=torch.float32)
+        self._linear(x.data_ptr(), rows, in_features, weight.data_ptr(), out_features,
+                     None if bias is None else bias.data_ptr(), y.data_ptr(), torch.get_num_threads())
+        return y
+
+
+_loaded: dict[str, NativeKernels | None] = {}
+"""The process's kernels once :func:`kernels` has looked (tests swap this dict)."""
+
+
+def kernels() -> NativeKernels | None:
+    """The kernels for this process, built or taken from the cache on first call;
+    None when they are switched off or cannot be built here (logged once, with why)."""
+    if "kernels" not in _loaded:
+        _loaded["kernels"] = _load()
+    return _loaded["kernels"]
+
+
+def _load() -> NativeKernels | None:
+    from enigma.config import load_config
+    from enigma.paths import get_paths
+
+    if not load_config().config.engine.native_kernels:
+        return None
+    try:
+        return NativeKernels(build(get_paths().cache_dir / "native"))
+    except NativeBuildError as error:
+        log.warning("native CPU kernels unavailable, using torch's: %s", error)
+        return None
+
+
+def compiler() -> list[str]:
+    """The C compiler command: ``$CC``, else ``cc``."""
+    return shlex.split(os.environ.get("CC") or "cc")
+
+
+def compile_commands(source: Path, target: Path) -> list[list[str]]:
+    """Commands to try in order: with OpenMP threads, then (a compiler without
+    OpenMP, such as Apple's clang) vectorised but single-threaded."""
+    arch = "-march=native" if platform.machine().lower() in ("x86_64", "amd64", "i386", "i686") else "-mcpu=native"
+    base = [*compiler(), "-O3", arch, "-shared", "-fPIC", str(source), "-o", str(target)]
+    return [[*base, "-fopenmp"], [*base, "-fopenmp-simd"]]
+
+
+def cpu_signature() -> str:
+    """What identifies this CPU's instruction set: ``-march=native`` code must not
+    run on another CPU sharing the cache directory."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as cpuinfo:
+            lines = [line for line in cpuinfo if line.startswith(("model name", "flags", "Features", "CPU part"))]
+        return "".join(sorted(set(lines)))
+    except OSError:
+        return f"{platform.machine()} {platform.processor()}"
+
+
+def build(cache_dir: Path) -> Path:
+    """The compiled library in ``cache_dir``: compiled there first if absent.
+
+    The library is written under a temporary name and renamed into place, so
+    concurrent builds never load a half-written file.
+    """
+    source = resources.files(__package__).joinpath(SOURCE).read_bytes()
+    if shutil.which(compiler()[0]) is None:
+        raise NativeBuildError(f"no C compiler: {compiler()[0]!r} is not on PATH (install gcc or clang, or set CC)")
+    digest = hashlib.sha256()
+    for part in (source, repr(compile_commands(Path("x.c"), Path("x.so"))).encode(), cpu_signature().encode()):
+        digest.update(part)
+    target = cache_dir / f"enigma-kernels-{digest.hexdigest()[:20]}.so"
+    if target.exists():
+        return target
+    try:
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=cache_dir, prefix=".build-") as scratch:
+            source_file, built = Path(scratch) / SOURCE, Path(scratch) / target.name
+            source_file.write_bytes(source)
+            errors = []
+            for command in compile_commands(source_file, built):
+                result = subprocess.run(command, capture_output=True, text=True, timeout=COMPILE_TIMEOUT_S)
+                if result.returncode == 0:
+                    os.replace(built, target)
+                    log.info("compiled native CPU kernels: %s", shlex.join(command))
+                    return target
+                errors.append(f"`{shlex.join(command)}` failed: {result.stderr.strip()[-500:]}")
+    except (OSError, subprocess.SubprocessError) as error:
+        raise NativeBuildError(f"could not compile into {cache_dir}: {error}") from error
+    raise NativeBuildError("; ".join(errors))

@@ -1,0 +1,149 @@
+"""enigma.native: the compiled CPU kernels, their build cache, and how they fail."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from enigma import native
+from enigma.backends.torch_backend import CPULinear, use_cpu_linears
+
+
+@pytest.fixture(scope="module")
+def kernels() -> native.NativeKernels:
+    loaded = native.kernels()
+    if loaded is None:
+        pytest.skip("no C compiler on this machine: the native kernels cannot be built")
+    return loaded
+
+
+@pytest.fixture
+def fresh_kernels(monkeypatch):
+    """``native.kernels`` looking anew inside the test; the process's kernels are back after it."""
+    monkeypatch.setattr(native, "_loaded", {})
+    return native.kernels
+
+
+@settings(max_examples=40, deadline=None)
+@given(rows=st.integers(0, 9), in_features=st.integers(1, 70), out_features=st.integers(1, 13),
+       bias=st.booleans(), seed=st.integers(0, 2**16))
+def test_linear_matches_torch(kernels, rows, in_features, out_features, bias, seed):
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.randn(rows, in_features, generator=generator)
+    weight = torch.randn(out_features, in_features, generator=generator)
+    b = torch.randn(out_features, generator=generator) if bias else None
+    torch.testing.assert_close(kernels.linear(x, weight, b), F.linear(x, weight, b), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("shape", [(1, 768), (2, 768), (3, 2048), (32, 768), (2, 5, 768)])
+def test_linear_model_sized(kernels, shape):
+    x = torch.randn(*shape)
+    weight = torch.randn(2306, shape[-1]) * 0.02  # out not a multiple of 4: the one-row tail runs too
+    bias = torch.randn(2306)
+    result = kernels.linear(x, weight, bias)
+    assert result.shape == (*shape[:-1], 2306)
+    torch.testing.assert_close(result, F.linear(x, weight, bias), rtol=1e-5, atol=1e-5)
+
+
+def test_linear_same_result_on_any_thread_count(kernels):
+    x, weight = torch.randn(3, 512), torch.randn(1001, 512)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = kernels.linear(x, weight)
+        torch.set_num_threads(max(2, threads))
+        many = kernels.linear(x, weight)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(one, many)
+
+
+def test_linear_reads_a_non_contiguous_input(kernels):
+    x = torch.randn(64, 6)[:, :4].T  # [4, 64], strided
+    weight = torch.randn(8, 64)
+    torch.testing.assert_close(kernels.linear(x, weight), F.linear(x, weight), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("x, weight, message", [
+    (torch.randn(2, 4, dtype=torch.float64), torch.randn(3, 4), "float32"),
+    (torch.randn(2, 5), torch.randn(3, 4), "do not match"),
+    (torch.randn(2, 4), torch.randn(4, 3).T, "not contiguous"),
+])
+def test_linear_refuses_what_it_cannot_read(kernels, x, weight, message):
+    with pytest.raises(ValueError, match=message):
+        kernels.linear(x, weight)
+
+
+def test_build_is_cached_and_atomic(kernels, tmp_path):
+    first = native.build(tmp_path)
+    stamp = first.stat().st_mtime_ns
+    assert native.build(tmp_path) == first
+    assert first.stat().st_mtime_ns == stamp
+    assert [path.name for path in tmp_path.iterdir()] == [first.name]  # no scratch left behind
+
+
+def test_missing_compiler_is_named(tmp_path, monkeypatch):
+    monkeypatch.setenv("CC", "no-such-compiler-here")
+    with pytest.raises(native.NativeBuildError, match="no-such-compiler-here.*set CC"):
+        native.build(tmp_path)
+
+
+def test_failed_compile_says_why_and_leaves_nothing(tmp_path, monkeypatch):
+    script = tmp_path / "broken-cc"
+    script.write_text("#!/bin/sh\necho 'error: this compiler is broken' >&2\nexit 1\n")
+    script.chmod(0o755)
+    monkeypatch.setenv("CC", str(script))
+    cache = tmp_path / "cache"
+    with pytest.raises(native.NativeBuildError, match="this compiler is broken"):
+        native.build(cache)
+    assert list(cache.iterdir()) == []
+
+
+def test_without_a_compiler_the_backend_keeps_torch(enigma_home, fresh_kernels, monkeypatch, caplog):
+    monkeypatch.setenv("CC", "no-such-compiler-here")
+    with caplog.at_level(logging.WARNING, logger="enigma.native"):
+        assert fresh_kernels() is None
+    assert "native CPU kernels unavailable" in caplog.text
+    model = torch.nn.Sequential(torch.nn.Linear(16, 8))
+    use_cpu_linears(model)
+    assert isinstance(model[0], CPULinear) and model[0].native is None
+    x = torch.randn(2, 16)
+    with torch.inference_mode():
+        torch.testing.assert_close(model(x), F.linear(x, model[0].weight, model[0].bias))
+
+
+def test_switched_off_by_config(enigma_home, fresh_kernels, monkeypatch):
+    monkeypatch.setenv("ENIGMA_ENGINE__NATIVE_KERNELS", "false")
+    assert fresh_kernels() is None
+
+
+def test_a_corrupt_cached_library_says_how_to_recover(tmp_path):
+    broken = tmp_path / "enigma-kernels-broken.so"
+    broken.write_bytes(b"not a library")
+    with pytest.raises(native.NativeBuildError, match="delete it to rebuild"):
+        native.NativeKernels(broken)
+
+
+def test_cpu_linear_picks_kernels_by_rows(kernels, monkeypatch):
+    linear = torch.nn.Linear(64, 48)
+    wrapped = CPULinear(linear, native=kernels, onednn=True)
+    calls = []
+    monkeypatch.setattr(kernels, "linear", lambda *args: calls.append("native") or F.linear(*args))
+    with torch.inference_mode():
+        for rows in (1, CPULinear.NATIVE_MAX_ROWS, CPULinear.NATIVE_MAX_ROWS + 1):
+            x = torch.randn(rows, 64)
+            torch.testing.assert_close(wrapped(x), linear(x), rtol=1e-5, atol=1e-5)
+    assert calls == ["native", "native"]  # the 33-row batch ran on oneDNN
+
+
+def test_cpu_linear_keeps_gradients(kernels):
+    linear = torch.nn.Linear(8, 4)
+    wrapped = CPULinear(linear, native=kernels, onednn=True)
+    x = torch.randn(1, 8, requires_grad=True)
+    wrapped(x).sum().backward()
+    assert x.grad is not None and linear.weight.grad is not None
