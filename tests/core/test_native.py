@@ -73,10 +73,20 @@ def test_linear_reads_a_non_contiguous_input(kernels):
     (torch.randn(2, 4, dtype=torch.float64), torch.randn(3, 4), "float32"),
     (torch.randn(2, 5), torch.randn(3, 4), "do not match"),
     (torch.randn(2, 4), torch.randn(4, 3).T, "not contiguous"),
+    (torch.randn(2, 4), torch.randn(3, 4, device="meta"), "weight torch.float32 on meta"),
 ])
 def test_linear_refuses_what_it_cannot_read(kernels, x, weight, message):
     with pytest.raises(ValueError, match=message):
         kernels.linear(x, weight)
+
+
+@pytest.mark.parametrize("bias, message", [
+    (torch.randn(3, dtype=torch.float64), "bias torch.float64"),
+    (torch.randn(4), "bias \\(4,\\) do not match"),
+])
+def test_linear_refuses_a_bias_it_cannot_read(kernels, bias, message):
+    with pytest.raises(ValueError, match=message):
+        kernels.linear(torch.randn(2, 4), torch.randn(3, 4), bias)
 
 
 def test_build_is_cached_and_atomic(kernels, tmp_path):

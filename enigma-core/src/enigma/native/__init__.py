@@ -57,15 +57,22 @@ class NativeKernels:
 
     def linear(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         """``x @ weight.T + bias`` for float32 CPU tensors, as ``F.linear``; ``weight``
-        (``[out, in]``) and ``bias`` contiguous. Best for few rows of ``x``: it streams
-        the weights once for every row, two rows at a time."""
-        if x.dtype != torch.float32 or weight.dtype != torch.float32 or x.device.type != "cpu":
-            raise ValueError(f"native linear takes float32 CPU tensors, not x {x.dtype} on {x.device} "
-                             f"and weight {weight.dtype}; use torch.nn.functional.linear")
+        (``[out, in]``) and ``bias`` contiguous. Made for few rows of ``x``: it reads
+        the weights once per two rows."""
+        if (x.dtype != torch.float32 or weight.dtype != torch.float32 or x.device.type != "cpu"
+                or weight.device.type != "cpu" or (bias is not None and (bias.dtype != torch.float32
+                                                                        or bias.device.type != "cpu"))):
+            described = [f"x {x.dtype} on {x.device}", f"weight {weight.dtype} on {weight.device}"]
+            if bias is not None:
+                described.append(f"bias {bias.dtype} on {bias.device}")
+            raise ValueError(f"native linear takes float32 CPU tensors, not {', '.join(described)}; "
+                             "use torch.nn.functional.linear")
         out_features, in_features = weight.shape
-        if x.shape[-1] != in_features or not weight.is_contiguous() or (bias is not None and not bias.is_contiguous()):
-            raise ValueError(f"native linear: x {tuple(x.shape)} and weight {tuple(weight.shape)} do not match, "
-                             "or weight or bias is not contiguous")
+        if (x.shape[-1] != in_features or not weight.is_contiguous()
+                or (bias is not None and (not bias.is_contiguous() or bias.shape != (out_features,)))):
+            raise ValueError(f"native linear: x {tuple(x.shape)}, weight {tuple(weight.shape)} and bias "
+                             f"{None if bias is None else tuple(bias.shape)} do not match, or weight or bias "
+                             "is not contiguous")
         x = x.contiguous()
         rows = x.numel() // in_features if in_features else 0
         y = torch.empty(*x.shape[:-1], out_features, dtype=torch.float32)
@@ -95,7 +102,8 @@ def _load() -> NativeKernels | None:
     try:
         return NativeKernels(build(get_paths().cache_dir / "native"))
     except NativeBuildError as error:
-        log.warning("native CPU kernels unavailable, using torch's: %s", error)
+        log.warning("native CPU kernels unavailable, using torch's (engine.native_kernels = false skips them): %s",
+                    error)
         return None
 
 
@@ -105,11 +113,12 @@ def compiler() -> list[str]:
 
 
 def compile_commands(source: Path, target: Path) -> list[list[str]]:
-    """Commands to try in order: with OpenMP threads, then (a compiler without
-    OpenMP, such as Apple's clang) vectorised but single-threaded."""
+    """Commands to try in order: for this CPU with OpenMP threads; then, for a
+    compiler without OpenMP (such as Apple's clang), single-threaded; then, for
+    one that does not know this CPU, for the architecture's baseline."""
     arch = "-march=native" if platform.machine().lower() in ("x86_64", "amd64", "i386", "i686") else "-mcpu=native"
-    base = [*compiler(), "-O3", arch, "-shared", "-fPIC", str(source), "-o", str(target)]
-    return [[*base, "-fopenmp"], [*base, "-fopenmp-simd"]]
+    base = [*compiler(), "-O3", "-shared", "-fPIC", str(source), "-o", str(target)]
+    return [[*base, arch, "-fopenmp"], [*base, arch, "-fopenmp-simd"], [*base, "-fopenmp"]]
 
 
 def cpu_signature() -> str:
