@@ -59,13 +59,14 @@ class CPULinear(torch.nn.Module):
 
     Up to :attr:`NATIVE_MAX_ROWS` rows (decode steps stream the weights once for a
     few tokens), enigma's native kernel (:mod:`enigma.native`), which streams
-    them at close to the memory bandwidth: on the 110M benchmark model all of a
-    step's Linears take 25 ms against oneDNN's 33 and ``F.linear``'s 50 (see
-    BENCHMARKS.md). More rows (prefill), or no native kernels here: oneDNN's
-    blocked matmul, except, in a model small enough to stay in the CPU's caches,
-    for weights under about 600K elements, where oneDNN's per-call cost
-    outweighs its speed and ``F.linear`` stays (256x768: 39 us against 61 us;
-    768x2304: 258 us against 141 us). The weight stays an ordinary ``[out, in]``
+    them at close to the memory bandwidth: on the 110M benchmark model a
+    token's Linears take 25-27 ms against oneDNN's 30-34 and ``F.linear``'s
+    40-50, and two to eight tokens half of oneDNN's time (see BENCHMARKS.md).
+    More rows (prefill), or no native kernels here: oneDNN's blocked matmul,
+    except, in a model small enough to stay in the CPU's caches, for weights
+    under about 600K elements, where oneDNN's per-call cost outweighs its
+    speed and ``F.linear`` stays (256x768: 39 us against 61 us; 768x2304:
+    258 us against 141 us). The weight stays an ordinary ``[out, in]``
     parameter, so a head tied to the embeddings keeps sharing it, and
     whatever needs gradients runs ``F.linear``.
     """

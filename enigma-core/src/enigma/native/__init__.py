@@ -2,9 +2,10 @@
 
 On CPU, a decode step is a stream of matrix-vector products: each token reads
 every weight once, so its speed is the memory bandwidth the kernel reaches.
-For one to a few dozen rows, oneDNN reaches about three quarters of it here
-and MKL (``F.linear``) half; the plain loop in ``kernels.c``, vectorised by the
-compiler, comes close to all of it (see BENCHMARKS.md).
+The plain loop in ``kernels.c``, vectorised by the compiler, comes close to
+all of it. For one row, oneDNN is 10-35 % slower here and MKL (``F.linear``)
+50 %; for two to eight rows oneDNN takes twice as long (see BENCHMARKS.md,
+``benchmarks/cpu_linear.py``).
 
 The library is compiled with the system's C compiler (``$CC``, else ``cc``)
 for this CPU (``-O3 -march=native``, with OpenMP when the compiler has it; it
