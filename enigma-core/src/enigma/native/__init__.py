@@ -60,9 +60,8 @@ class NativeKernels:
         """``x @ weight.T + bias`` for float32 CPU tensors, as ``F.linear``; ``weight``
         (``[out, in]``) and ``bias`` contiguous. Made for few rows of ``x``: it reads
         the weights once per two rows."""
-        if (x.dtype != torch.float32 or weight.dtype != torch.float32 or x.device.type != "cpu"
-                or weight.device.type != "cpu" or (bias is not None and (bias.dtype != torch.float32
-                                                                        or bias.device.type != "cpu"))):
+        if not (x.dtype == weight.dtype == torch.float32 and x.is_cpu and weight.is_cpu
+                and (bias is None or (bias.dtype == torch.float32 and bias.is_cpu))):
             described = [f"x {x.dtype} on {x.device}", f"weight {weight.dtype} on {weight.device}"]
             if bias is not None:
                 described.append(f"bias {bias.dtype} on {bias.device}")
@@ -76,7 +75,7 @@ class NativeKernels:
                              "is not contiguous")
         x = x.contiguous()
         rows = x.numel() // in_features if in_features else 0
-        y = torch.empty(*x.shape[:-1], out_features, dtype=torch.float32)
+        y = x.new_empty((*x.shape[:-1], out_features))
         self._linear(x.data_ptr(), rows, in_features, weight.data_ptr(), out_features,
                      None if bias is None else bias.data_ptr(), y.data_ptr(), torch.get_num_threads())
         return y
