@@ -27,8 +27,12 @@ def reference_attention(query, keys, values, scale, window=None):
     return torch.einsum("hqs,shd->qhd", scores.softmax(-1), v)
 
 
+DECODE_PATHS = ["padded", "in-place", "native"]
+"""How decode-only steps attend: torch's padded batch, torch per sequence in place, or the native kernel."""
+
+
 def run_case(query_lens, seq_lens, *, heads=4, kv_heads=2, dim=8, block_size=4, window=None, seed=0,
-             layout="views", padded_decodes=True):
+             layout="views", decodes="padded"):
     generator = torch.Generator().manual_seed(seed)
     metadata = AttentionMetadata.contiguous(query_lens, seq_lens, block_size=block_size,
                                             sliding_window=window)
@@ -40,7 +44,12 @@ def run_case(query_lens, seq_lens, *, heads=4, kv_heads=2, dim=8, block_size=4, 
                                 slot_mapping=_reversed_slots(metadata.slot_mapping, block_size, top),
                                 block_runs=runs if layout == "runs" else None)
     backend = TorchBackend(device="cpu")
-    if not padded_decodes:
+    if decodes == "native":
+        if backend.native is None:
+            pytest.skip("no C compiler here: the native kernels cannot be built")
+    else:
+        backend.native = None
+    if decodes == "in-place":
         backend.PADDED_DECODE_BYTES_PER_SEQ = 0
     num_blocks = int(metadata.block_tables.max()) + 2
     cache = torch.zeros(backend.kv_cache_shape(num_blocks, block_size, kv_heads, dim))
@@ -79,10 +88,10 @@ def _reversed_slots(slots, block_size, top):
 ])
 @pytest.mark.parametrize("heads,kv_heads", [(4, 4), (4, 2), (6, 1)])
 @pytest.mark.parametrize("layout", ["views", "runs", "gathers"])
-@pytest.mark.parametrize("padded_decodes", [True, False], ids=["padded", "in-place"])
-def test_paged_attention_matches_contiguous(query_lens, seq_lens, heads, kv_heads, layout, padded_decodes):
+@pytest.mark.parametrize("decodes", DECODE_PATHS)
+def test_paged_attention_matches_contiguous(query_lens, seq_lens, heads, kv_heads, layout, decodes):
     out, expected = run_case(query_lens, seq_lens, heads=heads, kv_heads=kv_heads, layout=layout,
-                             padded_decodes=padded_decodes)
+                             decodes=decodes)
     assert out.shape == expected.shape
     torch.testing.assert_close(out.double(), expected, atol=1e-5, rtol=1e-5)
 
@@ -90,9 +99,9 @@ def test_paged_attention_matches_contiguous(query_lens, seq_lens, heads, kv_head
 @pytest.mark.parametrize("query_lens,seq_lens", [((6, 1), (6, 11)), ((1, 1), (3, 10)), ((1,), (9,)),
                                                  ((1, 3, 1), (12, 3, 7)), ((1, 1), (17, 4))])
 @pytest.mark.parametrize("layout", ["views", "runs", "gathers"])
-@pytest.mark.parametrize("padded_decodes", [True, False], ids=["padded", "in-place"])
-def test_sliding_window(query_lens, seq_lens, layout, padded_decodes):
-    out, expected = run_case(query_lens, seq_lens, window=4, layout=layout, padded_decodes=padded_decodes)
+@pytest.mark.parametrize("decodes", DECODE_PATHS)
+def test_sliding_window(query_lens, seq_lens, layout, decodes):
+    out, expected = run_case(query_lens, seq_lens, window=4, layout=layout, decodes=decodes)
     torch.testing.assert_close(out.double(), expected, atol=1e-5, rtol=1e-5)
 
 
@@ -103,7 +112,7 @@ def test_a_decode_over_too_many_runs_is_gathered(monkeypatch, length, gathers):
     calls = []
     gather = TorchBackend._gather
     monkeypatch.setattr(TorchBackend, "_gather", lambda self, *args: calls.append(1) or gather(self, *args))
-    out, expected = run_case((1,), (length,), layout="runs", padded_decodes=False)
+    out, expected = run_case((1,), (length,), layout="runs", decodes="in-place")
     torch.testing.assert_close(out.double(), expected, atol=1e-5, rtol=1e-5)
     assert len(calls) == gathers
 

@@ -127,6 +127,9 @@ class TorchBackend:
         self.device = torch.device(device)
         self._mask_cache: tuple[AttentionMetadata, torch.Tensor] | None = None
         self._layout_cache: tuple[AttentionMetadata, list[int], bool] | None = None
+        self._lengths_cache: tuple[AttentionMetadata, torch.Tensor] | None = None
+        self.native = kernels() if self.device.type == "cpu" else None
+        """enigma's native CPU kernels, which run float32 decode-only steps' attention; None: torch's."""
         self._scratch = torch.empty(0)
 
     def kv_cache_shape(self, num_blocks: int, block_size: int, num_kv_heads: int,
@@ -159,6 +162,10 @@ class TorchBackend:
         instead, where copying their few keys costs less than a loop over them.
         """
         write_kv(kv_cache, key, value, metadata.slot_mapping)
+        if (self.native is not None and metadata.num_tokens == metadata.num_seqs
+                and query.dtype == kv_cache.dtype == torch.float32):
+            return self.native.decode_attention(query, kv_cache, metadata.block_tables, self._seq_lens(metadata),
+                                                window=metadata.sliding_window, scale=scale)
         starts, padded = self._layout(metadata, kv_cache)
         if padded:
             return self._decode_padded(query, kv_cache, metadata, scale)
@@ -205,6 +212,13 @@ class TorchBackend:
             self._scratch = torch.empty(needed, dtype=kv_cache.dtype, device=kv_cache.device)
         out = self._scratch[:needed].view(shape)
         return torch.index_select(kv_cache, 2, block_ids, out=out)
+
+    def _seq_lens(self, metadata: AttentionMetadata) -> torch.Tensor:
+        """``metadata.seq_lens`` as a tensor, made once per step (every layer asks)."""
+        cached = self._lengths_cache
+        if cached is None or cached[0] is not metadata:
+            self._lengths_cache = cached = (metadata, torch.tensor(metadata.seq_lens, dtype=torch.int64))
+        return cached[1]
 
     def _layout(self, metadata: AttentionMetadata, kv_cache: torch.Tensor) -> tuple[list[int], bool]:
         """Each sequence's first row in the flat batch, and whether this is a step

@@ -55,6 +55,13 @@ class NativeKernels:
         self._linear.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p,
                                  ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int32]
         self._linear.restype = None
+        self._decode_attention = library.enigma_decode_attention
+        self._decode_attention.argtypes = [
+            ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64,  # query, shape
+            ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64,                                   # cache, pool
+            ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p,                                  # tables, lengths
+            ctypes.c_int64, ctypes.c_float, ctypes.c_void_p, ctypes.c_int32]
+        self._decode_attention.restype = ctypes.c_int64
 
     def linear(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         """``x @ weight.T + bias`` for float32 CPU tensors, as ``F.linear``; ``weight``
@@ -79,6 +86,37 @@ class NativeKernels:
         self._linear(x.data_ptr(), rows, in_features, weight.data_ptr(), out_features,
                      None if bias is None else bias.data_ptr(), y.data_ptr(), torch.get_num_threads())
         return y
+
+
+    def decode_attention(self, query: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Tensor,
+                         seq_lens: torch.Tensor, *, window: int | None, scale: float) -> torch.Tensor:
+        """One query per sequence (``query`` ``[seqs, heads, dim]``) over the paged
+        ``kv_cache`` (``[2, kv_heads, num_blocks, block_size, dim]``, the torch
+        backend's layout), read in place through ``block_tables`` (``[seqs,
+        max_blocks]``): sequence ``s`` sees its ``seq_lens[s]`` cached positions,
+        or the last ``window`` of them. All float32 but the int64 tables and
+        lengths, on CPU, contiguous. Returns ``[seqs, heads, dim]``."""
+        num_seqs, heads, dim = query.shape
+        _, kv_heads, num_blocks, block_size, cache_dim = kv_cache.shape
+        if not (query.dtype == kv_cache.dtype == torch.float32 and block_tables.dtype == seq_lens.dtype == torch.int64
+                and query.is_cpu and kv_cache.is_cpu and block_tables.is_cpu and seq_lens.is_cpu):
+            raise ValueError(f"native decode attention takes float32 query and cache and int64 tables and lengths, "
+                             f"on CPU; got {query.dtype}, {kv_cache.dtype}, {block_tables.dtype}, {seq_lens.dtype}")
+        if (cache_dim != dim or heads % kv_heads or block_tables.shape[0] != num_seqs
+                or seq_lens.shape != (num_seqs,) or not kv_cache.is_contiguous()):
+            raise ValueError(f"native decode attention: query {tuple(query.shape)}, cache {tuple(kv_cache.shape)}, "
+                             f"tables {tuple(block_tables.shape)} and lengths {tuple(seq_lens.shape)} do not fit "
+                             "together, or the cache is not contiguous")
+        query, block_tables, seq_lens = query.contiguous(), block_tables.contiguous(), seq_lens.contiguous()
+        out = query.new_empty(query.shape)
+        bad = self._decode_attention(query.data_ptr(), num_seqs, heads, kv_heads, dim,
+                                     kv_cache.data_ptr(), num_blocks, block_size,
+                                     block_tables.data_ptr(), block_tables.shape[1], seq_lens.data_ptr(),
+                                     window or 0, scale, out.data_ptr(), torch.get_num_threads())
+        if bad:
+            raise ValueError(f"native decode attention: {bad} (sequence, KV head) pairs have a block table "
+                             f"shorter than their length or naming a block outside the pool of {num_blocks}")
+        return out
 
 
 _loaded: dict[str, NativeKernels | None] = {}
@@ -118,7 +156,7 @@ def compile_commands(source: Path, target: Path) -> list[list[str]]:
     one that does not know this CPU, for the architecture's baseline."""
     arch = "-march=native" if platform.machine().lower() in ("x86_64", "amd64", "i386", "i686") else "-mcpu=native"
     base = [*compiler(), "-O3", "-shared", "-fPIC", str(source), "-o", str(target)]
-    return [[*base, arch, "-fopenmp"], [*base, arch, "-fopenmp-simd"], [*base, "-fopenmp"]]
+    return [[*base, arch, "-fopenmp", "-lm"], [*base, arch, "-fopenmp-simd", "-lm"], [*base, "-fopenmp", "-lm"]]
 
 
 def cpu_signature() -> str:

@@ -3,6 +3,7 @@
  * Portable C: the compiler vectorises the inner loops (`omp simd`) for the CPU
  * it compiles on, and OpenMP splits the work over torch's threads.
  */
+#include <math.h>
 #include <stdint.h>
 
 /* Four weight rows against the m rows of x, two rows of x at a time: each
@@ -67,4 +68,88 @@ void enigma_linear(const float *x, int64_t m, int64_t in, const float *w, int64_
                 for (int64_t j = 0; j < out; j++) y[t * out + j] += bias[j];
         }
     }
+}
+
+/* One sequence's query heads that share KV head `keys`/`values` (`group` of
+ * them, [group, dim] at q) over its cached positions first..seq_len-1, read
+ * block by block through its block table: online softmax, one pass over the
+ * keys and values (flash-decoding's recurrence, a block at a time).
+ * Returns nonzero if the table is too short or names a block outside the pool. */
+static int attend_group(const float *q, int64_t group, int64_t dim, const float *keys, const float *values,
+                        const int64_t *table, int64_t table_len, int64_t num_blocks, int64_t block_size,
+                        int64_t first, int64_t seq_len, float scale, float *o) {
+    float maxima[group], sums[group], scores[block_size];
+    for (int64_t g = 0; g < group; g++) {
+        maxima[g] = -INFINITY;
+        sums[g] = 0;
+        for (int64_t d = 0; d < dim; d++) o[g * dim + d] = 0;
+    }
+    for (int64_t start = first - first % block_size; start < seq_len; start += block_size) {
+        if (start / block_size >= table_len) return 1;
+        int64_t block = table[start / block_size];
+        if (block < 0 || block >= num_blocks) return 1;
+        const float *kb = keys + block * block_size * dim, *vb = values + block * block_size * dim;
+        int64_t lo = (first > start ? first : start) - start;
+        int64_t hi = (seq_len < start + block_size ? seq_len : start + block_size) - start;
+        for (int64_t g = 0; g < group; g++) {
+            const float *qg = q + g * dim;
+            float *og = o + g * dim;
+            float block_max = -INFINITY;
+            for (int64_t t = lo; t < hi; t++) {
+                const float *kt = kb + t * dim;
+                float dot = 0;
+#pragma omp simd reduction(+ : dot)
+                for (int64_t d = 0; d < dim; d++) dot += qg[d] * kt[d];
+                scores[t] = dot * scale;
+                if (scores[t] > block_max) block_max = scores[t];
+            }
+            if (block_max > maxima[g]) {
+                float correction = expf(maxima[g] - block_max);  /* 0 for the first block */
+                sums[g] *= correction;
+                for (int64_t d = 0; d < dim; d++) og[d] *= correction;
+                maxima[g] = block_max;
+            }
+            for (int64_t t = lo; t < hi; t++) {
+                float p = expf(scores[t] - maxima[g]);
+                const float *vt = vb + t * dim;
+                sums[g] += p;
+#pragma omp simd
+                for (int64_t d = 0; d < dim; d++) og[d] += p * vt[d];
+            }
+        }
+    }
+    for (int64_t g = 0; g < group; g++) {
+        float inverse = 1.0f / sums[g];
+        for (int64_t d = 0; d < dim; d++) o[g * dim + d] *= inverse;
+    }
+    return 0;
+}
+
+/* Decode attention over the paged cache, read in place: each sequence's one
+ * query ([num_seqs, heads, dim]) over its seq_lens[s] cached keys and values
+ * (the last `window` of them when window > 0), the blocks named by
+ * block_tables[s] ([num_seqs, max_blocks]). kv_cache is the torch backend's
+ * layout, [2, kv_heads, num_blocks, block_size, dim]; query heads h*group ..
+ * (h+1)*group-1 share KV head h. Sequences and KV heads run in parallel.
+ * Returns the number of (sequence, KV head) pairs whose table was too short
+ * or named a block outside the pool (their output is undefined); 0 when all
+ * is well. */
+int64_t enigma_decode_attention(const float *query, int64_t num_seqs, int64_t heads, int64_t kv_heads,
+                                int64_t dim, const float *kv_cache, int64_t num_blocks, int64_t block_size,
+                                const int64_t *block_tables, int64_t max_blocks, const int64_t *seq_lens,
+                                int64_t window, float scale, float *out, int32_t threads) {
+    int64_t group = heads / kv_heads, head_stride = num_blocks * block_size * dim;
+    int64_t bad = 0;
+#pragma omp parallel for collapse(2) schedule(dynamic, 1) num_threads(threads) reduction(+ : bad)
+    for (int64_t s = 0; s < num_seqs; s++) {
+        for (int64_t h = 0; h < kv_heads; h++) {
+            int64_t seq_len = seq_lens[s];
+            int64_t first = window > 0 && seq_len > window ? seq_len - window : 0;
+            const float *keys = kv_cache + h * head_stride, *values = keys + kv_heads * head_stride;
+            int64_t offset = (s * heads + h * group) * dim;
+            bad += attend_group(query + offset, group, dim, keys, values, block_tables + s * max_blocks,
+                                max_blocks, num_blocks, block_size, first, seq_len, scale, out + offset);
+        }
+    }
+    return bad;
 }
