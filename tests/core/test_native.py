@@ -157,3 +157,46 @@ def test_cpu_linear_keeps_gradients(kernels):
     x = torch.randn(1, 8, requires_grad=True)
     wrapped(x).sum().backward()
     assert x.grad is not None and linear.weight.grad is not None
+
+
+def _decode_case(seq_lens, *, heads=4, kv_heads=2, dim=8, block_size=4, num_blocks=16, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    cache = torch.randn(2, kv_heads, num_blocks, block_size, dim, generator=generator)
+    order = torch.randperm(num_blocks, generator=generator)  # scattered blocks
+    width = -(-max(seq_lens) // block_size)
+    tables = torch.stack([order[i * width:(i + 1) * width] for i in range(len(seq_lens))])
+    query = torch.randn(len(seq_lens), heads, dim, generator=generator)
+    return query, cache, tables, torch.tensor(seq_lens)
+
+
+@pytest.mark.parametrize("window", [None, 3, 100])
+def test_decode_attention_matches_softmax_over_the_table(kernels, window):
+    query, cache, tables, lengths = _decode_case([5, 1, 12])
+    out = kernels.decode_attention(query, cache, tables, lengths, window=window, scale=0.3)
+    for s, length in enumerate(lengths.tolist()):
+        slots = [(int(tables[s, p // 4]), p % 4) for p in range(length)][-(window or length):]
+        keys = torch.stack([cache[0, :, b, o] for b, o in slots], dim=1)      # [kv_heads, n, dim]
+        values = torch.stack([cache[1, :, b, o] for b, o in slots], dim=1)
+        expected = torch.softmax(query[s].view(2, 2, 8) @ keys.transpose(1, 2) * 0.3, -1) @ values
+        torch.testing.assert_close(out[s], expected.reshape(4, 8), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda tables, lengths: (tables.clone().fill_(99), lengths), "outside the pool of 16"),
+    (lambda tables, lengths: (tables[:, :1], lengths), "shorter than their length"),
+])
+def test_decode_attention_refuses_a_bad_table(kernels, change, message):
+    query, cache, tables, lengths = _decode_case([5, 9])
+    tables, lengths = change(tables, lengths)
+    with pytest.raises(ValueError, match=message):
+        kernels.decode_attention(query, cache, tables, lengths, window=None, scale=1.0)
+
+
+def test_decode_attention_refuses_mismatched_inputs(kernels):
+    query, cache, tables, lengths = _decode_case([5, 9])
+    with pytest.raises(ValueError, match="float32 query"):
+        kernels.decode_attention(query.double(), cache, tables, lengths, window=None, scale=1.0)
+    with pytest.raises(ValueError, match="do not fit"):
+        kernels.decode_attention(query[:, :3], cache, tables, lengths, window=None, scale=1.0)
+    with pytest.raises(ValueError, match="do not fit"):
+        kernels.decode_attention(query, cache, tables, lengths[:1], window=None, scale=1.0)
