@@ -5,7 +5,9 @@ every weight once, so its speed is the memory bandwidth the kernel reaches.
 The plain loop in ``kernels.c``, vectorised by the compiler, comes close to
 all of it. For one row, oneDNN is 10-35 % slower here and MKL (``F.linear``)
 50 %; for two to eight rows oneDNN takes twice as long (see BENCHMARKS.md,
-``benchmarks/cpu_linear.py``).
+``benchmarks/cpu_linear.py``). Decode attention is the other stream: each
+sequence's keys and values, read here once through its block table with an
+online softmax (``benchmarks/decode_attention.py``).
 
 The library is compiled with the system's C compiler (``$CC``, else ``cc``)
 for this CPU (``-O3 -march=native``, with OpenMP when the compiler has it; it
