@@ -4,8 +4,9 @@ Attention reads each sequence's keys and values from the paged KV cache:
 decodes read them in place, a strided view per run of consecutive blocks
 (the block manager keeps a sequence's blocks consecutive when it can);
 prefill chunks read one run as a view or gather their blocks, then run
-``scaled_dot_product_attention``. Fused kernels that walk block tables
-belong to plugins such as cuda-paged.
+``scaled_dot_product_attention``. On CPU, float32 decode-only steps run
+:mod:`enigma.native`'s kernel instead, which walks the block tables itself.
+GPU kernels that walk block tables belong to plugins such as cuda-paged.
 """
 
 from __future__ import annotations
@@ -160,6 +161,7 @@ class TorchBackend:
         prefill chunk reads a single run as a view and gathers otherwise.
         Decodes with short histories together run as one padded batch
         instead, where copying their few keys costs less than a loop over them.
+        With the native kernels, float32 decode-only steps run theirs.
         """
         write_kv(kv_cache, key, value, metadata.slot_mapping)
         if (self.native is not None and metadata.num_tokens == metadata.num_seqs
