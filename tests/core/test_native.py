@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from enigma import native
-from enigma.backends.torch_backend import CPULinear, use_cpu_linears
+from enigma.backends.torch_backend import CPULinear, TorchBackend
 
 
 @pytest.fixture(scope="module")
@@ -119,8 +119,9 @@ def test_without_a_compiler_the_backend_keeps_torch(enigma_home, fresh_kernels, 
     with caplog.at_level(logging.WARNING, logger="enigma.native"):
         assert fresh_kernels() is None
     assert "native CPU kernels unavailable" in caplog.text
-    model = torch.nn.Sequential(torch.nn.Linear(16, 8))
-    use_cpu_linears(model)
+    backend = TorchBackend(device="cpu")
+    assert backend.native is None
+    model = backend.prepare(torch.nn.Sequential(torch.nn.Linear(16, 8)), dtype=torch.float32)
     assert isinstance(model[0], CPULinear) and model[0].native is None
     x = torch.randn(2, 16)
     with torch.inference_mode():

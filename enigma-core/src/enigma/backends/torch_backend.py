@@ -100,11 +100,11 @@ class CPULinear(torch.nn.Module):
         return F.linear(x, self.weight, self.bias)
 
 
-def use_cpu_linears(model: torch.nn.Module) -> None:
-    """Run the exact float32 ``nn.Linear``s of ``model`` as :class:`CPULinear`, in place."""
+def use_cpu_linears(model: torch.nn.Module, *, native: NativeKernels | None) -> None:
+    """Run the exact float32 ``nn.Linear``s of ``model`` as :class:`CPULinear`, in place,
+    with ``native`` kernels for few rows (None: torch's only)."""
     linears = [(module, name, child) for module in model.modules() for name, child in module.named_children()
                if type(child) is torch.nn.Linear and CPULinear.supported(child)]
-    native = kernels()
     weight_bytes = sum(child.weight.nbytes for _, _, child in linears)
     min_onednn = 0 if weight_bytes > CPULinear.CACHE_RESIDENT_BYTES else CPULinear.ONEDNN_MIN_ELEMENTS
     has_onednn = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
@@ -130,7 +130,8 @@ class TorchBackend:
         self._layout_cache: tuple[AttentionMetadata, list[int], bool] | None = None
         self._lengths_cache: tuple[AttentionMetadata, torch.Tensor] | None = None
         self.native = kernels() if self.device.type == "cpu" else None
-        """enigma's native CPU kernels, which run float32 decode-only steps' attention; None: torch's."""
+        """enigma's native CPU kernels, for the Linears of models this backend prepares and for
+        float32 decode-only steps' attention; None: torch's only."""
         self._scratch = torch.empty(0)
 
     def kv_cache_shape(self, num_blocks: int, block_size: int, num_kv_heads: int,
@@ -149,7 +150,7 @@ class TorchBackend:
             if param.dtype != dtype:
                 param.data = param.data.to(dtype)
         if self.device.type == "cpu":
-            use_cpu_linears(model)
+            use_cpu_linears(model, native=self.native)
         return model.eval()
 
     def attention(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, *,
