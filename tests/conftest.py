@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 
 FIXTURES = Path(__file__).parent / "fixtures"
-FIXTURE_PLUGINS = ("enigma-plugin-exact", "enigma-plugin-broken")
+FIXTURE_PLUGINS = ("enigma-plugin-exact", "enigma-plugin-broken", "enigma-plugin-int8")
+FIXTURE_MODULES = ("enigma_exact", "enigma_broken", "enigma_int8")
 
 pytest_plugins = ["pytester"]
 
@@ -51,5 +52,5 @@ def installed_plugins(fixture_plugins_dir: Path, enigma_home: Path,
     paths = [str(fixture_plugins_dir), *filter(None, [os.environ.get("PYTHONPATH")])]
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join(paths))
     yield fixture_plugins_dir
-    for name in [m for m in sys.modules if m.split(".")[0] in ("enigma_exact", "enigma_broken")]:
+    for name in [m for m in sys.modules if m.split(".")[0] in FIXTURE_MODULES]:
         del sys.modules[name]

@@ -72,14 +72,6 @@ class DictCache:
         return {"free": len(self.free_blocks)}
 
 
-class HalfQuantizer:
-    def quantize(self, state_dict, *, options):
-        return {name: value / 2 for name, value in state_dict.items()}
-
-    def swap_modules(self, model, *, options):
-        return model
-
-
 class RecordingTrainer:
     def train(self, config, *, progress=None):
         return config["out"]
@@ -160,13 +152,6 @@ def test_hook_enigma_register_caches(make_plugin_host):
         assert cache.stats() == {"free": 4}
 
     check_registration(make_plugin_host, "cache", "enigma_register_caches", DictCache, exercise)
-
-
-def test_hook_enigma_register_quantizers(make_plugin_host):
-    def exercise(quantizer):
-        assert quantizer.quantize({"w": 4.0}, options={}) == {"w": 2.0}
-
-    check_registration(make_plugin_host, "quantizer", "enigma_register_quantizers", HalfQuantizer, exercise)
 
 
 def test_hook_enigma_register_trainers(make_plugin_host):

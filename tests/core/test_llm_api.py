@@ -136,8 +136,8 @@ def test_folder_errors(folder, tmp_path):
     config = json.loads((broken / "config.json").read_text())
     config["architectures"] = ["GPTNeoXForCausalLM"]
     (broken / "config.json").write_text(json.dumps(config))
-    with pytest.raises(NotFoundError, match=r"declares architectures \[GPTNeoXForCausalLM\], which enigma does "
-                                            r"not support; supported: BertModel, LlamaForCausalLM"):
+    with pytest.raises(NotFoundError, match=r"declares architectures \[GPTNeoXForCausalLM\], which no installed "
+                                            r"model family implements; supported: BertModel, LlamaForCausalLM"):
         LLM(broken)
     config["architectures"] = ["Qwen2ForCausalLM"]
     (broken / "config.json").write_text(json.dumps(config))

@@ -30,7 +30,9 @@ def test_builtins_are_discovered_through_entry_points(plugin_host):
                 if impl.distribution == "enigma-core"}
     assert builtins == {("backend", "torch"): "torch", ("cache", "paged"): "paged",
                         ("cache", "contiguous"): "paged", ("scheduler", "continuous"): "continuous",
-                        ("trainer", "sft"): "sft"}
+                        ("trainer", "sft"): "sft", ("architecture", "LlamaForCausalLM"): "llama",
+                        ("architecture", "MistralForCausalLM"): "llama", ("architecture", "Qwen2ForCausalLM"): "llama",
+                        ("architecture", "BertModel"): "bert", ("weight_source", "safetensors"): "safetensors"}
 
 
 def test_installed_plugin_is_found_with_its_distribution(installed_plugins):

@@ -21,6 +21,7 @@ from enigma_cli.commands.config import config
 from enigma_cli.commands.keys import keys
 from enigma_cli.commands.models import cp, create, list_models, pull, rm, show
 from enigma_cli.commands.plugins import plugins
+from enigma_cli.commands.quantize import quantize
 from enigma_cli.commands.run import run
 from enigma_cli.commands.serve import serve
 from enigma_cli.commands.train import train, train_tokenizer
@@ -59,10 +60,12 @@ def cli(debug: bool) -> None:
       enigma config show             every setting and where it came from
       enigma config set engine.dtype bfloat16
       enigma train --data notes/ --model ./my-llama --out ./tuned
+      enigma quantize ./my-llama --type Q4_K_M
     """
 
 
-for command in (run, serve, keys, pull, list_models, show, rm, cp, create, train, train_tokenizer, plugins, config):
+for command in (run, serve, keys, pull, list_models, show, rm, cp, create, train, train_tokenizer, quantize, plugins,
+                config):
     cli.add_command(command)
 
 

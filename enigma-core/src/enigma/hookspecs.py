@@ -142,6 +142,51 @@ def enigma_register_models(register: Any) -> None:
     """
 
 
+# ---------------------------------------------------------------- Model loading
+
+
+@hookspec
+def enigma_register_architectures(register: Any) -> None:
+    """Register model families by the Hugging Face architecture name they implement.
+
+    Called once per plugin while plugins load. ``register("LlamaForCausalLM",
+    "my_pkg.model:MyLlama")``: the factory is the model *class*; the loader
+    calls ``cls.from_hf_config(hf_config)`` on the meta device, then
+    ``post_materialize()`` once weights have memory. Causal LMs also offer
+    ``forward(input_ids, positions, context)``, ``compute_logits(hidden)``,
+    ``num_layers``, ``kv_shape`` and ``checkpoint_tensors()`` (see
+    :mod:`enigma.models`). Module names must be the checkpoint's tensor names.
+    Today: ``LlamaForCausalLM``, ``MistralForCausalLM``, ``Qwen2ForCausalLM``
+    (builtin ``llama``) and ``BertModel`` (builtin ``bert``).
+    """
+
+
+@hookspec
+def enigma_register_weight_sources(register: Any) -> None:
+    """Register weight sources: file formats the loader reads tensors from.
+
+    Called once per plugin while plugins load. Each implementation must satisfy
+    :class:`enigma.kinds.WeightSource`; the loader opens a folder with the
+    highest-priority source whose ``matches(folder)`` is true.
+    Today: ``safetensors`` (enigma-core).
+    """
+
+
+@hookspec
+def enigma_transform_model(model: Any, context: Any) -> None:
+    """Change a model's module tree after it is built and before it has weights.
+
+    Called on every plugin for every model the loader builds, with ``model``
+    on the meta device (swap or wrap modules freely; new ones are created on
+    meta too) and ``context``, an :class:`enigma.kinds.LoadContext`. A plugin
+    that has nothing to do for this model returns at once. The weights that
+    follow load by the names of the transformed model's parameters and
+    persistent buffers. An exception stops the load with an error naming the
+    plugin. (A quantized folder's own quantizer is applied by the kernel
+    before these hooks, through :meth:`enigma.kinds.Quantizer.transform`.)
+    """
+
+
 # ---------------------------------------------------------------- CLI
 
 
@@ -197,5 +242,7 @@ REGISTER_HOOKS: dict[str, str] = {
     "retriever": "enigma_register_retrievers",
     "transport": "enigma_register_transports",
     "model": "enigma_register_models",
+    "architecture": "enigma_register_architectures",
+    "weight_source": "enigma_register_weight_sources",
 }
 """The registration hook of each kind."""

@@ -1,7 +1,9 @@
 """The kinds of implementation and the contract each must honour.
 
-Seven extension kinds (backend ... transport) plus ``model``: model folders
-that packages ship, registered by name.
+Seven extension kinds (backend ... transport) plus three that feed the
+model-loading pipeline: ``model`` (model folders that packages ship),
+``architecture`` (model families: the module tree a config.json describes)
+and ``weight_source`` (file formats weights are read from).
 
 A plugin registers implementations by kind through the ``enigma_register_*``
 hooks (see :mod:`enigma.hookspecs`). What the kernel later calls on an
@@ -16,6 +18,7 @@ neither: ``enigma --help`` must stay fast and work without them.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
 import attrs
@@ -29,6 +32,8 @@ KINDS: tuple[str, ...] = (
     "retriever",
     "transport",
     "model",
+    "architecture",
+    "weight_source",
 )
 """Every kind an implementation can be registered as, in documentation order."""
 
@@ -152,15 +157,59 @@ class Cache(Protocol):
         """Counters for health and metrics (blocks used, free, cached, hit rate)."""
 
 
+@attrs.frozen(kw_only=True)
+class LoadContext:
+    """What the loading pipeline knows about the model it is building; given to transforms."""
+
+    folder: Path
+    """The model folder being loaded."""
+    hf_config: Mapping[str, Any]
+    """Its config.json."""
+    architecture: str
+    """The architecture chosen from ``hf_config["architectures"]``."""
+    dtype: Any
+    """The ``torch.dtype`` floating-point weights are built in."""
+    device: Any
+    """The ``torch.device`` the weights will live on."""
+    options: Mapping[str, Any] = attrs.field(factory=dict)
+    """Load options the caller passed (``LLM(..., load_options={...})``), for plugins that take some."""
+
+    @property
+    def quantization(self) -> Mapping[str, Any] | None:
+        """config.json's ``quantization_config``, when the folder holds a quantized model."""
+        value = self.hf_config.get("quantization_config")
+        return value if isinstance(value, Mapping) else None
+
+
 @runtime_checkable
 class Quantizer(Protocol):
-    """Quantizes weights in two steps: offline transform, then runtime swap."""
+    """Turns a model into a quantized artifact, and loads such artifacts (gpt-fast's two steps).
 
-    def quantize(self, state_dict: Mapping[str, Any], *, options: Mapping[str, Any]) -> Mapping[str, Any]:
-        """Return the quantized state dict (offline; may be slow, shows progress)."""
+    An artifact is a model folder whose config.json carries
+    ``"quantization_config": {"quant_method": <the quantizer's registered name>,
+    "type": <one of its types>, ...}`` (the key Hugging Face uses), beside the
+    quantized tensors in any format a weight source reads. The loader sees
+    ``quant_method``, selects the quantizer of that name and calls
+    :meth:`transform` on the unmaterialised model; the weights then load by name.
+    The factory takes no arguments.
+    """
 
-    def swap_modules(self, model: Any, *, options: Mapping[str, Any]) -> Any:
-        """Replace the model's Linear layers with quantized ones that read that state dict."""
+    def types(self) -> Mapping[str, str]:
+        """The quantization types it makes, each with a one-line description (``{"Q4_K_M": "..."}``)."""
+
+    def quantize(self, model: Any, *, type: str, output: Path, options: Mapping[str, Any],
+                 progress: Callable[[int, int], None] | None = None) -> None:
+        """Write ``model`` quantized as ``type`` into the empty folder ``output``.
+
+        ``model`` is an :class:`enigma.loader.LoadedModel` in float32 on the CPU.
+        Write config.json (``model.hf_config`` plus ``quantization_config``) and the
+        tensors; the kernel copies the tokenizer files and makes the folder appear
+        atomically. ``progress(done, total)`` reports work done (e.g. tensors).
+        """
+
+    def transform(self, model: Any, *, context: LoadContext) -> None:
+        """Swap the unmaterialised ``model``'s modules (on the meta device) for ones
+        whose parameters and buffers are named like the artifact's tensors."""
 
 
 @runtime_checkable
@@ -190,6 +239,45 @@ class Transport(Protocol):
         """Starlette routes (``Route``/``WebSocketRoute``/``Mount``) to serve."""
 
 
+@runtime_checkable
+class Weights(Protocol):
+    """Tensors by checkpoint name, opened by a :class:`WeightSource`; a context manager."""
+
+    def keys(self) -> Iterable[str]:
+        """Every tensor name."""
+
+    def __contains__(self, name: object) -> bool:
+        """Whether a tensor of that name exists."""
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        """A tensor's shape, without reading it."""
+
+    def get(self, name: str) -> Any:
+        """The tensor (a ``torch.Tensor`` on the CPU, in its stored dtype)."""
+
+    def __enter__(self) -> Weights: ...
+
+    def __exit__(self, *exc: object) -> None: ...
+
+
+@runtime_checkable
+class WeightSource(Protocol):
+    """Reads weights from one file format (safetensors builtin; GGUF, EXL2 from plugins).
+
+    The factory takes no arguments. The loader asks every weight source, highest
+    priority first, whether it ``matches`` a folder and opens the first that does.
+    """
+
+    description: str
+    """What it reads, for errors ("*.safetensors files")."""
+
+    def matches(self, folder: Path) -> bool:
+        """Whether ``folder`` holds weights in this format."""
+
+    def open(self, folder: Path) -> Weights:
+        """Open the folder's weights (memory-mapped where possible)."""
+
+
 PROTOCOLS: dict[str, type] = {
     "backend": Backend,
     "scheduler": Scheduler,
@@ -198,5 +286,7 @@ PROTOCOLS: dict[str, type] = {
     "trainer": Trainer,
     "retriever": Retriever,
     "transport": Transport,
+    "weight_source": WeightSource,
 }
-"""The protocol an instance of each extension kind must satisfy (a ``model`` factory returns a folder path)."""
+"""The protocol an instance of each extension kind must satisfy (a ``model`` factory returns a
+folder path; an ``architecture`` is a model class, see :mod:`enigma.models`)."""

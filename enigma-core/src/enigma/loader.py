@@ -1,30 +1,33 @@
-"""Loading Hugging Face model folders: config.json, safetensors, tokenizer.
+"""Loading Hugging Face model folders: the staged pipeline of :func:`load_model`.
 
-Weights are read from safetensors only (single file or sharded with
-``model.safetensors.index.json``) — never pickle. The model is built
-directly on its device in the target dtype with initialization skipped (one
-allocation, no wasted random fill), then filled tensor by tensor from
-memory-mapped files, so loading peaks near one copy of the weights.
+config.json names an architecture; its module tree is built on the meta
+device; transforms (quantizers, adapters) reshape it there; it is
+materialised once on its device in the target dtype, with initialisation
+skipped (no wasted random fill); then each tensor is filled by name from a
+weight source (memory-mapped safetensors by default; never pickle), so
+loading peaks near one copy of the weights. Every stage but the first is
+open to plugins (see docs/architecture.md, "Loading a model").
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
-from collections.abc import Iterator
-from contextlib import ExitStack
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 import attrs
 import torch
 
-from enigma.errors import ConfigError, NotFoundError
-from enigma.models import architecture_of, model_class
+from enigma.errors import ConfigError, EnigmaError, NotFoundError, PluginError
+from enigma.kinds import LoadContext, Weights
+from enigma.models import architecture_class
+from enigma.models.base import persistent_tensors
+from enigma.weights import open_weights
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 _ALIASES = {"fp32": "float32", "fp16": "float16", "half": "float16", "bf16": "bfloat16", "float": "float32"}
-IGNORED_CHECKPOINT_SUFFIXES = ("rotary_emb.inv_freq", "position_ids")
 
 
 def read_hf_config(folder: Path) -> dict[str, Any]:
@@ -55,99 +58,27 @@ def resolve_dtype(requested: str | torch.dtype, hf_config: dict[str, Any], devic
     return DTYPES[name]
 
 
-class SafetensorsWeights:
-    """The tensors of a folder's safetensors files, opened memory-mapped."""
-
-    def __init__(self, folder: Path) -> None:
-        index = folder / "model.safetensors.index.json"
-        if index.exists():
-            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
-            files = sorted(set(weight_map.values()))
-        else:
-            files = sorted(path.name for path in folder.glob("*.safetensors"))
-            weight_map = None
-        if not files:
-            pickles = sorted(p.name for p in folder.glob("*.bin")) + sorted(p.name for p in folder.glob("*.pt"))
-            hint = (f" It has {', '.join(pickles)}: pickle files are never loaded (they can run code); "
-                    "convert them to safetensors first.") if pickles else ""
-            raise NotFoundError(f"model folder {folder} has no *.safetensors weights.{hint}")
-        missing = [name for name in files if not (folder / name).exists()]
-        if missing:
-            raise NotFoundError(f"model folder {folder} lacks shard(s) {', '.join(missing)} named by "
-                                "model.safetensors.index.json; re-download the model")
-        self.folder = folder
-        self.files = files
-        self._stack = ExitStack()
-        self._handles: dict[str, Any] = {}
-        self._location: dict[str, str] = {}
-        from safetensors import safe_open
-
-        for name in files:
-            handle = self._stack.enter_context(safe_open(str(folder / name), framework="pt"))
-            self._handles[name] = handle
-            for key in handle.keys():
-                self._location[key] = name
-
-    def __enter__(self) -> SafetensorsWeights:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stack.close()
-
-    def keys(self) -> Iterator[str]:
-        return iter(self._location)
-
-    def __contains__(self, key: str) -> bool:
-        return key in self._location
-
-    def shape(self, key: str) -> tuple[int, ...]:
-        return tuple(self._handles[self._location[key]].get_slice(key).get_shape())
-
-    def get(self, key: str) -> torch.Tensor:
-        return self._handles[self._location[key]].get_tensor(key)
-
-
-def load_weights(model: torch.nn.Module, weights: SafetensorsWeights) -> None:
-    """Copy every parameter of ``model`` from the checkpoint, stacking fused ones.
+def load_weights(model: torch.nn.Module, weights: Weights, *, folder: Path | str = "the model folder") -> None:
+    """Fill every parameter and persistent buffer of ``model`` from the checkpoint tensor of the same name.
 
     Fails naming the tensor (and both shapes) when one is missing or mismatched.
+    Tensors keep the model's dtypes: float checkpoints are cast to the build
+    dtype, integer (packed) tensors are copied as they are.
     """
-    stacked: dict[str, tuple[str, ...]] = getattr(model, "STACKED_PARAMS", {})
     prefixes = ("", *getattr(model, "CHECKPOINT_PREFIXES", ()))
-
-    def checkpoint_name(name: str) -> str | None:
-        for prefix in prefixes:
-            if prefix + name in weights:
-                return prefix + name
-        return None
-
     with torch.no_grad():
-        for name, param in model.named_parameters():
-            fused = next((key for key in stacked if f".{key}." in f".{name}"), None)
-            parts = [name.replace(fused, part) for part in stacked[fused]] if fused else [name]
-            offset = 0
-            for part in parts:
-                found = checkpoint_name(part)
-                if found is None:
-                    raise NotFoundError(f"checkpoint in {weights.folder} has no tensor {part!r} "
-                                        f"(expected shape {_expected_shape(param, parts, part)}); the "
-                                        "folder is incomplete or not of the architecture its config.json names")
-                shape = weights.shape(found)
-                rows = shape[0] if fused else param.shape[0] if param.dim() else 0
-                target = param[offset:offset + rows] if fused else param
-                if tuple(target.shape) != shape:
-                    raise ConfigError(f"checkpoint tensor {found!r} in {weights.folder} has shape "
-                                      f"{list(shape)} but the model built from config.json expects "
-                                      f"{list(target.shape)}; config.json and weights disagree")
-                target.copy_(weights.get(found))
-                offset += rows
-            if fused and offset != param.shape[0]:
-                raise ConfigError(f"checkpoint tensors {parts} stack to {offset} rows but {name!r} "
-                                  f"expects {param.shape[0]}; config.json and weights disagree")
-
-
-def _expected_shape(param: torch.Tensor, parts: list[str], part: str) -> list[int] | str:
-    return list(param.shape) if len(parts) == 1 else f"a slice of {list(param.shape)}"
+        for name, tensor in persistent_tensors(model):
+            found = next((prefix + name for prefix in prefixes if prefix + name in weights), None)
+            if found is None:
+                raise NotFoundError(f"checkpoint in {folder} has no tensor {name!r} (expected shape "
+                                    f"{list(tensor.shape)}); the folder is incomplete or not of the "
+                                    "architecture its config.json names")
+            shape = tuple(weights.shape(found))
+            if tuple(tensor.shape) != shape:
+                raise ConfigError(f"checkpoint tensor {found!r} in {folder} has shape {list(shape)} but the "
+                                  f"model built from config.json expects {list(tensor.shape)}; config.json "
+                                  "and weights disagree")
+            tensor.copy_(weights.get(found))
 
 
 _INIT_FUNCTIONS = ("uniform_", "normal_", "trunc_normal_", "constant_", "ones_", "zeros_", "xavier_uniform_",
@@ -197,19 +128,63 @@ class LoadedModel:
     def is_embedding_model(self) -> bool:
         return not hasattr(self.model, "compute_logits")
 
+    @property
+    def quantization(self) -> str | None:
+        """The quantization type of a quantized folder (``quantization_config.type``), else None."""
+        config = self.hf_config.get("quantization_config")
+        return str(config.get("type") or config.get("quant_method")) if isinstance(config, dict) else None
 
-def load_model(folder: str | Path, *, dtype: str | torch.dtype = "auto",
-               device: str | torch.device = "cpu") -> LoadedModel:
-    """Build the model a Hugging Face folder describes and load its weights."""
+
+def load_model(folder: str | Path, *, dtype: str | torch.dtype = "auto", device: str | torch.device = "cpu",
+               options: Mapping[str, Any] | None = None, host: Any = None) -> LoadedModel:
+    """Build the model a Hugging Face folder describes and load its weights, stage by stage.
+
+    1. config.json → the architecture's class (an ``architecture`` implementation);
+    2. the module tree, built on the meta device (no memory, no initialisation);
+    3. transforms: a quantized folder's quantizer, then every ``enigma_transform_model`` hook;
+    4. materialised on ``device`` in the target dtype (one allocation per tensor);
+    5. weights from the first ``weight_source`` that reads the folder, by tensor name.
+    ``options`` reach the transforms as ``LoadContext.options``.
+    """
+    if host is None:
+        from enigma.plugins import get_host
+
+        host = get_host()
     folder = Path(folder)
     hf_config = read_hf_config(folder)
-    architecture = architecture_of(hf_config, source=str(folder / "config.json"))
+    architecture, cls = architecture_class(hf_config, source=str(folder / "config.json"), host=host)
     device = torch.device(device)
     torch_dtype = resolve_dtype(dtype, hf_config, device)
-    cls = model_class(architecture)
-    with torch.device(device), default_dtype(torch_dtype), skip_weight_init():
-        model = cls.from_hf_config(hf_config)  # the one allocation, in the target dtype, left uninitialized
+    context = LoadContext(folder=folder, hf_config=hf_config, architecture=architecture, dtype=torch_dtype,
+                          device=device, options=dict(options or {}))
+    with torch.device("meta"), default_dtype(torch_dtype), skip_weight_init():
+        model = cls.from_hf_config(hf_config)
+        apply_transforms(model, context, host=host)
+    model = model.to_empty(device=device)
     model.post_materialize()
-    with SafetensorsWeights(folder) as weights:
-        load_weights(model, weights)
+    with open_weights(folder, host=host) as weights:
+        load_weights(model, weights, folder=folder)
     return LoadedModel(model.eval(), hf_config, architecture, torch_dtype, folder)
+
+
+def apply_transforms(model: torch.nn.Module, context: LoadContext, *, host: Any) -> None:
+    """Stage 3: the folder's quantizer (``quantization_config.quant_method``), then plugins' transforms."""
+    quantization = context.quantization
+    if quantization is not None:
+        method = quantization.get("quant_method")
+        try:
+            quantizer = host.create("quantizer", str(method))
+        except NotFoundError:
+            raise NotFoundError(f"{context.folder} holds a model quantized with {method!r}, which no installed "
+                                f"quantizer reads; install the plugin that provides quantizer {method!r} "
+                                "('enigma quantize --list' shows what is installed)") from None
+        quantizer.transform(model, context=context)
+    for implementation in reversed(host.hook.enigma_transform_model.get_hookimpls()):
+        try:
+            implementation.function(**{arg: {"model": model, "context": context}[arg]
+                                       for arg in implementation.argnames})
+        except EnigmaError:
+            raise
+        except Exception as exc:
+            raise PluginError(f"plugin {implementation.plugin_name!r} failed to transform {context.folder} "
+                              f"({context.architecture}): {type(exc).__name__}: {exc}") from exc

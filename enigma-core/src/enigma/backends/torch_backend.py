@@ -55,7 +55,7 @@ def view_kv(kv_cache: torch.Tensor, first_block: int, length: int) -> tuple[torc
     return flat[0], flat[1]
 
 
-class CPULinear(torch.nn.Module):
+class CPULinear(torch.nn.Linear):
     """A float32 Linear on CPU, run by the kernel that is fastest for the rows it gets.
 
     Up to :attr:`NATIVE_MAX_ROWS` rows (decode steps stream the weights once for a
@@ -69,7 +69,8 @@ class CPULinear(torch.nn.Module):
     speed and ``F.linear`` stays (256x768: 39 us against 61 us; 768x2304:
     258 us against 141 us). The weight stays an ordinary ``[out, in]``
     parameter, so a head tied to the embeddings keeps sharing it, and
-    whatever needs gradients runs ``F.linear``.
+    whatever needs gradients runs ``F.linear``. It is an ``nn.Linear``, so
+    code that looks for Linears after preparation still finds them.
     """
 
     NATIVE_MAX_ROWS = 32
@@ -79,7 +80,7 @@ class CPULinear(torch.nn.Module):
     """Models whose Linear weights fit in this many bytes keep small Linears off oneDNN."""
 
     def __init__(self, linear: torch.nn.Linear, *, native: NativeKernels | None, onednn: bool) -> None:
-        super().__init__()
+        torch.nn.Module.__init__(self)  # an nn.Linear that shares ``linear``'s tensors, allocating none
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.weight = linear.weight
         self.bias = linear.bias
@@ -98,6 +99,22 @@ class CPULinear(torch.nn.Module):
         if self.onednn:
             return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [], "")
         return F.linear(x, self.weight, self.bias)
+
+
+def cast_parameters(model: torch.nn.Module, dtype: torch.dtype) -> None:
+    """Cast the floating-point parameters of ``model`` to ``dtype``, in place.
+
+    What every backend's ``prepare`` must honour: buffers (RoPE frequencies,
+    a quantizer's scales), integer tensors (packed weights) and everything
+    inside a module that sets ``keeps_dtype = True`` stay exactly as loaded.
+    """
+    if getattr(model, "keeps_dtype", False):
+        return
+    for param in model.parameters(recurse=False):
+        if param.is_floating_point() and param.dtype != dtype:
+            param.data = param.data.to(dtype)
+    for child in model.children():
+        cast_parameters(child, dtype)
 
 
 def use_cpu_linears(model: torch.nn.Module, *, native: NativeKernels | None) -> None:
@@ -140,15 +157,15 @@ class TorchBackend:
         return kv_cache_shape(num_blocks, block_size, num_kv_heads, head_dim)
 
     def prepare(self, model: torch.nn.Module, *, dtype: torch.dtype) -> torch.nn.Module:
-        """Move ``model`` to this backend's device, parameters in ``dtype``, in eval mode.
+        """Move ``model`` to this backend's device, floating-point parameters in ``dtype``, in eval mode.
 
-        Buffers keep their dtype: RoPE frequencies stay float32. On CPU,
-        float32 Linears pick their kernel by the rows they get (see :class:`CPULinear`).
+        See :func:`cast_parameters`: buffers, integer and packed tensors keep
+        their dtype. On CPU, float32 ``nn.Linear``s pick their kernel by the
+        rows they get (see :class:`CPULinear`); other Linear modules (a
+        quantizer's) are left as they are.
         """
         model = model.to(device=self.device)
-        for param in model.parameters():
-            if param.dtype != dtype:
-                param.data = param.data.to(dtype)
+        cast_parameters(model, dtype)
         if self.device.type == "cpu":
             use_cpu_linears(model, native=self.native)
         return model.eval()

@@ -152,7 +152,6 @@ class BertEncoder(nn.Module):
 class BertModel(nn.Module):
     """A BERT encoder returning token states; :func:`pool` turns them into embeddings."""
 
-    STACKED_PARAMS: dict[str, tuple[str, ...]] = {}
     CHECKPOINT_PREFIXES = ("bert.",)
     """Prefixes some checkpoints (e.g. BertForMaskedLM) put before these names."""
 

@@ -24,7 +24,7 @@ from enigma.datasets import DataOptions, load_blocks
 from enigma.errors import ConfigError, NotFoundError
 from enigma.fsutil import atomic_write_text
 from enigma.loader import load_model, read_hf_config
-from enigma.models import architecture_of, model_class
+from enigma.models import architecture_class
 from enigma.saving import save_model_folder
 from enigma.tokenizer import Tokenizer
 from enigma.training.attention import causal_lm_loss
@@ -57,8 +57,7 @@ def build_model(source: str, *, seed: int) -> tuple[torch.nn.Module, dict[str, A
     else:
         raise NotFoundError(f"model {source!r} not found: pass a model folder to fine-tune, or a config.json "
                             "to train from scratch")
-    architecture = architecture_of(hf_config, source=str(path))
-    cls = model_class(architecture)
+    architecture, cls = architecture_class(hf_config, source=str(path))
     if not hasattr(cls, "checkpoint_tensors"):
         raise ConfigError(f"the sft trainer trains causal language models; {architecture} is not one")
     torch.manual_seed(seed)

@@ -1,0 +1,72 @@
+"""``enigma quantize``: a model into a quantized artifact, through the installed quantizers."""
+
+from __future__ import annotations
+
+import click
+
+BITS = {4: "Q4_K_M", 5: "Q5_K_M", 6: "Q6_K", 8: "Q8_0"}
+"""``--bits`` shorthand: llama.cpp's recommended type for each width."""
+
+EXAMPLES = """
+\b
+Examples:
+  enigma quantize --list                       the types the installed quantizers make
+  enigma quantize llama3:8b --type Q4_K_M      into the store as llama3:q4_k_m
+  enigma quantize ./my-llama --bits 4 --name mine:q4
+  enigma quantize ./my-llama --type INT8 --output ./my-llama-int8
+"""
+
+
+@click.command(epilog=EXAMPLES)
+@click.argument("model", required=False)
+@click.option("--type", "type_name", help="Quantization type (see --list); QUANTIZER:TYPE when two make it.")
+@click.option("--bits", type=click.Choice(["4", "5", "6", "8"]), help="Shorthand: 4 Q4_K_M, 5 Q5_K_M, 6 Q6_K, 8 Q8_0.")
+@click.option("--name", help="Store name for the result [<model>:<type>].")
+@click.option("--output", type=click.Path(file_okay=False), help="Write a folder here instead of the store.")
+@click.option("--list", "list_types", is_flag=True, help="List the types the installed quantizers make.")
+def quantize(model: str | None, type_name: str | None, bits: str | None, name: str | None, output: str | None,
+             list_types: bool) -> None:
+    """Quantize MODEL (a store name, packaged model or folder) to fewer bits per weight."""
+    from enigma.quantize import SUGGESTED_PLUGINS, installed_types
+    from enigma.quantize import quantize as run_quantize
+
+    if list_types:
+        types = installed_types()
+        if not types:
+            click.echo("No quantizer is installed. Install one:\n  " + "\n  ".join(SUGGESTED_PLUGINS))
+            return
+        width = max(len(t.name) for t in types)
+        for t in types:
+            click.echo(f"{t.name:<{width}}  {t.quantizer} ({t.origin})  {t.description}")
+        return
+    if model is None:
+        raise click.UsageError("name the MODEL to quantize (or use --list)")
+    if (type_name is None) == (bits is None):
+        raise click.UsageError("give exactly one of --type and --bits")
+    if name is not None and output is not None:
+        raise click.UsageError("--name (the store) and --output (a folder) exclude each other")
+    type_name = type_name or BITS[int(bits)]
+    with _ProgressBar() as bar:
+        folder = run_quantize(model, type_name, name=name, output=output, progress=bar.update)
+    click.echo(f"wrote {folder}")
+
+
+class _ProgressBar:
+    """A rich progress bar fed ``(done, total)`` reports; silent when not on a terminal."""
+
+    def __enter__(self) -> _ProgressBar:
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+        self.progress = Progress(TextColumn("quantizing"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                                 transient=True)
+        self.progress.__enter__()
+        self.task = None
+        return self
+
+    def update(self, done: int, total: int) -> None:
+        if self.task is None:
+            self.task = self.progress.add_task("quantize", total=total)
+        self.progress.update(self.task, completed=done, total=total)
+
+    def __exit__(self, *exc: object) -> None:
+        self.progress.__exit__(*exc)

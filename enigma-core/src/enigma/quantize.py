@@ -1,0 +1,175 @@
+"""Quantizing models: the quantizer kind's caller (``enigma quantize``, :func:`quantize`).
+
+A quantizer (:class:`enigma.kinds.Quantizer`) names the types it makes
+(``Q4_K_M``, ``INT8``...). :func:`find_quantizer` finds the one that makes a
+type; :func:`quantize` loads the source in float32 on the CPU, has the
+quantizer write the artifact into a scratch folder beside the destination,
+copies the tokenizer files, checks that the artifact names its quantizer,
+and only then moves it into place — into the store with a manifest
+(quantization, files, sizes, sha256), or to a folder. A failure leaves
+nothing behind. Loading an artifact needs nothing more: its config.json's
+``quantization_config`` sends the loader to the same quantizer.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import tempfile
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import attrs
+
+from enigma.errors import BadRequestError, ConfigError, NotFoundError
+from enigma.fsutil import default_dir_mode
+
+logger = logging.getLogger("enigma.quantize")
+
+SUGGESTED_PLUGINS = ("enigma-plugin-ggml (llama.cpp k-quants: Q4_K_M, Q5_K_M, Q6_K, Q8_0)",
+                     "enigma-plugin-exl2 (EXL2 mixed-bit GPTQ)")
+COPIED_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
+                "generation_config.json")
+
+
+@attrs.frozen
+class QuantType:
+    """One quantization type an installed quantizer makes."""
+
+    name: str
+    description: str
+    quantizer: str
+    """The registered name of the quantizer making it (``quant_method`` in artifacts)."""
+    origin: str
+    """The distribution that provides it."""
+
+
+def installed_types(host: Any = None) -> list[QuantType]:
+    """Every type of every available quantizer, in the registry's order."""
+    host = host or _host()
+    found = []
+    for implementation in host.registry.implementations("quantizer"):
+        if not implementation.availability():
+            continue
+        for name, description in implementation.create().types().items():
+            found.append(QuantType(name, description, implementation.name, implementation.origin))
+    return found
+
+
+def find_quantizer(type_name: str, host: Any = None) -> tuple[Any, QuantType]:
+    """``(quantizer instance, type)`` for a type name (case-insensitive); errors say what is installed."""
+    host = host or _host()
+    types = installed_types(host)
+    if not types:
+        raise NotFoundError(f"no quantizer is installed, so type {type_name!r} cannot be made; install one: "
+                            + "; ".join(SUGGESTED_PLUGINS))
+    matches = [t for t in types if t.name.lower() == type_name.lower()]
+    if not matches:
+        known = ", ".join(f"{t.name} ({t.quantizer})" for t in types)
+        raise NotFoundError(f"no installed quantizer makes type {type_name!r}; installed types: {known} "
+                            "('enigma quantize --list' describes them)")
+    if len(matches) > 1:
+        makers = ", ".join(t.quantizer for t in matches)
+        raise BadRequestError(f"type {type_name!r} is made by several quantizers ({makers}); "
+                              f"name one as QUANTIZER:TYPE, e.g. {matches[0].quantizer}:{matches[0].name}")
+    chosen = matches[0]
+    return host.create("quantizer", chosen.quantizer), chosen
+
+
+def _split_type(type_name: str, host: Any) -> tuple[Any, QuantType]:
+    quantizer_name, sep, bare = type_name.partition(":")
+    if not sep:
+        return find_quantizer(type_name, host)
+    quantizer = host.create("quantizer", quantizer_name)
+    for name, description in quantizer.types().items():
+        if name.lower() == bare.lower():
+            impl = host.select("quantizer", quantizer_name)
+            return quantizer, QuantType(name, description, quantizer_name, impl.origin)
+    raise NotFoundError(f"quantizer {quantizer_name!r} makes no type {bare!r}; it makes "
+                        f"{', '.join(quantizer.types())}")
+
+
+def quantize(source: str | Path, type_name: str, *, name: str | None = None, output: str | Path | None = None,
+             options: Mapping[str, Any] | None = None, progress: Callable[[int, int], None] | None = None,
+             host: Any = None) -> Path:
+    """Quantize ``source`` (a store name, packaged model or HF folder) as ``type_name``.
+
+    The result goes to the folder ``output`` (which must not exist yet), or into
+    the store as ``name`` (default ``<source name>:<type, lower-case>``). Returns
+    the folder written.
+    """
+    from enigma.llm import resolve_model_path
+    from enigma.loader import load_model
+    from enigma.store import ModelName, Store
+
+    host = host or _host()
+    quantizer, chosen = _split_type(type_name, host)
+    folder = resolve_model_path(source)
+    loaded = load_model(folder, dtype="float32", device="cpu", host=host)
+    if loaded.quantization is not None:
+        logger.warning("%s is already quantized (%s); quantizing it again compounds the error — start from "
+                       "the original weights where you can", source, loaded.quantization)
+
+    def write(staged: Path) -> None:
+        quantizer.quantize(loaded, type=chosen.name, output=staged, options=dict(options or {}), progress=progress)
+        _check_artifact(staged, chosen)
+        for file_name in COPIED_FILES:
+            if (folder / file_name).exists() and not (staged / file_name).exists():
+                shutil.copyfile(folder / file_name, staged / file_name)
+
+    if output is not None:
+        target = Path(output)
+        if target.exists():
+            raise BadRequestError(f"output {target} exists; choose a new folder or remove it first")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        staged = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+        try:
+            write(staged)
+            staged.chmod(default_dir_mode())
+            staged.rename(target)
+        finally:
+            shutil.rmtree(staged, ignore_errors=True)
+        return target
+
+    store = Store()
+    base = ModelName.parse(name) if name else ModelName(_base_name(source, folder), chosen.name.lower())
+    with store.lock(base), store.staging(base) as staged:
+        write(staged)
+        from enigma.store import FileEntry, sha256_file
+
+        entries = [FileEntry(str(p.relative_to(staged)), p.stat().st_size, sha256_file(p))
+                   for p in sorted(staged.rglob("*")) if p.is_file()]
+        manifest = store.make_manifest(base, staged, entries, source=f"quantize:{source}@{chosen.quantizer}",
+                                       quantization=chosen.name)
+        store.commit(staged, manifest)
+    return store.path(base)
+
+
+def _check_artifact(folder: Path, chosen: QuantType) -> None:
+    try:
+        config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"quantizer {chosen.quantizer!r} ({chosen.origin}) wrote no readable config.json "
+                          f"({exc}); the quantizer is broken — report it to its authors") from exc
+    method = (config.get("quantization_config") or {}).get("quant_method")
+    if method != chosen.quantizer:
+        raise ConfigError(f"quantizer {chosen.quantizer!r} ({chosen.origin}) wrote config.json with "
+                          f"quantization_config.quant_method = {method!r}; it must be {chosen.quantizer!r} so "
+                          "the loader can read the artifact back")
+
+
+def _base_name(source: str | Path, folder: Path) -> str:
+    from enigma.store import ModelName
+
+    try:
+        return ModelName.parse(str(source)).name
+    except BadRequestError:
+        return ModelName.parse(folder.resolve().name.lower()).name
+
+
+def _host() -> Any:
+    from enigma.plugins import get_host
+
+    return get_host()

@@ -1,0 +1,132 @@
+"""The staged loading pipeline: architectures and weight sources from plugins, tensors by checkpoint name."""
+
+from __future__ import annotations
+
+import shutil
+import types
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import enigma.plugins
+from enigma import LLM, SamplingParams, hookimpl
+from enigma.loader import load_model
+
+GREEDY = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
+
+
+def use_host(monkeypatch, make_plugin_host, *plugins):
+    host = make_plugin_host(*plugins)
+    monkeypatch.setattr(enigma.plugins, "_host", host)
+    return host
+
+
+def test_the_model_state_dict_is_the_checkpoint(tiny_model):
+    """Per-projection modules carry checkpoint names, so nothing is stacked or renamed."""
+    folder = tiny_model("llama-gqa")
+    loaded = load_model(folder)
+    checkpoint = load_file(folder / "model.safetensors")
+    assert set(loaded.model.checkpoint_tensors()) == set(checkpoint)
+    for name in ("model.layers.0.self_attn.q_proj.weight", "model.layers.0.self_attn.v_proj.weight",
+                 "model.layers.1.mlp.gate_proj.weight", "model.layers.1.mlp.up_proj.weight"):
+        assert torch.equal(loaded.model.get_parameter(name), checkpoint[name])
+
+
+def test_loading_builds_on_meta_and_never_imports_the_compiler(tiny_model):
+    import subprocess
+    import sys
+
+    code = ("import sys; from enigma.loader import load_model; load_model(sys.argv[1]); "
+            "print('torch._dynamo' in sys.modules)")
+    result = subprocess.run([sys.executable, "-c", code, str(tiny_model("llama-gqa"))], capture_output=True,
+                            text=True, check=True)
+    assert result.stdout.strip() == "False"
+
+
+def test_hook_enigma_register_architectures(make_plugin_host, tiny_model, tmp_path, monkeypatch):
+    import json
+
+    from enigma.models.llama import LlamaForCausalLM
+
+    class ShoutingLlama(LlamaForCausalLM):
+        """A family from a plugin: Llama whose logits favour token 7."""
+
+        def compute_logits(self, hidden):
+            logits = super().compute_logits(hidden)
+            logits[:, 7] += 1000
+            return logits
+
+    @hookimpl
+    def enigma_register_architectures(register):
+        register("ShoutingLlamaForCausalLM", ShoutingLlama, summary="a test family")
+
+    plugin = types.ModuleType("family_plugin")
+    plugin.enigma_register_architectures = enigma_register_architectures
+    host = use_host(monkeypatch, make_plugin_host, plugin)
+    assert host.registry.get("architecture", "ShoutingLlamaForCausalLM").plugin == "family_plugin"
+
+    folder = shutil.copytree(tiny_model("llama-gqa"), tmp_path / "shouting")
+    config = json.loads((folder / "config.json").read_text())
+    config["architectures"] = ["ShoutingLlamaForCausalLM"]
+    (folder / "config.json").write_text(json.dumps(config))
+    llm = LLM(folder)
+    assert isinstance(llm.loaded.model, ShoutingLlama)
+    assert llm.generate("Hello", GREEDY)[0].outputs[0].token_ids == [7] * 6
+
+
+class NpzWeights:
+    def __init__(self, path):
+        self.arrays = np.load(path, allow_pickle=False)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.arrays.close()
+
+    def keys(self):
+        return iter(self.arrays.files)
+
+    def __contains__(self, name):
+        return name in self.arrays.files
+
+    def shape(self, name):
+        return self.arrays[name].shape
+
+    def get(self, name):
+        return torch.from_numpy(self.arrays[name])
+
+
+class NpzSource:
+    description = "weights.npz (numpy, no pickle)"
+
+    def matches(self, folder):
+        return (folder / "weights.npz").exists()
+
+    def open(self, folder):
+        return NpzWeights(folder / "weights.npz")
+
+
+def test_hook_enigma_register_weight_sources(make_plugin_host, tiny_model, tmp_path, monkeypatch):
+    @hookimpl
+    def enigma_register_weight_sources(register):
+        register("npz", NpzSource, priority=10, summary="numpy archives")
+
+    original = tiny_model("llama-gqa")
+    folder = shutil.copytree(original, tmp_path / "npz")
+    tensors = load_file(folder / "model.safetensors")
+    np.savez(folder / "weights.npz", **{name: t.numpy() for name, t in tensors.items()})
+    (folder / "model.safetensors").unlink()
+
+    with pytest.raises(enigma.NotFoundError, match=r"no weights that an installed weight source reads "
+                                                   r"\(safetensors: \*.safetensors files\)"):
+        LLM(folder)
+
+    plugin = types.ModuleType("npz_plugin")
+    plugin.enigma_register_weight_sources = enigma_register_weight_sources
+    host = use_host(monkeypatch, make_plugin_host, plugin)
+    assert [impl.name for impl in host.registry.implementations("weight_source")] == ["npz", "safetensors"]
+    expected = LLM(original).generate("Hello", GREEDY)[0].outputs[0].token_ids
+    assert LLM(folder).generate("Hello", GREEDY)[0].outputs[0].token_ids == expected
