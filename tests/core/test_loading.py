@@ -130,3 +130,21 @@ def test_hook_enigma_register_weight_sources(make_plugin_host, tiny_model, tmp_p
     assert [impl.name for impl in host.registry.implementations("weight_source")] == ["npz", "safetensors"]
     expected = LLM(original).generate("Hello", GREEDY)[0].outputs[0].token_ids
     assert LLM(folder).generate("Hello", GREEDY)[0].outputs[0].token_ids == expected
+
+
+def test_backend_runs_plain_projections_fused_without_copying(tiny_model):
+    llm = LLM(tiny_model("llama-gqa"))
+    attention = llm.loaded.model.model.layers[0].self_attn
+    assert attention.qkv_proj is not None
+    fused = attention.qkv_proj.weight
+    assert attention.q_proj.weight.data_ptr() == fused.data_ptr()  # a view: no second copy
+    assert attention.v_proj.weight.untyped_storage().data_ptr() == fused.untyped_storage().data_ptr()
+    assert set(llm.loaded.model.state_dict()) == set(load_file(tiny_model("llama-gqa") / "model.safetensors"))
+
+
+def test_transformed_projections_stay_unfused(installed_plugins, tiny_model, tmp_path):
+    from enigma.quantize import quantize
+
+    llm = LLM(quantize(tiny_model("llama-gqa"), "INT8", output=tmp_path / "int8"))
+    layer = llm.loaded.model.model.layers[0]
+    assert layer.self_attn.qkv_proj is None and layer.mlp.gate_up_proj is None

@@ -159,7 +159,7 @@ def test_hook_enigma_transform_model(make_plugin_host, tiny_model, monkeypatch):
     assert llm.loaded.model.model.layers[0].mlp.down_proj.weight.device.type == "cpu"  # loaded by name
 
     @hookimpl
-    def enigma_transform_model(model, context):  # noqa: F811 - a broken transform
+    def enigma_transform_model(model, context):
         raise ValueError("no such layer")
 
     plugin = types.ModuleType("broken_transform")

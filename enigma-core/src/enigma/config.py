@@ -5,11 +5,20 @@ YAML; see :mod:`enigma.paths`) < environment variables named
 ``ENIGMA_<SECTION>__<KEY>`` (``ENIGMA_ENGINE__DTYPE=bfloat16``). Every value is
 checked; a bad one raises :class:`~enigma.errors.ConfigError` naming the key,
 the value, where it came from (file and line, or variable) and what is allowed.
+
+Plugins have settings too: a plugin declares an attrs class through the
+``enigma_plugin_settings`` hook, and its keys live in the file's
+``[plugins.<name>]`` table and in ``ENIGMA_PLUGINS__<NAME>__<KEY>`` variables
+(name upper-cased, ``-`` as ``_``), checked like the kernel's own. A
+section for a plugin that is not installed is ignored with a warning (so
+uninstalling a plugin never breaks the file); an unknown key of an installed
+plugin is an error naming the plugin and its keys.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import sys
@@ -20,7 +29,7 @@ from typing import Any
 import attrs
 import cattrs
 
-from enigma.errors import ConfigError
+from enigma.errors import ConfigError, NotFoundError
 from enigma.fsutil import atomic_write_text
 from enigma.paths import Paths, get_paths
 
@@ -33,6 +42,7 @@ ENV_PREFIX = "ENIGMA_"
 ENV_SEPARATOR = "__"
 DTYPES = ("auto", "float32", "float16", "bfloat16")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/-]*$")
+logger = logging.getLogger("enigma.config")
 
 
 def setting(default: Any, *, allowed: str, check: Callable[[Any], bool], doc: str) -> Any:
@@ -52,6 +62,10 @@ class EngineConfig:
                            check=_is_name, doc="backend implementation ('enigma plugins' lists them)")
     dtype: str = setting("auto", allowed="one of " + ", ".join(DTYPES),
                          check=lambda v: v in DTYPES, doc="weight and activation dtype")
+    scheduler: str = setting("auto", allowed="'auto' or the name of an installed scheduler", check=_is_name,
+                             doc="scheduler implementation: which requests run in each step")
+    cache: str = setting("auto", allowed="'auto' or the name of an installed KV cache", check=_is_name,
+                         doc="KV cache implementation: how key/value blocks are laid out and shared")
     device: str = setting("auto", allowed="'auto' or a torch device such as cpu, cuda, cuda:1",
                           check=lambda v: bool(re.match(r"^(auto|cpu|cuda(:\d+)?|mps)$", v)),
                           doc="device the backend runs on")
@@ -76,8 +90,6 @@ class ServerConfig:
                                     doc="default prompt+generated tokens/min for each API key")
     ip_token_rate_limit: int = setting(0, allowed="tokens per minute, 0 for no limit", check=lambda v: v >= 0,
                                        doc="prompt+generated tokens/min from one client address")
-    metrics_auth: bool = setting(False, allowed="true or false", check=lambda v: isinstance(v, bool),
-                                 doc="require an API key for /metrics")
 
 
 @attrs.define
@@ -101,6 +113,7 @@ for _cls in (EngineConfig, ServerConfig, ModelsConfig, Config):
     attrs.resolve_types(_cls)
 
 SECTIONS: dict[str, type] = {field.name: field.type for field in attrs.fields(Config)}
+PLUGIN_SECTION = "plugins"
 
 
 @attrs.frozen
@@ -121,41 +134,91 @@ class Source:
         return f"the {self.kind}"
 
 
+class Schema:
+    """The sections there are: the kernel's, and ``plugins.<name>`` for each plugin with settings."""
+
+    def __init__(self, plugin_settings: Mapping[str, type] | None = None) -> None:
+        self.plugin_settings = dict(plugin_settings or {})
+        self.sections: dict[str, type] = {**SECTIONS, **{f"{PLUGIN_SECTION}.{name}": cls
+                                                         for name, cls in self.plugin_settings.items()}}
+
+    def keys(self) -> list[str]:
+        return [f"{section}.{field.name}" for section, cls in self.sections.items() for field in attrs.fields(cls)]
+
+    def split(self, key: str, where: Source | None = None) -> tuple[str, str]:
+        """``"engine.dtype"`` -> ``("engine", "dtype")``; ``"plugins.rag.store"`` -> ``("plugins.rag", "store")``.
+
+        An unknown key is a ConfigError naming it (and ``where`` it was found) and the keys there are."""
+        section, _, name = key.rpartition(".")
+        at = f" in {where}" if where is not None else ""
+        if section in self.sections and name in attrs.fields_dict(self.sections[section]):
+            return section, name
+        if section.startswith(PLUGIN_SECTION + ".") and section in self.sections:
+            plugin = section.partition(".")[2]
+            allowed = ", ".join(field.name for field in attrs.fields(self.sections[section]))
+            raise ConfigError(f"unknown config key {key!r}{at}: plugin {plugin!r} has no setting {name!r}; "
+                              f"its settings are: {allowed}")
+        if section.startswith(PLUGIN_SECTION + "."):
+            plugin = section.partition(".")[2]
+            with_settings = ", ".join(sorted(self.plugin_settings)) or "none"
+            raise ConfigError(f"unknown config key {key!r}{at}: no installed plugin {plugin!r} has settings "
+                              f"(plugins with settings: {with_settings})")
+        raise ConfigError(f"unknown config key {key!r}{at}; the keys are: {', '.join(self.keys())}")
+
+    def field(self, key: str) -> attrs.Attribute:
+        section, name = self.split(key)
+        return attrs.fields_dict(self.sections[section])[name]
+
+    def plugin_for_variable(self, upper_name: str) -> str | None:
+        """The plugin an ``ENIGMA_PLUGINS__<NAME>__...`` variable means."""
+        for plugin in self.plugin_settings:
+            if plugin.upper().replace("-", "_") == upper_name:
+                return plugin
+        return None
+
+
 @attrs.frozen
 class LoadedConfig:
     """A config and where each of its values came from."""
 
     config: Config
     sources: dict[str, Source]
-    """``"section.key"`` -> :class:`Source`, for every key."""
+    """``"section.key"`` -> :class:`Source`, for every key (``"plugins.<name>.key"`` for plugins')."""
     file: Path
+    plugins: dict[str, Any] = attrs.field(factory=dict)
+    """Plugin name -> its settings (an instance of the class it declared)."""
 
     def get(self, key: str) -> Any:
-        """The value of ``"section.key"``."""
-        section, name = split_key(key)
+        """The value of ``"section.key"`` (or ``"plugins.<name>.key"``)."""
+        section, name = self.schema.split(key)
+        if section.startswith(PLUGIN_SECTION + "."):
+            return getattr(self.plugins[section.partition(".")[2]], name)
         return getattr(getattr(self.config, section), name)
 
+    @property
+    def schema(self) -> Schema:
+        return Schema({name: type(settings) for name, settings in self.plugins.items()})
+
     def items(self) -> list[tuple[str, Any, Source]]:
-        """(key, value, source) for every key, in declaration order."""
-        return [(key, self.get(key), self.sources[key]) for key in all_keys()]
+        """(key, value, source) for every key, in declaration order (the kernel's, then plugins')."""
+        return [(key, self.get(key), self.sources[key]) for key in self.schema.keys()]
 
 
 def all_keys() -> list[str]:
-    """Every ``"section.key"``."""
-    return [f"{section}.{field.name}" for section, cls in SECTIONS.items()
-            for field in attrs.fields(cls)]
-
-
-def _field(section: str, name: str) -> attrs.Attribute:
-    return attrs.fields_dict(SECTIONS[section])[name]
+    """Every ``"section.key"`` of the kernel."""
+    return Schema().keys()
 
 
 def split_key(key: str) -> tuple[str, str]:
     """``"engine.dtype"`` -> ``("engine", "dtype")``, or a ConfigError listing the keys."""
-    section, _, name = key.partition(".")
-    if section not in SECTIONS or name not in attrs.fields_dict(SECTIONS[section]):
-        raise ConfigError(f"unknown config key {key!r}; the keys are: {', '.join(all_keys())}")
-    return section, name
+    return Schema(installed_plugin_settings()).split(key)
+
+
+def installed_plugin_settings() -> dict[str, type]:
+    """Plugin name -> settings class, for the plugins loaded in this process."""
+    from enigma.plugins import get_host
+
+    return dict(get_host().settings_classes)
 
 
 # ------------------------------------------------------------------ converting
@@ -196,21 +259,36 @@ converter.register_structure_hook(int, _to_int)
 converter.register_structure_hook(str, _to_str)
 
 
-def check_value(key: str, value: Any, source: Source) -> Any:
+def check_value(key: str, value: Any, source: Source, schema: Schema | None = None) -> Any:
     """Convert ``value`` to the type of ``key`` and check it; return the converted value."""
-    section, name = split_key(key)
-    field = _field(section, name)
-    allowed = field.metadata["allowed"]
+    schema = schema or Schema(installed_plugin_settings())
+    field = schema.field(key)
+    allowed = field.metadata.get("allowed") or _describe_type(field.type)
     try:
         converted = converter.structure(value, field.type)
-    except (ValueError, TypeError):
-        converted = None
+        if field.validator is not None:
+            field.validator(None, field, converted)
+    except (ValueError, TypeError, ConfigError, cattrs.BaseValidationError):
         ok = False
     else:
-        ok = field.metadata["check"](converted)
+        ok = field.metadata["check"](converted) if "check" in field.metadata else True
     if not ok:
         raise ConfigError(f"{key} = {value!r} (from {source}) is invalid: expected {allowed}")
     return converted
+
+
+def _describe_type(annotation: Any) -> str:
+    names = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
+    return names.get(annotation, f"a value of type {getattr(annotation, '__name__', annotation)}")
+
+
+converter.register_structure_hook(float, lambda value, _type: _to_float(value))
+
+
+def _to_float(value: Any) -> float:
+    if isinstance(value, bool):
+        raise ValueError("not a number")
+    return float(value)
 
 
 # ------------------------------------------------------------------ reading
@@ -276,58 +354,97 @@ def _locate(path: Path, text: str, section: str, key: str | None) -> int | None:
     return None
 
 
-def _from_file(path: Path, values: dict[str, Any], sources: dict[str, Source]) -> None:
+def _from_file(path: Path, schema: Schema, values: dict[str, Any], sources: dict[str, Source]) -> None:
     text = path.read_text(encoding="utf-8")
     data = _parse(path, text)
     for section, body in data.items():
         where = Source("file", path, _locate(path, text, section, None))
-        if section not in SECTIONS:
-            raise ConfigError(f"unknown config section {section!r} in {where}; the sections are: "
-                              f"{', '.join(SECTIONS)}")
         if not isinstance(body, dict):
             raise ConfigError(f"config section {section!r} in {where} must be a table of keys")
+        if section == PLUGIN_SECTION:
+            for plugin, settings in body.items():
+                if not isinstance(settings, dict):
+                    raise ConfigError(f"config section [plugins.{plugin}] in {where} must be a table of keys")
+                if plugin not in schema.plugin_settings:
+                    logger.warning("config section [plugins.%s] in %s is ignored: no installed plugin %r has "
+                                   "settings", plugin, path, plugin)
+                    continue
+                for name, value in settings.items():
+                    key = f"{PLUGIN_SECTION}.{plugin}.{name}"
+                    source = Source("file", path, _locate(path, text, f"{PLUGIN_SECTION}.{plugin}", name))
+                    schema.split(key, source)
+                    values[key] = check_value(key, value, source, schema)
+                    sources[key] = source
+            continue
+        if section not in SECTIONS:
+            raise ConfigError(f"unknown config section {section!r} in {where}; the sections are: "
+                              f"{', '.join([*SECTIONS, PLUGIN_SECTION + '.<plugin>'])}")
         for name, value in body.items():
             key = f"{section}.{name}"
             source = Source("file", path, _locate(path, text, section, name))
-            if name not in attrs.fields_dict(SECTIONS[section]):
-                raise ConfigError(f"unknown config key {key!r} in {source}; the keys are: "
-                                  f"{', '.join(all_keys())}")
-            values[key] = check_value(key, value, source)
+            schema.split(key, source)
+            values[key] = check_value(key, value, source, schema)
             sources[key] = source
 
 
-def _from_env(environ: Mapping[str, str], values: dict[str, Any], sources: dict[str, Source]) -> None:
+def _from_env(environ: Mapping[str, str], schema: Schema, values: dict[str, Any],
+              sources: dict[str, Source]) -> None:
     for variable, raw in sorted(environ.items()):
         if not variable.startswith(ENV_PREFIX) or ENV_SEPARATOR not in variable:
             continue
-        section, _, name = variable[len(ENV_PREFIX):].lower().partition(ENV_SEPARATOR)
-        key = f"{section}.{name}"
+        parts = variable[len(ENV_PREFIX):].split(ENV_SEPARATOR)
         source = Source("env", variable=variable)
-        if key not in all_keys():
-            raise ConfigError(f"environment variable {variable} names no config key ({key!r}); "
-                              f"the keys are: {', '.join(all_keys())}; unset it or fix its name")
-        values[key] = check_value(key, raw, source)
+        if parts[0] == PLUGIN_SECTION.upper():
+            plugin = schema.plugin_for_variable(parts[1]) if len(parts) == 3 else None
+            if plugin is None:
+                raise ConfigError(f"environment variable {variable} names no plugin setting (expected "
+                                  f"ENIGMA_PLUGINS__<PLUGIN>__<KEY>; plugins with settings: "
+                                  f"{', '.join(sorted(schema.plugin_settings)) or 'none'}); unset it or fix its name")
+            key = f"{PLUGIN_SECTION}.{plugin}.{parts[2].lower()}"
+        else:
+            key = ".".join(part.lower() for part in parts)
+            if key not in schema.keys():
+                raise ConfigError(f"environment variable {variable} names no config key ({key!r}); "
+                                  f"the keys are: {', '.join(all_keys())}; unset it or fix its name")
+        values[key] = check_value(key, raw, source, schema)
         sources[key] = source
 
 
-def load_config(*, paths: Paths | None = None, environ: Mapping[str, str] | None = None) -> LoadedConfig:
-    """Read the effective configuration: defaults < file < environment."""
+def load_config(*, paths: Paths | None = None, environ: Mapping[str, str] | None = None,
+                plugin_settings: Mapping[str, type] | None = None) -> LoadedConfig:
+    """Read the effective configuration: defaults < file < environment.
+
+    ``plugin_settings`` (plugin name -> settings class) defaults to what the
+    loaded plugins declared.
+    """
     env = os.environ if environ is None else environ
     paths = paths or get_paths(env)
+    schema = Schema(installed_plugin_settings() if plugin_settings is None else plugin_settings)
     values: dict[str, Any] = {}
-    sources = {key: Source("default") for key in all_keys()}
+    sources = {key: Source("default") for key in schema.keys()}
     file = paths.config_file
     if file.exists():
-        _from_file(file, values, sources)
+        _from_file(file, schema, values, sources)
     elif paths.config_file_override is not None:
         raise ConfigError(f"config file {file} (from ENIGMA_CONFIG) does not exist; "
                           f"create it or unset ENIGMA_CONFIG")
-    _from_env(env, values, sources)
-    nested: dict[str, dict[str, Any]] = {section: {} for section in SECTIONS}
+    _from_env(env, schema, values, sources)
+    nested: dict[str, dict[str, Any]] = {section: {} for section in schema.sections}
     for key, value in values.items():
-        section, name = split_key(key)
+        section, name = schema.split(key)
         nested[section][name] = value
-    return LoadedConfig(converter.structure(nested, Config), sources, file)
+    config = converter.structure({section: nested[section] for section in SECTIONS}, Config)
+    plugins = {name: cls(**nested[f"{PLUGIN_SECTION}.{name}"]) for name, cls in schema.plugin_settings.items()}
+    return LoadedConfig(config, sources, file, plugins)
+
+
+def plugin_settings(name: str) -> Any:
+    """The effective settings of plugin ``name`` (what its ``enigma_plugin_settings`` class declares)."""
+    loaded = load_config()
+    if name not in loaded.plugins:
+        raise NotFoundError(f"plugin {name!r} declares no settings (plugins with settings: "
+                            f"{', '.join(sorted(loaded.plugins)) or 'none'})")
+    return loaded.plugins[name]
 
 
 # ------------------------------------------------------------------ writing
@@ -340,10 +457,14 @@ def set_value(key: str, value: str, *, paths: Paths | None = None) -> Path:
     """
     paths = paths or get_paths()
     file = paths.config_file
-    converted = check_value(key, value, Source("command line"))
-    section, name = split_key(key)
+    schema = Schema(installed_plugin_settings())
+    converted = check_value(key, value, Source("command line"), schema)
+    section, name = schema.split(key)
     data = _parse(file, file.read_text(encoding="utf-8")) if file.exists() else {}
-    data.setdefault(section, {})[name] = converted
+    table = data
+    for part in section.split("."):
+        table = table.setdefault(part, {})
+    table[name] = converted
     fmt = _format_of(file)
     if fmt == "toml":
         import tomli_w

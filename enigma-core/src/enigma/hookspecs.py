@@ -127,6 +127,46 @@ def enigma_register_transports(register: Any) -> None:
     """
 
 
+@hookspec
+def enigma_asgi_wrapper(app: Any, context: Any) -> Any:
+    """Wrap the server's whole ASGI app (datasette's ``asgi_wrapper``).
+
+    Called once per plugin when the app is built, with the app as wrapped so
+    far and the :class:`enigma.server.ServerContext`. Return a new ASGI
+    callable (``async def wrapped(scope, receive, send)``) that calls ``app``,
+    or None to leave it. Later plugins wrap earlier ones; core's own
+    middleware (request ids, body limit, API keys, rate limits) is innermost,
+    so wrappers see every request, authorised or not, and ``scope["state"]``
+    holds ``api_key`` once core's middleware ran.
+    """
+
+
+@hookspec
+def enigma_before_generation(request: Any) -> Any:
+    """Look at a chat or completion request before it is templated and run.
+
+    Called for each request a transport receives, plugin after plugin, with
+    ``request``, an :class:`enigma.server.GenerationRequest` as the plugins
+    before left it. Return None to leave it, a changed copy
+    (``attrs.evolve(request, messages=...)``: retrieval adds context) that the
+    next plugin sees, or an :class:`enigma.server.GenerationAnswer` to answer
+    without generating (a response cache); that ends the chain. Raise an
+    :class:`enigma.errors.EnigmaError` to refuse the request with its message.
+    """
+
+
+@hookspec
+def enigma_generation_finished(request: Any, output: Any) -> None:
+    """A request that went through ``enigma_before_generation`` finished.
+
+    ``request`` is the :class:`enigma.server.GenerationRequest` that ran (as
+    the hooks left it); ``output`` the finished :class:`enigma.RequestOutput`
+    (its ``outputs[i].text`` whole, ``finish_reason`` set). Not called for
+    answers a hook gave, nor for aborted requests. Observers only: a raising
+    one is logged and skipped.
+    """
+
+
 # ---------------------------------------------------------------- Models
 
 
@@ -184,6 +224,23 @@ def enigma_transform_model(model: Any, context: Any) -> None:
     persistent buffers. An exception stops the load with an error naming the
     plugin. (A quantized folder's own quantizer is applied by the kernel
     before these hooks, through :meth:`enigma.kinds.Quantizer.transform`.)
+    """
+
+
+# ---------------------------------------------------------------- Settings
+
+
+@hookspec
+def enigma_plugin_settings() -> Any:
+    """Declare the plugin's settings: return an attrs class whose fields have defaults.
+
+    Called once per plugin while plugins load. Its keys are read from the
+    config file's ``[plugins.<plugin name>]`` table and from
+    ``ENIGMA_PLUGINS__<NAME>__<KEY>`` variables, checked against the field
+    types (and ``attrs`` validators; :func:`enigma.config.setting` adds an
+    ``allowed`` text), listed by ``enigma config show`` and set by
+    ``enigma config set plugins.<name>.<key> VALUE``. The plugin reads them
+    with :func:`enigma.config.plugin_settings`. Return None for no settings.
     """
 
 

@@ -132,6 +132,8 @@ class PluginHost:
         self.manager.add_hookspecs(hookspecs)
         self.registry = Registry()
         self.records: dict[str, PluginRecord] = {}
+        self.settings_classes: dict[str, type] = {}
+        """Plugin name -> the attrs class its ``enigma_plugin_settings`` hook declared."""
         self._trace = _env_flag("ENIGMA_TRACE_PLUGINS", env)
         if self._trace:
             self.manager.trace.root.setwriter(sys.stderr.write)
@@ -237,15 +239,22 @@ class PluginHost:
             self.manager.check_pending()
             for kind in KINDS:
                 self._call_own(plugin, hookspecs.REGISTER_HOOKS[kind], register=_Register(self, kind, record))
+            for settings in self._call_own(plugin, "enigma_plugin_settings"):
+                if settings is not None:
+                    if not (isinstance(settings, type) and attrs.has(settings)):
+                        raise PluginError(f"enigma_plugin_settings of plugin {record.name!r} returned "
+                                          f"{settings!r}; it must return an attrs class (or None)")
+                    self.settings_classes[record.name] = settings
         except Exception as exc:
             self.manager.unregister(plugin)
             self.registry.remove_plugin(record.name)
+            self.settings_classes.pop(record.name, None)
             self._fail(record, exc)
 
-    def _call_own(self, plugin: object, hook_name: str, **kwargs: Any) -> None:
-        for implementation in getattr(self.hook, hook_name).get_hookimpls():
-            if implementation.plugin is plugin:
-                implementation.function(**{arg: kwargs[arg] for arg in implementation.argnames})
+    def _call_own(self, plugin: object, hook_name: str, **kwargs: Any) -> list[Any]:
+        return [implementation.function(**{arg: kwargs[arg] for arg in implementation.argnames})
+                for implementation in getattr(self.hook, hook_name).get_hookimpls()
+                if implementation.plugin is plugin]
 
     def _fail(self, record: PluginRecord, exc: BaseException) -> None:
         record.status = "failed"

@@ -31,12 +31,19 @@ def save_safetensors(tensors: dict[str, torch.Tensor], path: Path, *, metadata: 
     os.close(fd)
     os.chmod(tmp, default_file_mode())
     try:
-        save_file({name: t.detach().contiguous() for name, t in tensors.items()}, tmp,
+        save_file({name: _own_storage(t.detach()) for name, t in tensors.items()}, tmp,
                   metadata={"format": "pt", **(metadata or {})})
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def _own_storage(tensor: torch.Tensor) -> torch.Tensor:
+    """``tensor`` contiguous and alone in its storage (safetensors refuses views of shared memory,
+    such as projections a backend fused)."""
+    tensor = tensor.contiguous()
+    return tensor.clone() if tensor.untyped_storage().nbytes() != tensor.nbytes else tensor
 
 
 def save_model_folder(model: Any, hf_config: dict[str, Any], out: str | Path, *,

@@ -183,7 +183,7 @@ def test_clients_that_disconnect_mid_stream_leave_no_kv_blocks(server):
 
 
 def test_openapi_document_matches_the_server(server):
-    from enigma_openai_api.validation import CHAT_FIELDS, COMPLETION_FIELDS, EMBEDDING_FIELDS
+    from enigma.server.openai_fields import CHAT_FIELDS, COMPLETION_FIELDS, EMBEDDING_FIELDS
 
     document = httpx.get(f"{server[0]}/openapi.json").json()
     assert document["openapi"].startswith("3.")

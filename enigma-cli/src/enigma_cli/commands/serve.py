@@ -62,7 +62,7 @@ def serve(models: tuple[str, ...], host: str | None, port: int | None, max_body_
                             ip_rate_limit=config.get("server.ip_rate_limit"),
                             token_rate_limit=config.get("server.token_rate_limit"),
                             ip_token_rate_limit=config.get("server.ip_token_rate_limit"),
-                            metrics_auth=config.get("server.metrics_auth"), llm_options={
+                            llm_options={
         "dtype": config.get("engine.dtype"), "backend": config.get("engine.backend"),
         "device": None if device == "auto" else device})
     click.echo(f"enigma serving {', '.join(names)} on http://{host}:{port} (OpenAI API at /v1)", err=True)

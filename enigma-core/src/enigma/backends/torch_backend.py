@@ -120,14 +120,25 @@ def cast_parameters(model: torch.nn.Module, dtype: torch.dtype) -> None:
 def use_cpu_linears(model: torch.nn.Module, *, native: NativeKernels | None) -> None:
     """Run the exact float32 ``nn.Linear``s of ``model`` as :class:`CPULinear`, in place,
     with ``native`` kernels for few rows (None: torch's only)."""
-    linears = [(module, name, child) for module in model.modules() for name, child in module.named_children()
+    linears = [(module, name, child) for module in model.modules() for name, child in _linears_of(module)
                if type(child) is torch.nn.Linear and CPULinear.supported(child)]
     weight_bytes = sum(child.weight.nbytes for _, _, child in linears)
     min_onednn = 0 if weight_bytes > CPULinear.CACHE_RESIDENT_BYTES else CPULinear.ONEDNN_MIN_ELEMENTS
     has_onednn = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
     for module, name, child in linears:
         onednn = has_onednn and child.weight.numel() >= min_onednn
-        setattr(module, name, CPULinear(child, native=native, onednn=onednn))
+        replacement = CPULinear(child, native=native, onednn=onednn)
+        if name in module._modules:
+            setattr(module, name, replacement)
+        else:  # a fused projection the model keeps outside its state dict
+            module.__dict__[name] = replacement
+
+
+def _linears_of(module: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
+    """A module's child Linears, and Linears it holds as plain attributes (fused projections)."""
+    held = [(name, value) for name, value in vars(module).items()
+            if not name.startswith("_") and isinstance(value, torch.nn.Linear)]
+    return [*module.named_children(), *held]
 
 
 class TorchBackend:
@@ -166,6 +177,9 @@ class TorchBackend:
         """
         model = model.to(device=self.device)
         cast_parameters(model, dtype)
+        fuse = getattr(model, "fuse_projections", None)
+        if fuse is not None:
+            fuse()
         if self.device.type == "cpu":
             use_cpu_linears(model, native=self.native)
         return model.eval()

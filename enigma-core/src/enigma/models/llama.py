@@ -12,8 +12,10 @@ by the :class:`~enigma.attention.ForwardContext`.
 Every module carries its checkpoint name (``q_proj``, ``k_proj``, ``v_proj``,
 ``gate_proj``, ``up_proj``...), so the model's state dict is the checkpoint's:
 a quantizer can give ``v_proj`` another format than ``q_proj`` and an adapter
-can wrap ``q_proj`` alone. (Fusing q/k/v into one matmul saves two calls a
-layer; measured on the 110M benchmark model, batch-1 decode did not notice.)
+can wrap ``q_proj`` alone. A backend may still run q/k/v and gate/up as one
+matmul each (:meth:`LlamaForCausalLM.fuse_projections`) where all of them are
+plain Linears: the fused weight is one tensor and the per-projection
+parameters become views of it, so the names stay and no memory is added.
 
 References: Touvron et al. 2023 (Llama 2), Dubey et al. 2024 (Llama 3),
 Jiang et al. 2023 (Mistral 7B), Qwen2 technical report; transformers'
@@ -22,6 +24,7 @@ Jiang et al. 2023 (Mistral 7B), Qwen2 technical report; transformers'
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import attrs
@@ -130,13 +133,20 @@ class LlamaAttention(nn.Module):
         self.v_proj = nn.Linear(config.hidden_size, self.kv_size, bias=config.qkv_bias)
         self.o_proj = nn.Linear(self.q_size, config.hidden_size, bias=config.o_bias)
         self.scale = self.head_dim ** -0.5
+        self.__dict__["qkv_proj"] = None  # set by fuse_projections; not a submodule (not in the state dict)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor,
                 context: ForwardContext) -> torch.Tensor:
         tokens = x.shape[0]
-        q = apply_rotary(self.q_proj(x).view(tokens, self.num_heads, self.head_dim), cos, signed_sin)
-        k = apply_rotary(self.k_proj(x).view(tokens, self.num_kv_heads, self.head_dim), cos, signed_sin)
-        v = self.v_proj(x).view(tokens, self.num_kv_heads, self.head_dim)
+        if self.qkv_proj is not None:
+            qkv = self.qkv_proj(x).view(tokens, self.num_heads + 2 * self.num_kv_heads, self.head_dim)
+            qk = apply_rotary(qkv[:, : self.num_heads + self.num_kv_heads], cos, signed_sin)  # q and k in one go
+            q, k = qk.split([self.num_heads, self.num_kv_heads], dim=1)
+            v = qkv[:, self.num_heads + self.num_kv_heads:]
+        else:
+            q = apply_rotary(self.q_proj(x).view(tokens, self.num_heads, self.head_dim), cos, signed_sin)
+            k = apply_rotary(self.k_proj(x).view(tokens, self.num_kv_heads, self.head_dim), cos, signed_sin)
+            v = self.v_proj(x).view(tokens, self.num_kv_heads, self.head_dim)
         out = context.backend.attention(
             q, k, v,
             kv_cache=context.kv_caches[self.layer_index],
@@ -152,8 +162,12 @@ class LlamaMLP(nn.Module):
         self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=config.mlp_bias)
         self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=config.mlp_bias)
         self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=config.mlp_bias)
+        self.__dict__["gate_up_proj"] = None  # set by fuse_projections
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.gate_up_proj is not None:
+            gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+            return self.down_proj(F.silu(gate) * up)
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
@@ -233,7 +247,50 @@ class LlamaForCausalLM(nn.Module):
         """Logits ``[n, vocab]`` in float32 for the given hidden states."""
         return self.lm_head(hidden).float()
 
+    def fuse_projections(self, wrap: Callable[[nn.Linear], nn.Module] = lambda linear: linear) -> int:
+        """Run each layer's q/k/v, and gate/up, as one matmul where they are all plain ``nn.Linear``s.
+
+        The fused weight is one tensor; the projections' parameters become views
+        of it (same names, no extra memory). ``wrap`` turns the fused Linear into
+        the module that runs it (a backend's kernel choice). Projections a
+        transform replaced (quantized, adapted) stay unfused. Returns how many
+        groups were fused. For inference only: training must see the parts.
+        """
+        with torch.no_grad():
+            return self._fuse(wrap)
+
+    def _fuse(self, wrap: Callable[[nn.Linear], nn.Module]) -> int:
+        fused = 0
+        for layer in self.model.layers:
+            for owner, names, attribute in ((layer.self_attn, ("q_proj", "k_proj", "v_proj"), "qkv_proj"),
+                                            (layer.mlp, ("gate_proj", "up_proj"), "gate_up_proj")):
+                parts = [getattr(owner, name) for name in names]
+                if not _fusable(parts):
+                    continue
+                linear = nn.Linear(parts[0].in_features, sum(p.out_features for p in parts),
+                                   bias=parts[0].bias is not None, device="meta")
+                linear.weight = nn.Parameter(torch.cat([p.weight for p in parts]), requires_grad=False)
+                if parts[0].bias is not None:
+                    linear.bias = nn.Parameter(torch.cat([p.bias for p in parts]), requires_grad=False)
+                start = 0
+                for part in parts:
+                    rows = slice(start, start + part.out_features)
+                    part.weight.data = linear.weight.data[rows]
+                    if part.bias is not None:
+                        part.bias.data = linear.bias.data[rows]
+                    start += part.out_features
+                owner.__dict__[attribute] = wrap(linear)
+                fused += 1
+        return fused
+
     def checkpoint_tensors(self) -> dict[str, torch.Tensor]:
         """The weights under their Hugging Face checkpoint names (a tied head
         omitted, as transformers saves it)."""
         return checkpoint_tensors(self, skip=("lm_head.weight",) if self.config.tie_word_embeddings else ())
+
+
+def _fusable(parts: list[nn.Module]) -> bool:
+    first = parts[0]
+    return (all(type(p) is nn.Linear for p in parts)
+            and all(p.weight.dtype == first.weight.dtype and p.weight.device == first.weight.device
+                    and (p.bias is None) == (first.bias is None) for p in parts))

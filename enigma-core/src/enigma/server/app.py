@@ -37,6 +37,7 @@ def build_app(context: ServerContext, *, load_models: bool = True) -> Any:
     transports = [impl.create() for impl in registry.implementations("transport") if impl.availability()]
     for transport in transports:
         routes.extend(transport.routes(context))
+        context.public_paths.extend(getattr(transport, "public_paths", lambda: [])())
     document = openapi_document(transports)
 
     async def openapi(request: Any) -> JSONResponse:
@@ -83,7 +84,21 @@ def build_app(context: ServerContext, *, load_models: bool = True) -> Any:
         lifespan=lifespan,
     )
     app.state.context = context
-    return app
+    wrapped: Any = app
+    for implementation in reversed(get_host().hook.enigma_asgi_wrapper.get_hookimpls()):
+        try:
+            result = implementation.function(**{arg: {"app": wrapped, "context": context}[arg]
+                                                 for arg in implementation.argnames})
+        except Exception as exc:
+            from enigma.errors import PluginError
+
+            raise PluginError(f"plugin {implementation.plugin_name!r} failed in enigma_asgi_wrapper: "
+                              f"{type(exc).__name__}: {exc}") from exc
+        if result is not None:
+            wrapped = result
+    if wrapped is not app:
+        wrapped.state = app.state  # routes and tests reach the context through app.state
+    return wrapped
 
 
 HEALTH_PATHS = {

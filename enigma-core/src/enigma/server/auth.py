@@ -2,9 +2,10 @@
 
 Pure ASGI middleware: it sees HTTP and WebSocket connections alike. A key
 comes as ``Authorization: Bearer <key>`` or, for browsers' WebSockets,
-``?api_key=<key>``. Health routes stay public, and ``/metrics`` unless
-configured otherwise. A 401 says only that the key is missing or wrong,
-never whether a key of that name exists.
+``?api_key=<key>``. Health routes stay public, and the paths transports
+declare public (``Transport.public_paths()``, e.g. prometheus's
+``/metrics``). A 401 says only that the key is missing or wrong, never
+whether a key of that name exists.
 """
 
 from __future__ import annotations
@@ -95,7 +96,7 @@ class AuthGuard:
         self.ip_rate = context.ip_rate_limit
         self.token_rate = context.token_rate_limit
         self.ip_token_rate = context.ip_token_rate_limit
-        self.public = PUBLIC_PATHS if context.metrics_auth else (*PUBLIC_PATHS, "/metrics")
+        self.public = (*PUBLIC_PATHS, *context.public_paths)
         self.limiter = RateLimiter()
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:

@@ -62,7 +62,7 @@ class ServerContext:
 
     def __init__(self, model_names: Sequence[str], *, llm_options: dict[str, Any] | None = None,
                  max_body_bytes: int = 4 * 2**20, auth: bool = True, rate_limit: int = 0, ip_rate_limit: int = 0,
-                 token_rate_limit: int = 0, ip_token_rate_limit: int = 0, metrics_auth: bool = False,
+                 token_rate_limit: int = 0, ip_token_rate_limit: int = 0,
                  keys_path: Any = None) -> None:
         self.model_names = list(model_names)
         self.llm_options = llm_options or {}
@@ -72,7 +72,8 @@ class ServerContext:
         self.ip_rate_limit = ip_rate_limit
         self.token_rate_limit = token_rate_limit
         self.ip_token_rate_limit = ip_token_rate_limit
-        self.metrics_auth = metrics_auth
+        self.public_paths: list[str] = []
+        """Paths served without an API key: the transports' ``public_paths()`` (build_app fills it)."""
         self.keys_path = keys_path
         self.models: dict[str, ServedModel] = {}
         self.state = "loading"

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from enigma_openai_api.validation import CHAT_FIELDS, COMPLETION_FIELDS, EMBEDDING_FIELDS, NUMBER
+from enigma.server.openai_fields import CHAT_FIELDS, COMPLETION_FIELDS, EMBEDDING_FIELDS, NUMBER
 
 ERROR = {"type": "object", "required": ["error"], "properties": {"error": {
     "type": "object", "required": ["message", "type"],

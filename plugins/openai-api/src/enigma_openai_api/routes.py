@@ -11,11 +11,18 @@ import uuid
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
-from enigma.server.auth import charge_tokens
-from enigma.server.context import ServedModel, ServerContext
-from enigma.server.errors import APIError, from_exception
-from enigma_openai_api.prepare import prepare_chat, prepare_completion
-from enigma_openai_api.validation import EMBEDDING_FIELDS, check_fields, read_json
+from enigma.server import (
+    APIError,
+    Prepared,
+    ServedModel,
+    ServerContext,
+    charge_tokens,
+    from_exception,
+    prepare_chat,
+    prepare_completion,
+    start,
+)
+from enigma.server.openai_fields import EMBEDDING_FIELDS, check_fields, read_json
 
 DONE = b"data: [DONE]\n\n"
 
@@ -68,10 +75,9 @@ class OpenAIRoutes:
 
     # ------------------------------------------------------------ generation
 
-    async def _first(self, served: ServedModel, token_ids: list[int], params: Any, request_id: str,
-                     prompt_text: str | None) -> tuple[Any, AsyncIterator[Any]]:
-        """Start generating; the first output (or error) arrives before any response header is sent."""
-        stream = served.engine.generate(token_ids, params, request_id, prompt_text=prompt_text)
+    async def _first(self, prepared: Prepared, index: int, request_id: str) -> tuple[Any, AsyncIterator[Any]]:
+        """Start prompt ``index``; the first output (or error) arrives before any response header is sent."""
+        stream = start(prepared, index, request_id)
         try:
             first = await anext(stream)
         except BaseException:
@@ -81,25 +87,28 @@ class OpenAIRoutes:
 
     async def chat_completions(self, request: Any) -> Any:
         body = await read_json(request)
-        served, text, token_ids, params, logprobs = prepare_chat(self.context, body)
+        prepared = prepare_chat(self.context, body, tenant=_tenant(request), transport="openai-api")
+        served, (_, token_ids), params, logprobs = prepared.served, prepared.prompts[0], prepared.params[0], \
+            prepared.logprobs
+        headers = prepared.request.response_headers
         tokenizer = served.llm.tokenizer
         charge = _charger(request)
         request_id = f"chatcmpl-{uuid.uuid4().hex}"
-        first, stream = await self._first(served, token_ids, params, request_id, text)
+        first, stream = await self._first(prepared, 0, request_id)
         charge(len(token_ids))
         created = int(time.time())
         base = {"id": request_id, "created": created, "model": served.name}
         if body.get("stream"):
             include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
             return self._stream(self._chat_events(base, params.n, first, stream, len(token_ids), include_usage,
-                                                  tokenizer, logprobs or 0, charge))
+                                                  tokenizer, logprobs or 0, charge), headers)
         choices, completion_tokens = await _collect(first, stream, params.n, charge)
         return _json({**base, "object": "chat.completion", "system_fingerprint": None, "choices": [
             {"index": index, "message": {"role": "assistant", "content": choice["text"]},
              "logprobs": _chat_logprobs(choice["logprobs"], choice["token_ids"], tokenizer, logprobs)
              if logprobs is not None else None,
              "finish_reason": choice["finish_reason"]} for index, choice in enumerate(choices)],
-            "usage": _usage(len(token_ids), completion_tokens)})
+            "usage": _usage(len(token_ids), completion_tokens)}, headers)
 
     async def _chat_events(self, base: dict[str, Any], n: int, first: Any, stream: AsyncIterator[Any],
                            prompt_tokens: int, include_usage: bool, tokenizer: Any,
@@ -124,7 +133,9 @@ class OpenAIRoutes:
 
     async def completions(self, request: Any) -> Any:
         body = await read_json(request)
-        served, encoded, params_list, logprobs = prepare_completion(self.context, body)
+        prepared = prepare_completion(self.context, body, tenant=_tenant(request), transport="openai-api")
+        served, encoded, params_list, logprobs = prepared.served, prepared.prompts, prepared.params, prepared.logprobs
+        headers = prepared.request.response_headers
         tokenizer = served.llm.tokenizer
         charge = _charger(request)
         charge(sum(len(ids) for _, ids in encoded))
@@ -136,13 +147,12 @@ class OpenAIRoutes:
         base = {"id": request_id, "object": "text_completion", "created": created, "model": served.name}
         if body.get("stream"):
             text, ids = encoded[0]
-            first, stream = await self._first(served, ids, params_list[0], request_id, text)
+            first, stream = await self._first(prepared, 0, request_id)
             include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
             prefix = (text if text is not None else tokenizer.decode(ids)) if echo else ""
             return self._stream(self._completion_events(base, first, stream, len(ids), include_usage, prefix,
-                                                        tokenizer, charge))
-        starts = [await self._first(served, ids, params, f"{request_id}-{index}", text)
-                  for index, ((text, ids), params) in enumerate(zip(encoded, params_list))]
+                                                        tokenizer, charge), headers)
+        starts = [await self._first(prepared, index, f"{request_id}-{index}") for index in range(len(encoded))]
         results = await asyncio.gather(*(_collect(first, stream, params.n, charge)
                                          for (first, stream), params in zip(starts, params_list)))
         choices, completion_tokens = [], 0
@@ -155,7 +165,7 @@ class OpenAIRoutes:
                                 if logprobs is not None else None,
                                 "finish_reason": choice["finish_reason"]})
         prompt_tokens = sum(len(ids) for _, ids in encoded)
-        return _json({**base, "choices": choices, "usage": _usage(prompt_tokens, completion_tokens)})
+        return _json({**base, "choices": choices, "usage": _usage(prompt_tokens, completion_tokens)}, headers)
 
     async def _completion_events(self, base: dict[str, Any], first: Any, stream: AsyncIterator[Any],
                                  prompt_tokens: int, include_usage: bool, prefix: str,
@@ -176,7 +186,7 @@ class OpenAIRoutes:
         if include_usage:
             yield sse({**base, "choices": [], "usage": _usage(prompt_tokens, completion_tokens)})
 
-    def _stream(self, events: AsyncIterator[bytes]) -> Any:
+    def _stream(self, events: AsyncIterator[bytes], headers: dict[str, str]) -> Any:
         from starlette.responses import StreamingResponse
 
         async def guarded() -> AsyncIterator[bytes]:
@@ -188,7 +198,7 @@ class OpenAIRoutes:
             yield DONE
 
         return StreamingResponse(guarded(), media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+                                 headers={**headers, "Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
     # ------------------------------------------------------------ embeddings
 
@@ -244,10 +254,14 @@ def _charger(request: Any) -> Callable[[int], None]:
     return lambda tokens: charge_tokens(state, tokens)
 
 
-def _json(payload: dict[str, Any]) -> Any:
+def _json(payload: dict[str, Any], headers: dict[str, str] | None = None) -> Any:
     from starlette.responses import JSONResponse
 
-    return JSONResponse(payload)
+    return JSONResponse(payload, headers=headers)
+
+
+def _tenant(request: Any) -> str | None:
+    return (request.scope.get("state") or {}).get("api_key")
 
 
 def _usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:

@@ -12,6 +12,13 @@ def enigma_register_transports(register):
 
 
 @hookimpl
+def enigma_plugin_settings():
+    from enigma_prometheus.settings import PrometheusSettings
+
+    return PrometheusSettings
+
+
+@hookimpl
 def enigma_request_finished(event):
     from enigma_prometheus.metrics import metrics
 

@@ -112,6 +112,12 @@ class EngineCollector:
 class MetricsTransport:
     """Contributes GET /metrics."""
 
+    def public_paths(self) -> list[str]:
+        """/metrics needs no API key unless ``plugins.prometheus.auth`` says so."""
+        from enigma.config import plugin_settings
+
+        return [] if plugin_settings("prometheus").auth else ["/metrics"]
+
     def routes(self, context: Any) -> list[Any]:
         from starlette.responses import Response
         from starlette.routing import Route

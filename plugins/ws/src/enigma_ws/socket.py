@@ -7,9 +7,15 @@ import json
 import uuid
 from typing import Any
 
-from enigma.server.auth import charge_tokens
-from enigma.server.context import ServerContext
-from enigma.server.errors import APIError, from_exception
+from enigma.server import (
+    APIError,
+    ServerContext,
+    charge_tokens,
+    from_exception,
+    prepare_chat,
+    prepare_completion,
+    start,
+)
 
 
 class WebSocketTransport:
@@ -88,25 +94,21 @@ class Session:
         self.tasks[request_id] = asyncio.create_task(self.generate(kind, request_id, message))
 
     async def generate(self, kind: str, request_id: str, body: dict[str, Any]) -> None:
-        from enigma_openai_api.prepare import prepare_chat, prepare_completion
-
         usage = {"prompt_tokens": 0, "completion_tokens": 0}
         finish: dict[int, str | None] = {}
         try:
             body.pop("stream", None)
             body.pop("stream_options", None)
-            if kind == "chat":
-                served, text, token_ids, params, _ = prepare_chat(self.context, body)
-            else:
-                served, encoded, params_list, _ = prepare_completion(self.context, body)
-                if len(encoded) != 1:
-                    raise APIError(400, "a WebSocket completion takes one prompt", param="prompt")
-                (text, token_ids), params = encoded[0], params_list[0]
+            tenant = (self.websocket.scope.get("state") or {}).get("api_key")
+            prepare = prepare_chat if kind == "chat" else prepare_completion
+            prepared = prepare(self.context, body, tenant=tenant, transport="ws")
+            if len(prepared.prompts) != 1:
+                raise APIError(400, "a WebSocket completion takes one prompt", param="prompt")
+            (_, token_ids), params = prepared.prompts[0], prepared.params[0]
             usage["prompt_tokens"] = len(token_ids)
             charge_tokens(self.websocket.scope.get("state") or {}, len(token_ids))
             finish = dict.fromkeys(range(params.n))
-            engine_id = f"ws-{uuid.uuid4().hex}"
-            stream = served.engine.generate(token_ids, params, engine_id, prompt_text=text)
+            stream = start(prepared, 0, f"ws-{uuid.uuid4().hex}")
             try:
                 async for output in stream:
                     for completion in output.outputs:

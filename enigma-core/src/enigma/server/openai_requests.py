@@ -1,0 +1,195 @@
+"""From an OpenAI request body to what the engine runs: model, prompt tokens, SamplingParams.
+
+Public and shared by every transport that speaks OpenAI's request fields
+(``openai-api`` over HTTP, ``ws`` over WebSocket), so they accept and refuse
+exactly the same things. :func:`prepare_chat` and :func:`prepare_completion`
+validate a body, build the :class:`~enigma.server.generation.GenerationRequest`,
+run the ``enigma_before_generation`` hooks on it, and then template and
+tokenize what the hooks left — or carry the answer a hook gave.
+:func:`start` begins a prompt's outputs (from the engine, or the answer).
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any
+
+import attrs
+
+from enigma.errors import BadRequestError
+from enigma.server.context import ServedModel, ServerContext
+from enigma.server.errors import APIError, from_exception
+from enigma.server.generation import (
+    GenerationAnswer,
+    GenerationRequest,
+    answer_outputs,
+    before_generation,
+    observe_outputs,
+)
+from enigma.server.openai_fields import (
+    CHAT_FIELDS,
+    COMPLETION_FIELDS,
+    check_fields,
+    check_messages,
+    check_prompt,
+    check_stop,
+)
+
+
+def generator_model(context: ServerContext, body: dict[str, Any]) -> ServedModel:
+    served = context.model(body.get("model"))
+    if served.is_embedding_model:
+        raise APIError(400, f"model {served.name!r} is an embedding model; use POST /v1/embeddings",
+                       param="model", code="wrong_model_kind")
+    return served
+
+
+@attrs.frozen(kw_only=True)
+class Prepared:
+    """A validated request, after the before-generation hooks: what to run (or the answer)."""
+
+    served: ServedModel
+    request: GenerationRequest
+    """The request as the hooks left it (``request.response_headers`` go on the response)."""
+    prompts: list[tuple[str | None, list[int]]]
+    """Each prompt's text (None for token ids) and token ids: one for a chat."""
+    params: list[Any]
+    """Each prompt's SamplingParams."""
+    logprobs: int | None
+    """``top_logprobs`` (chat) or ``logprobs`` (completion) asked for, else None."""
+    answer: GenerationAnswer | None = None
+    """A hook's answer: send it instead of generating."""
+
+
+def prepare_chat(context: ServerContext, body: dict[str, Any], *, tenant: str | None = None,
+                 transport: str = "") -> Prepared:
+    """Validate a chat request, run the before-generation hooks, template and tokenize the result."""
+    check_fields(body, CHAT_FIELDS)
+    served = generator_model(context, body)
+    messages = check_messages(body.get("messages"))
+    if served.system and not any(m["role"] == "system" for m in messages):
+        messages.insert(0, {"role": "system", "content": served.system})
+    logprobs = None
+    if body.get("logprobs"):
+        logprobs = body.get("top_logprobs") or 0
+        if not 0 <= logprobs <= 20:
+            raise APIError(400, "'top_logprobs' must be between 0 and 20", param="top_logprobs")
+    elif body.get("top_logprobs") is not None:
+        raise APIError(400, "'top_logprobs' needs 'logprobs': true", param="top_logprobs")
+    tokenizer = served.llm.tokenizer
+    text, token_ids = _template(tokenizer, served, messages)
+    params = sampling_params(body, served, len(token_ids), where="messages", logprobs=logprobs)
+    request = GenerationRequest(model=served.name, messages=tuple(messages), tenant=tenant, transport=transport,
+                                body=body, params=params)
+    result = _run_hooks(request)
+    if isinstance(result, GenerationAnswer):
+        return Prepared(served=served, request=request, prompts=[(text, token_ids)], params=[params],
+                        logprobs=logprobs, answer=result)
+    if result.messages != request.messages:  # a hook rewrote the conversation
+        text, token_ids = _template(tokenizer, served, list(result.messages))
+        params = sampling_params(body, served, len(token_ids), where="messages", logprobs=logprobs)
+        result = attrs.evolve(result, params=params)
+    return Prepared(served=served, request=result, prompts=[(text, token_ids)], params=[params], logprobs=logprobs)
+
+
+def _template(tokenizer: Any, served: ServedModel, messages: list[dict[str, Any]]) -> tuple[str, list[int]]:
+    try:
+        text = tokenizer.apply_chat_template(messages, chat_template=served.template)
+    except BadRequestError as exc:
+        raise APIError(400, str(exc), param="messages") from None
+    return text, tokenizer.encode(text, add_special_tokens=False)
+
+
+def prepare_completion(context: ServerContext, body: dict[str, Any], *, tenant: str | None = None,
+                       transport: str = "") -> Prepared:
+    """Validate a completion request (one or several prompts) and run the before-generation hooks.
+
+    With several prompts the hooks see each prompt as its own request; an
+    answer for any of them is used for that prompt only."""
+    check_fields(body, COMPLETION_FIELDS)
+    served = generator_model(context, body)
+    prompts = check_prompt(body.get("prompt"))
+    tokenizer = served.llm.tokenizer
+    encoded = [(p, tokenizer.encode(p)) if isinstance(p, str) else (None, p) for p in prompts]
+    vocab = served.llm.loaded.hf_config.get("vocab_size", 0)
+    for _, ids in encoded:
+        if any(not 0 <= t < vocab for t in ids):
+            raise APIError(400, f"'prompt' token ids must be in [0, {vocab})", param="prompt")
+    logprobs = body.get("logprobs")
+    if logprobs is not None and not 0 <= logprobs <= 5:
+        raise APIError(400, "'logprobs' must be between 0 and 5 for completions", param="logprobs")
+    params = [sampling_params(body, served, len(ids), where="prompt", logprobs=logprobs) for _, ids in encoded]
+    if len(encoded) != 1:  # hooks act on single prompts
+        request = GenerationRequest(model=served.name, prompt=tuple(prompts), tenant=tenant, transport=transport,
+                                    body=body, params=params[0])
+        return Prepared(served=served, request=request, prompts=encoded, params=params, logprobs=logprobs)
+    text, ids = encoded[0]
+    request = GenerationRequest(model=served.name, prompt=text if text is not None else tuple(ids), tenant=tenant,
+                                transport=transport, body=body, params=params[0])
+    result = _run_hooks(request)
+    if isinstance(result, GenerationAnswer):
+        return Prepared(served=served, request=request, prompts=encoded, params=params, logprobs=logprobs,
+                        answer=result)
+    if result.prompt != request.prompt:
+        text, ids = (result.prompt, tokenizer.encode(result.prompt)) if isinstance(result.prompt, str) \
+            else (None, list(result.prompt))
+        params = [sampling_params(body, served, len(ids), where="prompt", logprobs=logprobs)]
+        result = attrs.evolve(result, params=params[0])
+    return Prepared(served=served, request=result, prompts=[(text, ids)], params=params, logprobs=logprobs)
+
+
+def _run_hooks(request: GenerationRequest) -> GenerationRequest | GenerationAnswer:
+    try:
+        return before_generation(request)
+    except BadRequestError as exc:
+        raise from_exception(exc) from None
+
+
+def start(prepared: Prepared, index: int, request_id: str) -> AsyncIterator[Any]:
+    """Prompt ``index``'s outputs: the engine's stream (observed, for ``enigma_generation_finished``),
+    or the hook's answer shaped like one."""
+    text, token_ids = prepared.prompts[index]
+    params = prepared.params[index]
+    if prepared.answer is not None:
+        return answer_outputs(prepared.answer, request_id=request_id, params=params,
+                              tokenizer=prepared.served.llm.tokenizer, prompt=text, prompt_token_ids=token_ids)
+    stream = prepared.served.engine.generate(token_ids, params, request_id, prompt_text=text)
+    return observe_outputs(stream, prepared.request) if len(prepared.prompts) == 1 else stream
+
+
+def sampling_params(body: dict[str, Any], served: ServedModel, prompt_tokens: int, *, where: str,
+                    logprobs: int | None) -> Any:
+    """SamplingParams: the model's defaults, then the request's fields; max_tokens checked against the context."""
+    from enigma import SamplingParams
+
+    values: dict[str, Any] = dict(served.defaults)
+    for key in ("temperature", "top_p", "n", "seed", "presence_penalty", "frequency_penalty", "top_k", "min_p",
+                "repetition_penalty", "min_tokens", "ignore_eos"):
+        if body.get(key) is not None:
+            values[key] = body[key]
+    if body.get("stop") is not None:
+        values["stop"] = check_stop(body["stop"])
+    limit = served.max_model_len
+    if prompt_tokens >= limit:
+        raise APIError(400, f"This model's maximum context length is {limit} tokens. However, your {where} "
+                            f"resulted in {prompt_tokens} tokens. Please reduce the length of the {where}.",
+                       param=where, code="context_length_exceeded")
+    key = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
+    requested = body.get(key)
+    if requested is not None:
+        if requested < 1:
+            raise APIError(400, f"'{key}' must be at least 1, got {requested}", param=key)
+        if prompt_tokens + requested > limit:
+            raise APIError(400, f"This model's maximum context length is {limit} tokens. However, you requested "
+                                f"{prompt_tokens + requested} tokens ({prompt_tokens} in the {where}, "
+                                f"{requested} in the completion). Please reduce the length of the {where} "
+                                "or completion.", param=key, code="context_length_exceeded")
+        values["max_tokens"] = requested
+    else:
+        values["max_tokens"] = limit - prompt_tokens
+    if logprobs is not None:
+        values["logprobs"] = logprobs
+    try:
+        return SamplingParams(**values)
+    except BadRequestError as exc:
+        raise from_exception(exc) from None
