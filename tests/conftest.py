@@ -11,8 +11,9 @@ from pathlib import Path
 import pytest
 
 FIXTURES = Path(__file__).parent / "fixtures"
-FIXTURE_PLUGINS = ("enigma-plugin-exact", "enigma-plugin-broken", "enigma-plugin-int8")
-FIXTURE_MODULES = ("enigma_exact", "enigma_broken", "enigma_int8")
+FIXTURE_PLUGINS = ("enigma-plugin-exact", "enigma-plugin-broken", "enigma-plugin-int8", "enigma-plugin-grounding",
+                   "enigma-plugin-memo")
+FIXTURE_MODULES = ("enigma_exact", "enigma_broken", "enigma_int8", "enigma_grounding", "enigma_memo")
 
 pytest_plugins = ["pytester"]
 
@@ -54,3 +55,19 @@ def installed_plugins(fixture_plugins_dir: Path, enigma_home: Path,
     yield fixture_plugins_dir
     for name in [m for m in sys.modules if m.split(".")[0] in FIXTURE_MODULES]:
         del sys.modules[name]
+
+
+ENIGMA = Path(sys.executable).parent / "enigma"
+
+
+@pytest.fixture
+def enigma(enigma_home):
+    """``enigma(*args, env=..., input=...)`` -> CompletedProcess (text)."""
+    if not ENIGMA.exists():
+        pytest.fail(f"the enigma command is not installed at {ENIGMA}; pip install -e ./enigma-cli")
+
+    def run(*args: str, env: dict[str, str] | None = None, input: str | None = None):
+        return subprocess.run([str(ENIGMA), *args], capture_output=True, text=True, input=input,
+                              env={**os.environ, **(env or {})}, timeout=120)
+
+    return run

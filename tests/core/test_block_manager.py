@@ -9,13 +9,20 @@ from enigma.attention import block_runs
 from enigma.engine.block_manager import PagedCache
 
 
+def grow(cache, request_id, num_tokens, expected):
+    """Allocate with the placement hint the builtin scheduler gives at admission."""
+    if expected is not None:
+        cache.expect(request_id, expected)
+    return cache.allocate(request_id, num_tokens)
+
+
 def grow_together(cache, requests, steps, expected):
     """Allocate like decoding does: every request one token further, round after round."""
     lengths = dict.fromkeys(requests, 1)
     for _ in range(steps):
         for request in requests:
             lengths[request] += 1
-            assert cache.allocate(request, lengths[request], expected_tokens=expected)
+            assert grow(cache, request, lengths[request], expected)
 
 
 def test_sequences_growing_together_stay_consecutive():
@@ -36,8 +43,8 @@ def test_without_a_hint_growing_sequences_interleave():
 
 def test_when_claims_cover_the_pool_a_newcomer_splits_the_longest_free_stretch():
     cache = PagedCache(num_blocks=16, block_size=1)
-    assert cache.allocate("a", 1, expected_tokens=16)      # claims the whole pool
-    assert cache.allocate("b", 1, expected_tokens=8)       # takes the back half of what is free
+    assert grow(cache, "a", 1, 16)      # claims the whole pool
+    assert grow(cache, "b", 1, 8)       # takes the back half of what is free
     assert cache.block_table("a") == [0]
     assert cache.block_table("b") == [8]
     grow_together(cache, ["a", "b"], steps=7, expected=None)
@@ -48,10 +55,10 @@ def test_when_claims_cover_the_pool_a_newcomer_splits_the_longest_free_stretch()
 def test_empty_blocks_are_placed_before_cached_ones():
     cache = PagedCache(num_blocks=12, block_size=2)
     tokens = list(range(8))
-    assert cache.allocate("old", 8, expected_tokens=8)
+    assert grow(cache, "old", 8, 8)
     cache.commit("old", tokens)
     cache.free("old")                                      # 4 cached blocks, findable
-    assert cache.allocate("new", 2, expected_tokens=8)
+    assert grow(cache, "new", 2, 8)
     assert not set(cache.block_table("new")) & {0, 1, 2, 3}
     cache.free("new")
     assert cache.lookup_prefix("probe", [*tokens, 99]) == 8  # the old prefix survived
@@ -59,9 +66,9 @@ def test_empty_blocks_are_placed_before_cached_ones():
 
 def test_a_full_pool_still_allocates_every_block():
     cache = PagedCache(num_blocks=10, block_size=1)
-    assert cache.allocate("a", 3, expected_tokens=10)
-    assert cache.allocate("b", 3, expected_tokens=10)
-    assert cache.allocate("c", 4, expected_tokens=10)
+    assert grow(cache, "a", 3, 10)
+    assert grow(cache, "b", 3, 10)
+    assert grow(cache, "c", 4, 10)
     assert cache.num_free_blocks == 0
     assert not cache.allocate("a", 4)
     assert sorted(cache.block_table("a") + cache.block_table("b") + cache.block_table("c")) == list(range(10))
@@ -73,13 +80,13 @@ def test_a_full_pool_still_allocates_every_block():
 def test_placement_never_hands_out_a_block_twice(operations):
     cache = PagedCache(num_blocks=24, block_size=2)
     sizes: dict[str, int] = {}
-    for request, grow, expected, free in operations:
+    for request, more, expected, free in operations:
         if free:
             cache.free(request)
             sizes.pop(request, None)
             continue
-        want = sizes.get(request, 0) + grow
-        if cache.allocate(request, want, expected_tokens=expected or None):
+        want = sizes.get(request, 0) + more
+        if grow(cache, request, want, expected or None):
             sizes[request] = want
         held = [block for name in sizes for block in cache.block_table(name)]
         assert len(held) == len(set(held))
@@ -92,11 +99,11 @@ def test_placement_never_hands_out_a_block_twice(operations):
 def test_among_cached_blocks_the_least_recently_freed_go_first():
     cache = PagedCache(num_blocks=8, block_size=1)
     for name, tokens in (("first", [1, 2, 3, 4]), ("second", [5, 6, 7, 8])):
-        assert cache.allocate(name, 4, expected_tokens=4)
+        assert grow(cache, name, 4, 4)
         cache.commit(name, tokens)
     cache.free("second")                                   # freed first: evicted first,
     cache.free("first")                                    # though it lies at higher block ids
-    assert cache.allocate("new", 4, expected_tokens=4)
+    assert grow(cache, "new", 4, 4)
     assert cache.block_table("new") == [4, 5, 6, 7]
     assert cache.lookup_prefix("probe-kept", [1, 2, 3, 4, 0]) == 4
     assert cache.lookup_prefix("probe-evicted", [5, 6, 7, 8, 0]) == 0
@@ -104,8 +111,8 @@ def test_among_cached_blocks_the_least_recently_freed_go_first():
 
 def test_growing_past_a_claim_does_not_evict_a_cached_neighbour():
     cache = PagedCache(num_blocks=12, block_size=1)
-    assert cache.allocate("a", 2, expected_tokens=2)      # blocks 0, 1
-    assert cache.allocate("old", 4, expected_tokens=4)    # blocks 2-5, right after a's
+    assert grow(cache, "a", 2, 2)      # blocks 0, 1
+    assert grow(cache, "old", 4, 4)    # blocks 2-5, right after a's
     cache.commit("old", [1, 2, 3, 4])
     cache.free("old")                                     # cached and unclaimed now
     assert cache.allocate("a", 3)                         # grows past its claim

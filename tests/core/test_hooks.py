@@ -13,25 +13,41 @@ import pytest
 
 from enigma import Availability, hookimpl
 from enigma.events import RequestFinished, RequestStarted
-from enigma.kinds import PROTOCOLS
+from enigma.kinds import PROTOCOLS, ScheduledRequest, SchedulerOutput
 
 
-class ListScheduler:
+class FifoScheduler:
+    """A scheduler written from the contract alone: one request at a time, whole prompts."""
+
     def __init__(self, cache=None, max_num_seqs=1, max_num_batched_tokens=1):
-        self.queue = []
+        self.cache, self.queue = cache, []
 
     def add_request(self, request):
         self.queue.append(request)
 
     def schedule(self):
-        return list(self.queue)
+        if not self.queue:
+            return SchedulerOutput(scheduled=[])
+        request = self.queue[0]
+        if request.num_computed_tokens == 0:
+            self.cache.lookup_prefix(request.request_id, [])
+        todo = request.num_tokens - request.num_computed_tokens
+        assert self.cache.allocate(request.request_id, request.num_computed_tokens + todo)
+        return SchedulerOutput(scheduled=[ScheduledRequest(
+            request=request, num_tokens=todo, start=request.num_computed_tokens,
+            block_table=self.cache.block_table(request.request_id))])
 
-    def finish(self, request):
-        self.queue.remove(request)
+    def update_from_output(self, output, runner_output):
+        for item in output.scheduled:
+            item.request.num_computed_tokens = item.start + item.num_tokens
+            if item.request.finished:
+                self.abort([item.request])
 
     def abort(self, requests):
-        for request in list(requests):
-            self.finish(request)
+        for request in requests:
+            if request in self.queue:
+                self.queue.remove(request)
+            self.cache.free(request.request_id)
 
     def has_unfinished(self):
         return bool(self.queue)
@@ -40,12 +56,14 @@ class ListScheduler:
         return {"waiting": len(self.queue)}
 
 
-class DictCache:
+class FreeListCache:
+    """A KV cache written from the contract alone: a free list, no prefix caching."""
+
     def __init__(self, num_blocks=4, block_size=16, max_model_len=64, enable_prefix_caching=False):
         self.free_blocks, self.tables, self.block_size = list(range(num_blocks)), {}, block_size
 
     def lookup_prefix(self, request_id, token_ids):
-        self.tables[request_id] = []
+        self.tables.setdefault(request_id, [])
         return 0
 
     def allocate(self, request_id, num_tokens):
@@ -69,23 +87,12 @@ class DictCache:
         return self.tables.get(request_id, [])
 
     def stats(self):
-        return {"free": len(self.free_blocks)}
+        return {"kv_blocks_used": sum(len(t) for t in self.tables.values()), "kv_blocks_free": len(self.free_blocks)}
 
 
 class RecordingTrainer:
     def train(self, config, *, progress=None):
         return config["out"]
-
-
-class KeywordRetriever:
-    def __init__(self):
-        self.documents = []
-
-    def add(self, documents):
-        self.documents.extend(documents)
-
-    def search(self, query, *, k=4):
-        return [d for d in self.documents if query in d][:k]
 
 
 class PingTransport:
@@ -131,27 +138,67 @@ def test_builtin_cache_and_scheduler_run_an_engine_step(make_plugin_host):
     assert host.select("cache", "contiguous").plugin == "paged"
 
 
-def test_hook_enigma_register_schedulers(make_plugin_host):
-    def exercise(scheduler):
-        scheduler.add_request("a")
-        scheduler.add_request("b")
-        assert scheduler.schedule() == ["a", "b"]
-        scheduler.finish("a")
-        scheduler.abort(["b"])
-        assert not scheduler.has_unfinished()
-
-    check_registration(make_plugin_host, "scheduler", "enigma_register_schedulers", ListScheduler, exercise)
+def test_hook_enigma_register_schedulers(make_plugin_host, run_engine):
+    check_registration(make_plugin_host, "scheduler", "enigma_register_schedulers", FifoScheduler,
+                       lambda scheduler: None)
+    host = make_plugin_host(plugin_registering("scheduler", "fifo", FifoScheduler))
+    run = run_engine(host, scheduler="fifo")
+    assert isinstance(run.engine.scheduler, FifoScheduler)
 
 
-def test_hook_enigma_register_caches(make_plugin_host):
-    def exercise(cache):
-        assert cache.lookup_prefix("r", [1, 2, 3]) == 0
-        assert cache.allocate("r", 40) and len(cache.block_table("r")) == 3
-        assert not cache.allocate("s", 40)
-        cache.free("r")
-        assert cache.stats() == {"free": 4}
+def test_hook_enigma_register_caches(make_plugin_host, run_engine):
+    check_registration(make_plugin_host, "cache", "enigma_register_caches", FreeListCache, lambda cache: None)
+    host = make_plugin_host(plugin_registering("cache", "free-list", FreeListCache))
+    assert host.select("cache").name == "paged"  # a third party at the builtin's priority does not displace it
+    run = run_engine(host, cache="free-list")
+    assert isinstance(run.engine.cache, FreeListCache)
+    tight = run_engine(host, cache="free-list", scheduler="continuous", num_kv_blocks=16)
+    assert tight.engine.stats()["preemptions_total"] > 0  # the builtin scheduler preempted on it
 
-    check_registration(make_plugin_host, "cache", "enigma_register_caches", DictCache, exercise)
+
+def plugin_registering(kind, name, factory, priority=0):
+    @hookimpl(specname=f"enigma_register_{kind}s" if kind != "cache" else "enigma_register_caches")
+    def register_hook(register):
+        register(name, factory, priority=priority)
+
+    plugin = types.ModuleType(f"{name.replace('-', '_')}_plugin")
+    plugin.register_hook = register_hook
+    return plugin
+
+
+class TupleScheduler(FifoScheduler):
+    """Returns what an older draft of the docs described: (request, num_tokens) pairs."""
+
+    def schedule(self):
+        return [(request, request.num_tokens) for request in self.queue]
+
+
+class StuckScheduler(FifoScheduler):
+    """Schedules work but never advances computed tokens."""
+
+    def update_from_output(self, output, runner_output):
+        pass
+
+
+class IdleScheduler(FifoScheduler):
+    def schedule(self):
+        return SchedulerOutput(scheduled=[])
+
+
+@pytest.mark.parametrize(("factory", "rule"), [
+    (TupleScheduler, "schedule.. returned a list; it must return an enigma.kinds.SchedulerOutput"),
+    (StuckScheduler, "update_from_output left request '0' at 0 computed tokens"),
+    (IdleScheduler, "it scheduled nothing for 3 steps while has_unfinished.. was true"),
+])
+def test_a_scheduler_breaking_the_contract_gets_an_error_not_a_hang(make_plugin_host, tiny_llama, factory,
+                                                                      rule):
+    from enigma import LLM, PluginError, SamplingParams
+
+    make_plugin_host(plugin_registering("scheduler", "broken", factory), install=True)
+    llm = LLM(tiny_llama, scheduler="broken", num_kv_blocks=16)
+    with pytest.raises(PluginError, match=rf"scheduler 'broken' \(from broken_plugin\) broke its contract: {rule}"):
+        llm.generate("Hello", SamplingParams(max_tokens=4))
+    assert llm.engine.stats()["kv_blocks_used"] == 0  # the failed request was aborted
 
 
 def test_hook_enigma_register_trainers(make_plugin_host):
@@ -159,15 +206,6 @@ def test_hook_enigma_register_trainers(make_plugin_host):
         assert trainer.train({"out": "/tmp/model"}) == "/tmp/model"
 
     check_registration(make_plugin_host, "trainer", "enigma_register_trainers", RecordingTrainer, exercise)
-
-
-def test_hook_enigma_register_retrievers(make_plugin_host):
-    def exercise(retriever):
-        retriever.add(["paged attention", "continuous batching"])
-        assert retriever.search("paged") == ["paged attention"]
-
-    check_registration(make_plugin_host, "retriever", "enigma_register_retrievers", KeywordRetriever,
-                       exercise)
 
 
 def test_hook_enigma_register_transports(make_plugin_host):

@@ -19,9 +19,12 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 import attrs
+
+if TYPE_CHECKING:  # the engine imports torch; this module must not
+    from enigma.engine.request import Request
 
 KINDS: tuple[str, ...] = (
     "backend",
@@ -95,27 +98,78 @@ class Backend(Protocol):
         """
 
 
+@attrs.frozen(kw_only=True)
+class ScheduledRequest:
+    """One request's work in a step: compute ``num_tokens`` tokens from position ``start``."""
+
+    request: Request
+    num_tokens: int
+    """Tokens to compute: a prompt chunk, 1 for a decode, 1 + ``len(draft_token_ids)`` when verifying drafts."""
+    start: int
+    """The request's ``num_computed_tokens`` when scheduled: the first position computed."""
+    block_table: Sequence[int]
+    """Its KV blocks, covering positions ``0 .. start + num_tokens - 1``."""
+    draft_token_ids: Sequence[int] = ()
+    """Speculative tokens after the request's own, verified this step (their KV written, then kept or rolled
+    back by ``update_from_output``). Empty without speculative decoding."""
+
+
+@attrs.frozen(kw_only=True)
+class SchedulerOutput:
+    """What ``Scheduler.schedule`` decided for one step."""
+
+    scheduled: Sequence[ScheduledRequest]
+    preempted: Sequence[Request] = ()
+    """Requests that lost their blocks this step (they are recomputed later)."""
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(item.num_tokens for item in self.scheduled)
+
+
+@attrs.frozen(kw_only=True)
+class ModelRunnerOutput:
+    """What one step produced, for ``Scheduler.update_from_output``."""
+
+    sampled_token_ids: Mapping[str, Sequence[int]]
+    """Request id -> tokens appended to it this step (already on ``request.sequence``): none while a
+    prompt is still being prefilled, one per decode, up to ``1 + drafts`` when drafts were verified."""
+    num_rejected_drafts: Mapping[str, int] = attrs.field(factory=dict)
+    """Request id -> how many of its draft tokens were rejected: their KV positions are rolled back."""
+
+
 @runtime_checkable
 class Scheduler(Protocol):
-    """Decides which requests run in each engine step (admission, chunking, preemption).
+    """Decides which requests run in each engine step (admission, chunking, preemption) and owns
+    their KV traffic: it alone calls the :class:`Cache`.
 
     The factory is called with ``cache`` (the engine's :class:`Cache`),
     ``max_num_seqs`` and ``max_num_batched_tokens``. Requests are
-    :class:`enigma.engine.request.Request`: ``num_tokens`` (prompt + output)
-    and ``num_computed_tokens`` (cached); the engine advances the latter.
+    :class:`enigma.engine.request.Request`: ``num_tokens`` (prompt + output so
+    far) and ``num_computed_tokens`` (those whose KV is in the cache), which
+    only the scheduler changes. A request is finished when
+    ``request.finished`` (its sequence hit a stop, or was aborted).
+
+    Each engine step calls :meth:`schedule`, runs the model over what it
+    returns, samples, then calls :meth:`update_from_output`. The engine
+    checks the contract and fails with an error naming the scheduler when it
+    is broken (a chunk past the request's tokens, blocks not covering it,
+    computed tokens not advanced, no progress while requests wait).
     """
 
-    def add_request(self, request: Any) -> None:
+    def add_request(self, request: Request) -> None:
         """Queue a new request; called once per request by the engine."""
 
-    def schedule(self) -> Sequence[Any]:
-        """This step's work: chunks ``(request, num_tokens)``, each with blocks allocated."""
+    def schedule(self) -> SchedulerOutput:
+        """This step's work; every scheduled request has blocks for ``start + num_tokens`` tokens."""
 
-    def finish(self, request: Any) -> None:
-        """Take a finished request out and free its blocks."""
+    def update_from_output(self, output: SchedulerOutput, runner_output: ModelRunnerOutput) -> None:
+        """After the step: advance each scheduled request's ``num_computed_tokens`` by its
+        ``num_tokens`` less rejected drafts, commit its full blocks to the cache (prefix caching),
+        and release finished requests' blocks."""
 
-    def abort(self, requests: Iterable[Any]) -> None:
-        """Drop requests at once, releasing everything they hold."""
+    def abort(self, requests: Iterable[Request]) -> None:
+        """Drop requests at once (their sequences are already aborted), releasing everything they hold."""
 
     def has_unfinished(self) -> bool:
         """True while any request is waiting or running."""
@@ -129,17 +183,15 @@ class Cache(Protocol):
     """Owns KV blocks: who holds which, and which prefixes are cached.
 
     The factory is called with ``num_blocks``, ``block_size``,
-    ``max_model_len`` and ``enable_prefix_caching``.
+    ``max_model_len`` and ``enable_prefix_caching``. Only the scheduler calls it.
     """
 
     def lookup_prefix(self, request_id: str, token_ids: Sequence[int]) -> int:
         """Give a new request the cached blocks of its longest cached prefix; return its length in tokens."""
 
-    def allocate(self, request_id: str, num_tokens: int, *, expected_tokens: int | None = None) -> bool:
-        """Make the request's blocks cover ``num_tokens`` tokens in all; False when there is no room.
-
-        ``expected_tokens`` is how long the request may grow (prompt + max_tokens): a
-        placement hint (keep its blocks consecutive), never a reservation."""
+    def allocate(self, request_id: str, num_tokens: int) -> bool:
+        """Make the request's blocks cover ``num_tokens`` tokens in all; False when there is no room
+        (nothing changes then: the scheduler preempts or waits)."""
 
     def commit(self, request_id: str, token_ids: Sequence[int]) -> None:
         """The request's first ``len(token_ids)`` tokens are computed: register its full blocks."""
@@ -154,7 +206,7 @@ class Cache(Protocol):
         """The physical block ids holding the request's tokens, in order."""
 
     def stats(self) -> Mapping[str, float]:
-        """Counters for health and metrics (blocks used, free, cached, hit rate)."""
+        """Counters for health and metrics (``kv_blocks_used``, free, cached, hit rate)."""
 
 
 @attrs.frozen(kw_only=True)
@@ -220,15 +272,61 @@ class Trainer(Protocol):
         """Run training to completion (or resume it); return the output folder."""
 
 
+@attrs.frozen(kw_only=True)
+class Document:
+    """A text to index, with metadata a search can filter on and answers cite."""
+
+    text: str
+    metadata: Mapping[str, Any] = attrs.field(factory=dict)
+    """Anything JSON can hold: ``{"source": "manual.pdf", "page": 3}``."""
+    id: str | None = None
+    """The caller's id; the retriever makes one when None. Adding an id again replaces it."""
+
+
+@attrs.frozen(kw_only=True)
+class SearchHit:
+    """One passage a search found."""
+
+    id: str
+    text: str
+    score: float
+    """Higher is more relevant (cosine similarity for vector indexes)."""
+    metadata: Mapping[str, Any] = attrs.field(factory=dict)
+
+
+@runtime_checkable
+class Embedder(Protocol):
+    """Turns texts into vectors; what a retriever is given to embed with."""
+
+    dimensions: int
+
+    def embed(self, texts: Sequence[str]) -> list[list[float]]:
+        """One vector of ``dimensions`` floats per text (normalised when the model normalises)."""
+
+
 @runtime_checkable
 class Retriever(Protocol):
-    """Indexes documents and finds the passages relevant to a query."""
+    """Indexes documents and finds the passages relevant to a query: one named collection.
 
-    def add(self, documents: Iterable[Any]) -> None:
-        """Chunk, embed and index documents."""
+    The factory is called with ``collection`` (its name), ``storage`` (a
+    folder of its own, under the data dir, that it may fill; it exists) and
+    ``embedder`` (an :class:`Embedder`, or None when the caller gave no
+    embedding model: keyword retrievers need none, vector retrievers say
+    they need one).
+    """
 
-    def search(self, query: str, *, k: int = 4) -> Sequence[Any]:
-        """The ``k`` best passages for ``query``, best first, with their sources."""
+    def add(self, documents: Iterable[Document]) -> list[str]:
+        """Index documents (chunking them as it sees fit); return their ids, in order."""
+
+    def search(self, query: str, *, k: int = 4, where: Mapping[str, Any] | None = None) -> list[SearchHit]:
+        """The ``k`` best passages for ``query``, best first; ``where`` keeps only those whose
+        metadata has each given key equal to the given value."""
+
+    def delete(self, ids: Iterable[str]) -> int:
+        """Remove documents (and their passages) by id; return how many existed."""
+
+    def count(self) -> int:
+        """How many documents the collection holds."""
 
 
 @runtime_checkable

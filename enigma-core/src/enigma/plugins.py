@@ -17,12 +17,13 @@ Environment controls (read when a host loads):
 
 from __future__ import annotations
 
+import contextlib
 import importlib.metadata
 import logging
 import os
 import sys
 import threading
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from types import ModuleType
 from typing import Any
 
@@ -32,10 +33,9 @@ import pluggy
 from enigma import hookspecs
 from enigma.errors import PluginError
 from enigma.kinds import KINDS, AvailabilityCheck
-from enigma.registry import Implementation, Registry
+from enigma.registry import CORE_DISTRIBUTION, Implementation, Registry
 
 ENTRY_POINT_GROUP = "enigma"
-CORE_DISTRIBUTION = "enigma-core"
 
 logger = logging.getLogger("enigma.plugins")
 
@@ -325,6 +325,19 @@ def get_host() -> PluginHost:
         if _host is None:
             _host = load_plugins()
         return _host
+
+
+@contextlib.contextmanager
+def use_host(host: PluginHost) -> Iterator[PluginHost]:
+    """Make ``host`` the process-wide host (what ``LLM``, the loader and the server use) for a block."""
+    global _host
+    with _host_lock:
+        previous, _host = _host, host
+    try:
+        yield host
+    finally:
+        with _host_lock:
+            _host = previous
 
 
 def reset_host() -> None:

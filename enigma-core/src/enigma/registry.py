@@ -17,6 +17,7 @@ from enigma.errors import NotAvailableError, NotFoundError, PluginError
 from enigma.kinds import KINDS, Availability, AvailabilityCheck
 
 AUTO = "auto"
+CORE_DISTRIBUTION = "enigma-core"
 
 
 @attrs.frozen(kw_only=True)
@@ -66,6 +67,11 @@ class Implementation:
         return self.load()(**kwargs)
 
     @property
+    def builtin(self) -> bool:
+        """Registered by enigma-core itself."""
+        return self.distribution == CORE_DISTRIBUTION
+
+    @property
     def origin(self) -> str:
         """Who provides it, for messages: the distribution, else the plugin."""
         return self.distribution or self.plugin
@@ -111,7 +117,7 @@ class Registry:
         if kind is not None:
             _check_kind(kind)
         found = [impl for impl in self._by_key.values() if kind is None or impl.kind == kind]
-        return sorted(found, key=lambda impl: (KINDS.index(impl.kind), -impl.priority, impl.name))
+        return sorted(found, key=lambda impl: (KINDS.index(impl.kind), -impl.priority, not impl.builtin, impl.name))
 
     def get(self, kind: str, name: str) -> Implementation:
         """The implementation registered under ``name``, available or not."""
@@ -128,7 +134,9 @@ class Registry:
         """Choose one implementation of ``kind``.
 
         An explicit ``name`` must exist and be available here. ``"auto"`` picks
-        the highest-priority available one. Failures list what is installed
+        the highest-priority available one; at equal priority a builtin wins,
+        so installing a plugin never silently replaces enigma-core's own
+        implementation (a plugin that should win says so with a higher priority). Failures list what is installed
         and why each unavailable one is unavailable.
         """
         if name != AUTO:

@@ -12,7 +12,7 @@ can preempt instead of failing.
 
 Blocks are handed out one at a time, as sequences grow, but placed so that
 each sequence's blocks stay consecutive when the pool allows: a sequence
-claims a free stretch the size it expects to reach (``expected_tokens``), and
+claims a free stretch the size it expects to reach (:meth:`PagedCache.expect`), and
 others place their blocks elsewhere while free room lasts. A claim is only a
 preference: it holds no memory, and when room runs short any free block is
 used. Backends read a consecutive run of blocks as a view instead of a copy
@@ -60,6 +60,7 @@ class PagedCache:
         self._last_lookup: dict[str, tuple[int, int]] = {}
         self._claim_owner: list[str | None] = [None] * num_blocks  # who placed its next blocks here
         self._claims: dict[str, range] = {}
+        self._expected: dict[str, int] = {}  # request -> tokens it may grow to (placement hints)
 
     # ------------------------------------------------------------ pool
 
@@ -192,12 +193,17 @@ class PagedCache:
         self.prefix_hits -= found
         self.free(request_id)
 
-    def allocate(self, request_id: str, num_tokens: int, *, expected_tokens: int | None = None) -> bool:
-        """Make the request's blocks cover ``num_tokens`` tokens in all; False if the pool can't.
+    def expect(self, request_id: str, num_tokens: int) -> None:
+        """A placement hint: ``request_id`` may grow to ``num_tokens`` tokens (prompt + max_tokens).
 
-        ``expected_tokens`` (how long the request may grow) only guides where
-        its blocks go, so that they stay consecutive.
+        Only guides where its blocks go, so that they stay consecutive (the
+        torch backend reads consecutive blocks in place); never a reservation.
+        The builtin scheduler gives it at admission; forgotten when the request is freed.
         """
+        self._expected[request_id] = num_tokens
+
+    def allocate(self, request_id: str, num_tokens: int) -> bool:
+        """Make the request's blocks cover ``num_tokens`` tokens in all; False if the pool can't."""
         table = self._tables.setdefault(request_id, [])
         self._hashed.setdefault(request_id, 0)
         needed = -(-num_tokens // self.block_size) - len(table)
@@ -205,7 +211,7 @@ class PagedCache:
             return True
         if needed > len(self._free):
             return False
-        expected_blocks = max(-(-(expected_tokens or 0) // self.block_size), len(table) + needed)
+        expected_blocks = max(-(-self._expected.get(request_id, 0) // self.block_size), len(table) + needed)
         for _ in range(needed):
             table.append(self._next_block(request_id, table, expected_blocks - len(table)))
         return True
@@ -230,6 +236,7 @@ class PagedCache:
         for block in reversed(self._tables.pop(request_id, [])):
             self._release(block)
         self._release_claim(request_id)
+        self._expected.pop(request_id, None)
         self._hashed.pop(request_id, None)
         self._last_lookup.pop(request_id, None)
 
@@ -273,5 +280,5 @@ class ContiguousCache(PagedCache):
         super().__init__(num_blocks, block_size, enable_prefix_caching=False)
         self.max_model_len = max_model_len
 
-    def allocate(self, request_id: str, num_tokens: int, *, expected_tokens: int | None = None) -> bool:
+    def allocate(self, request_id: str, num_tokens: int) -> bool:
         return super().allocate(request_id, max(num_tokens, self.max_model_len))

@@ -1,9 +1,12 @@
 """The engine: requests in, one batched forward per step, outputs out.
 
 ``add_request`` validates and queues; ``step`` asks the scheduler for this
-step's chunks (prefills, chunked prefills and decodes together), runs them as
-one forward pass through the :class:`~enigma.runner.ModelRunner`, samples the
-next token of every request whose tokens are all computed, and returns the
+step's work (a :class:`~enigma.kinds.SchedulerOutput`: prefills, chunked
+prefills and decodes together), checks it against the scheduler's contract,
+runs it as one forward pass through the :class:`~enigma.runner.ModelRunner`,
+samples the next token of every request whose tokens are all computed, hands
+the result back (``scheduler.update_from_output``: the scheduler, never the
+engine, advances computed tokens and talks to the cache) and returns the
 outputs of the prompts that moved. Lifecycle events go out through the
 plugin host (``enigma_request_started`` / ``_finished``, ``enigma_engine_*``).
 """
@@ -18,8 +21,9 @@ from typing import Any
 import torch
 
 from enigma.engine.request import Request, RequestStatus
-from enigma.errors import BadRequestError
+from enigma.errors import BadRequestError, PluginError
 from enigma.events import RequestFinished, RequestStarted
+from enigma.kinds import ModelRunnerOutput, ScheduledRequest, SchedulerOutput
 from enigma.outputs import CompletionOutput, RequestOutput
 from enigma.runner import ModelRunner, SequenceChunk
 from enigma.sampling import SamplingParams, sample, top_logprobs
@@ -64,10 +68,13 @@ class Engine:
         runner.resize(num_blocks)
         block_size = runner.block_size
         self.max_model_len = min(runner.max_model_len, num_blocks * block_size)
+        self.num_blocks = num_blocks
         self.cache = host.create("cache", cache, num_blocks=num_blocks, block_size=block_size,
                                  max_model_len=self.max_model_len, enable_prefix_caching=enable_prefix_caching)
-        self.scheduler = host.create("scheduler", scheduler, cache=self.cache, max_num_seqs=max_num_seqs,
-                                     max_num_batched_tokens=max_num_batched_tokens)
+        self._scheduler_impl = host.select("scheduler", scheduler)
+        self.scheduler = self._scheduler_impl.create(cache=self.cache, max_num_seqs=max_num_seqs,
+                                                     max_num_batched_tokens=max_num_batched_tokens)
+        self._idle_steps = 0
         self.eos_token_ids = tuple(tokenizer.eos_token_ids)
         self._groups: dict[str, _Group] = {}
         self._ids = itertools.count()
@@ -124,13 +131,19 @@ class Engine:
         group = self._groups.get(str(request_id))
         if group is None:
             return
-        self.scheduler.abort(r for r in group.requests if not r.finished)
+        running = [r for r in group.requests if not r.finished]
+        for request in running:
+            request.sequence.abort()
+        self.scheduler.abort(running)
         self._finish_group(group)
 
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished()
 
     # ------------------------------------------------------------ stepping
+
+    MAX_IDLE_STEPS = 3
+    """Consecutive steps a scheduler may schedule nothing while requests wait, before it is called stuck."""
 
     def step(self, *, delta: bool = False) -> list[RequestOutput]:
         """Run one batched forward; return the outputs of prompts that advanced.
@@ -139,35 +152,37 @@ class Engine:
         since the prompt's previous delta (text that could still become a stop
         string is held back).
         """
-        scheduled = self.scheduler.schedule()
-        if not scheduled:
+        output = self.scheduler.schedule()
+        if not isinstance(output, SchedulerOutput):
+            raise self._scheduler_error(f"schedule() returned a {type(output).__name__}; it must return an "
+                                        "enigma.kinds.SchedulerOutput(scheduled=[ScheduledRequest(...), ...])")
+        if not output.scheduled:
+            self._check_idle()
             return []
+        self._idle_steps = 0
+        self._check_schedule(output)
         chunks = []
-        token_lists = [item.request.all_token_ids() for item in scheduled]  # once per step: O(context)
-        for item, tokens in zip(scheduled, token_lists):
+        token_lists = [item.request.all_token_ids() for item in output.scheduled]  # once per step: O(context)
+        for item, tokens in zip(output.scheduled, token_lists):
             request = item.request
-            start = request.num_computed_tokens
             group = self._groups[request.group_id]
             wants_prompt_logprobs = (group.prompt_logprobs is not None and request.sequence.index == 0
-                                     and start < len(request.prompt_token_ids))
-            chunks.append(SequenceChunk(tokens[start:start + item.num_tokens], start,
-                                        self.cache.block_table(request.request_id),
-                                        all_logits=wants_prompt_logprobs))
+                                     and item.start < len(request.prompt_token_ids))
+            chunks.append(SequenceChunk(tokens[item.start:item.start + item.num_tokens], item.start,
+                                        item.block_table, all_logits=wants_prompt_logprobs))
         logits = self.runner.execute(chunks)
 
         to_sample: list[int] = []
-        for index, item in enumerate(scheduled):
-            request = item.request
+        for index, item in enumerate(output.scheduled):
             if index in logits.full:
-                self._add_prompt_logprobs(self._groups[request.group_id], request, logits.full[index])
-            request.num_computed_tokens += item.num_tokens
-            self.cache.commit(request.request_id, token_lists[index][: request.num_computed_tokens])
-            if request.num_computed_tokens == request.num_tokens:
+                self._add_prompt_logprobs(self._groups[item.request.group_id], item, logits.full[index])
+            if item.start + item.num_tokens == item.request.num_tokens:
                 to_sample.append(index)
 
+        sampled_ids: dict[str, list[int]] = {}
         touched: dict[str, _Group] = {}
         if to_sample:
-            requests = [scheduled[i].request for i in to_sample]
+            requests = [output.scheduled[i].request for i in to_sample]
             sampled = sample(logits.last[to_sample], [r.sequence.row for r in requests])
             now = time.time()
             self._generated.append((now, len(requests)))
@@ -175,9 +190,10 @@ class Engine:
                 if request.first_token_time is None:
                     request.first_token_time = now
                 request.sequence.append(token, entry)
-                if request.sequence.finished:
-                    self.scheduler.finish(request)
+                sampled_ids[request.request_id] = [token]
                 touched[request.group_id] = self._groups[request.group_id]
+        self.scheduler.update_from_output(output, ModelRunnerOutput(sampled_token_ids=sampled_ids))
+        self._check_progress(output)
         outputs = []
         for group in touched.values():
             outputs.append(self._make_output(group, delta=delta))
@@ -185,10 +201,56 @@ class Engine:
                 self._finish_group(group)
         return outputs
 
-    def _add_prompt_logprobs(self, group: _Group, request: Request, chunk_logits: torch.Tensor) -> None:
+    # ------------------------------------------------------------ the scheduler's contract
+
+    def _scheduler_error(self, rule: str) -> PluginError:
+        impl = self._scheduler_impl
+        return PluginError(f"scheduler {impl.name!r} (from {impl.origin}) broke its contract: {rule}; "
+                           "see enigma.kinds.Scheduler")
+
+    def _check_idle(self) -> None:
+        if not self.scheduler.has_unfinished():
+            return
+        self._idle_steps += 1
+        if self._idle_steps >= self.MAX_IDLE_STEPS:
+            self._idle_steps = 0
+            raise self._scheduler_error(f"it scheduled nothing for {self.MAX_IDLE_STEPS} steps while "
+                                        "has_unfinished() was true, so no request can make progress")
+
+    def _check_schedule(self, output: SchedulerOutput) -> None:
+        block_size, seen = self.runner.block_size, set()
+        for item in output.scheduled:
+            request = item.request
+            name = f"request {request.request_id!r}"
+            if not isinstance(item, ScheduledRequest):
+                raise self._scheduler_error(f"schedule() returned {type(item).__name__} items; it must return "
+                                            "enigma.kinds.SchedulerOutput(scheduled=[ScheduledRequest(...)])")
+            if request.request_id in seen or request.group_id not in self._groups or request.finished:
+                raise self._scheduler_error(f"{name} was scheduled twice, or is unknown or finished")
+            seen.add(request.request_id)
+            if item.num_tokens < 1 or item.start != request.num_computed_tokens \
+                    or item.start + item.num_tokens > request.num_tokens + len(item.draft_token_ids):
+                raise self._scheduler_error(
+                    f"{name} was scheduled for {item.num_tokens} tokens from position {item.start}, but it has "
+                    f"{request.num_tokens} tokens and {request.num_computed_tokens} computed")
+            if len(item.block_table) * block_size < item.start + item.num_tokens \
+                    or any(not 0 <= block < self.num_blocks for block in item.block_table):
+                raise self._scheduler_error(f"{name}'s block table {list(item.block_table)[:8]} does not cover "
+                                            f"{item.start + item.num_tokens} tokens in a pool of {self.num_blocks} "
+                                            f"blocks of {block_size}")
+
+    def _check_progress(self, output: SchedulerOutput) -> None:
+        for item in output.scheduled:
+            request = item.request
+            if not request.finished and request.num_computed_tokens <= item.start:
+                raise self._scheduler_error(f"update_from_output left request {request.request_id!r} at "
+                                            f"{request.num_computed_tokens} computed tokens after computing "
+                                            f"{item.num_tokens} from {item.start}")
+
+    def _add_prompt_logprobs(self, group: _Group, item: ScheduledRequest, chunk_logits: torch.Tensor) -> None:
         # logits at position p score the prompt token at p + 1
-        prompt = request.prompt_token_ids
-        start = request.num_computed_tokens
+        prompt = item.request.prompt_token_ids
+        start = item.start
         logprobs = torch.log_softmax(chunk_logits.float(), dim=-1)
         k = group.params.prompt_logprobs
         del group.prompt_logprobs[start + 1:]  # recomputed after a preemption: replace

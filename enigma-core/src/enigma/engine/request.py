@@ -60,7 +60,8 @@ class Request:
 
     @property
     def finished(self) -> bool:
-        return self.status is RequestStatus.FINISHED
+        """Its sequence stopped (a stop condition, the length limit, or an abort)."""
+        return self.sequence.finished
 
     def sort_key(self) -> tuple[int, float, int]:
         """Most urgent first: priority, then arrival, then submission order."""

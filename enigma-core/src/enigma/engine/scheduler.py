@@ -19,15 +19,8 @@ import bisect
 from collections.abc import Iterable
 from typing import Any
 
-import attrs
-
 from enigma.engine.request import Request, RequestStatus
-
-
-@attrs.frozen
-class ScheduledChunk:
-    request: Request
-    num_tokens: int
+from enigma.kinds import ModelRunnerOutput, ScheduledRequest, SchedulerOutput
 
 
 class Scheduler:
@@ -49,24 +42,23 @@ class Scheduler:
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.running)
 
-    def schedule(self) -> list[ScheduledChunk]:
+    def schedule(self) -> SchedulerOutput:
         """This step's work; every scheduled request has blocks for its chunk."""
         budget = self.max_num_batched_tokens
-        scheduled: list[ScheduledChunk] = []
-        preempted = False
+        scheduled: list[tuple[Request, int]] = []
+        preempted: list[Request] = []
         index = 0
         while index < len(self.running) and budget > 0:
             request = self.running[index]
             num_new = min(request.num_tokens - request.num_computed_tokens, budget)
-            while not self.cache.allocate(request.request_id, request.num_computed_tokens + num_new,
-                                          expected_tokens=request.sequence.max_num_tokens):
+            while not self.cache.allocate(request.request_id, request.num_computed_tokens + num_new):
                 victim = self.running[-1]  # the least urgent; never one already scheduled this step
                 self._preempt(victim)
-                preempted = True
+                preempted.append(victim)
                 if victim is request:
                     break
             else:
-                scheduled.append(ScheduledChunk(request, num_new))
+                scheduled.append((request, num_new))
                 budget -= num_new
                 index += 1
 
@@ -75,8 +67,8 @@ class Scheduler:
             tokens = [] if request.skip_prefix_cache else request.all_token_ids()
             cached = self.cache.lookup_prefix(request.request_id, tokens)
             num_new = min(request.num_tokens - cached, budget)
-            if not self.cache.allocate(request.request_id, cached + num_new,
-                                       expected_tokens=request.sequence.max_num_tokens):
+            self._expect(request)
+            if not self.cache.allocate(request.request_id, cached + num_new):
                 # A waiting request holds no blocks (else two could deadlock holding
                 # halves); its prefix stays cached for the next try.
                 self.cache.cancel(request.request_id)
@@ -87,9 +79,31 @@ class Scheduler:
             self.waiting.pop(0)
             request.status = RequestStatus.RUNNING
             bisect.insort(self.running, request, key=Request.sort_key)
-            scheduled.append(ScheduledChunk(request, num_new))
+            scheduled.append((request, num_new))
             budget -= num_new
-        return scheduled
+        return SchedulerOutput(
+            scheduled=[ScheduledRequest(request=request, num_tokens=num_new, start=request.num_computed_tokens,
+                                        block_table=self.cache.block_table(request.request_id))
+                       for request, num_new in scheduled],
+            preempted=preempted)
+
+    def _expect(self, request: Request) -> None:
+        """Tell a cache that places blocks by expected length (the builtin ``paged``) how long
+        ``request`` may grow, so its blocks stay consecutive; other caches need not know."""
+        expect = getattr(self.cache, "expect", None)
+        if expect is not None:
+            expect(request.request_id, request.sequence.max_num_tokens)
+
+    def update_from_output(self, output: SchedulerOutput, runner_output: ModelRunnerOutput) -> None:
+        """Advance computed tokens, commit full blocks for prefix caching, release finished requests."""
+        for item in output.scheduled:
+            request = item.request
+            rejected = runner_output.num_rejected_drafts.get(request.request_id, 0)
+            request.num_computed_tokens = item.start + item.num_tokens - rejected
+            if request.finished:
+                self._finish(request)
+            else:
+                self.cache.commit(request.request_id, request.all_token_ids()[: request.num_computed_tokens])
 
     def _preempt(self, request: Request) -> None:
         self.running.remove(request)
@@ -100,7 +114,7 @@ class Scheduler:
         self.num_preemptions += 1
         self.waiting.insert(0, request)
 
-    def finish(self, request: Request) -> None:
+    def _finish(self, request: Request) -> None:
         """Take a finished request out and free its blocks."""
         request.status = RequestStatus.FINISHED
         if request in self.running:
@@ -111,8 +125,7 @@ class Scheduler:
 
     def abort(self, requests: Iterable[Request]) -> None:
         for request in requests:
-            request.sequence.abort()
-            self.finish(request)
+            self._finish(request)
 
     def stats(self) -> dict[str, float]:
         return {

@@ -114,28 +114,27 @@ async def answer_outputs(answer: GenerationAnswer, *, request_id: str, params: A
 
 
 async def observe_outputs(stream: AsyncIterator[Any], request: GenerationRequest) -> AsyncIterator[Any]:
-    """Pass an engine's delta outputs through; once the last one is finished, tell
+    """Pass an engine's delta outputs through; with the finished one, tell
     :func:`generation_finished` the whole output (texts and token ids joined)."""
     from enigma.outputs import CompletionOutput, RequestOutput
 
     texts: dict[int, list[str]] = {}
     tokens: dict[int, list[int]] = {}
-    last = None
     try:
         async for output in stream:
             for completion in output.outputs:
                 texts.setdefault(completion.index, []).append(completion.text)
                 tokens.setdefault(completion.index, []).extend(completion.token_ids)
-            last = output
+            if output.finished:  # before yielding it: a consumer may stop reading at the last output
+                whole = [CompletionOutput(index=c.index, text="".join(texts[c.index]), token_ids=tokens[c.index],
+                                          finish_reason=c.finish_reason, stop_reason=c.stop_reason)
+                         for c in output.outputs]
+                generation_finished(request, RequestOutput(
+                    request_id=output.request_id, prompt=output.prompt, prompt_token_ids=output.prompt_token_ids,
+                    outputs=whole, finished=True))
             yield output
     finally:
         await stream.aclose()
-    if last is not None and last.finished:
-        whole = [CompletionOutput(index=c.index, text="".join(texts[c.index]), token_ids=tokens[c.index],
-                                  finish_reason=c.finish_reason, stop_reason=c.stop_reason) for c in last.outputs]
-        generation_finished(request, RequestOutput(request_id=last.request_id, prompt=last.prompt,
-                                                   prompt_token_ids=last.prompt_token_ids, prompt_logprobs=None,
-                                                   outputs=whole, finished=True))
 
 
 def _host() -> Any:
