@@ -2,7 +2,7 @@
 
 One decode-only step's attention for every layer (each layer its own paged KV
 cache, as in a model; fresh step metadata each time, as the engine makes it),
-through ``TorchBackend.attention`` with its native kernel (one pass over each
+through ``TorchCPUBackend.attention`` with its native kernel (one pass over each
 sequence's blocks through its block table) and without it (strided views
 and SDPA per sequence, or a padded batch for short histories). Shapes are the
 110M benchmark Llama's (12 layers, 12 heads of 64) and enigma-tiny's (6
@@ -23,14 +23,14 @@ import attrs
 import torch
 
 from enigma.attention import AttentionMetadata
-from enigma.backends.torch_backend import TorchBackend
+from enigma.backends.torch_cpu import TorchCPUBackend
 
 MODELS = {"110M": dict(layers=12, heads=12, kv_heads=12, dim=64), "enigma-tiny": dict(layers=6, heads=8, kv_heads=4,
                                                                                       dim=32)}
 CASES = [("110M", 1, 128), ("110M", 1, 1000), ("110M", 16, 300), ("110M", 64, 300), ("enigma-tiny", 32, 150)]
 
 
-def step_ms(backend: TorchBackend, caches, query, key, value, metadata) -> float:
+def step_ms(backend: TorchCPUBackend, caches, query, key, value, metadata) -> float:
     step = attrs.evolve(metadata)  # a new object: per-step caches are rebuilt, as in a real step
     start = time.perf_counter()
     for cache in caches:
@@ -45,7 +45,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
-    backend = TorchBackend(device="cpu")
+    backend = TorchCPUBackend(device="cpu")
     native = backend.native
     if native is None:
         raise SystemExit("enigma's native kernels are unavailable here (see the warning above)")

@@ -53,3 +53,15 @@ def test_docs_example_is_the_tested_fixture():
     assert len(blocks) == 4
     for path, content in blocks:
         assert (ROOT / path).read_text() == content, f"docs/plugins.md's copy of {path} is stale"
+
+
+@pytest.mark.parametrize("hook", HOOKS)
+def test_every_documented_signature_is_the_spec(hook):
+    import inspect
+
+    text = PLUGINS_DOC.read_text()
+    section = text.split(f"### {hook}\n", 1)[1]
+    documented = re.match(rf"\s*`{hook}\(([^)]*)\)`", section)
+    assert documented, f"docs/plugins.md's {hook} section does not open with `{hook}(...)`"
+    arguments = [a.strip() for a in documented.group(1).split(",") if a.strip()]
+    assert arguments == list(inspect.signature(getattr(hookspecs, hook)).parameters), hook

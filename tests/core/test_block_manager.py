@@ -5,7 +5,7 @@ from __future__ import annotations
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from enigma.attention import block_runs
+from enigma.backends.torch_cpu import block_runs
 from enigma.engine.block_manager import PagedCache
 
 

@@ -13,81 +13,7 @@ import pytest
 
 from enigma import Availability, hookimpl
 from enigma.events import RequestFinished, RequestStarted
-from enigma.kinds import PROTOCOLS, ScheduledRequest, SchedulerOutput
-
-
-class FifoScheduler:
-    """A scheduler written from the contract alone: one request at a time, whole prompts."""
-
-    def __init__(self, cache=None, max_num_seqs=1, max_num_batched_tokens=1):
-        self.cache, self.queue = cache, []
-
-    def add_request(self, request):
-        self.queue.append(request)
-
-    def schedule(self):
-        if not self.queue:
-            return SchedulerOutput(scheduled=[])
-        request = self.queue[0]
-        if request.num_computed_tokens == 0:
-            self.cache.lookup_prefix(request.request_id, [])
-        todo = request.num_tokens - request.num_computed_tokens
-        assert self.cache.allocate(request.request_id, request.num_computed_tokens + todo)
-        return SchedulerOutput(scheduled=[ScheduledRequest(
-            request=request, num_tokens=todo, start=request.num_computed_tokens,
-            block_table=self.cache.block_table(request.request_id))])
-
-    def update_from_output(self, output, runner_output):
-        for item in output.scheduled:
-            item.request.num_computed_tokens = item.start + item.num_tokens
-            if item.request.finished:
-                self.abort([item.request])
-
-    def abort(self, requests):
-        for request in requests:
-            if request in self.queue:
-                self.queue.remove(request)
-            self.cache.free(request.request_id)
-
-    def has_unfinished(self):
-        return bool(self.queue)
-
-    def stats(self):
-        return {"waiting": len(self.queue)}
-
-
-class FreeListCache:
-    """A KV cache written from the contract alone: a free list, no prefix caching."""
-
-    def __init__(self, num_blocks=4, block_size=16, max_model_len=64, enable_prefix_caching=False):
-        self.free_blocks, self.tables, self.block_size = list(range(num_blocks)), {}, block_size
-
-    def lookup_prefix(self, request_id, token_ids):
-        self.tables.setdefault(request_id, [])
-        return 0
-
-    def allocate(self, request_id, num_tokens):
-        table = self.tables.setdefault(request_id, [])
-        needed = -(-num_tokens // self.block_size) - len(table)
-        if needed > len(self.free_blocks):
-            return False
-        table.extend(self.free_blocks.pop() for _ in range(max(needed, 0)))
-        return True
-
-    def commit(self, request_id, token_ids):
-        pass
-
-    def cancel(self, request_id):
-        self.free(request_id)
-
-    def free(self, request_id):
-        self.free_blocks.extend(self.tables.pop(request_id, []))
-
-    def block_table(self, request_id):
-        return self.tables.get(request_id, [])
-
-    def stats(self):
-        return {"kv_blocks_used": sum(len(t) for t in self.tables.values()), "kv_blocks_free": len(self.free_blocks)}
+from enigma.kinds import PROTOCOLS, SchedulerOutput
 
 
 class RecordingTrainer:
@@ -138,17 +64,28 @@ def test_builtin_cache_and_scheduler_run_an_engine_step(make_plugin_host):
     assert host.select("cache", "contiguous").plugin == "paged"
 
 
-def test_hook_enigma_register_schedulers(make_plugin_host, run_engine):
+@pytest.fixture
+def fifo(installed_plugins):
+    """The enigma-plugin-fifo fixture package (a scheduler and a cache written from their contracts)."""
+    import enigma_fifo
+
+    return enigma_fifo
+
+
+def test_hook_enigma_register_schedulers(make_plugin_host, run_engine, fifo):
+    from enigma_fifo.kinds import FifoScheduler
+
     check_registration(make_plugin_host, "scheduler", "enigma_register_schedulers", FifoScheduler,
                        lambda scheduler: None)
-    host = make_plugin_host(plugin_registering("scheduler", "fifo", FifoScheduler))
-    run = run_engine(host, scheduler="fifo")
+    run = run_engine(make_plugin_host(fifo), scheduler="fifo")
     assert isinstance(run.engine.scheduler, FifoScheduler)
 
 
-def test_hook_enigma_register_caches(make_plugin_host, run_engine):
+def test_hook_enigma_register_caches(make_plugin_host, run_engine, fifo):
+    from enigma_fifo.kinds import FreeListCache
+
     check_registration(make_plugin_host, "cache", "enigma_register_caches", FreeListCache, lambda cache: None)
-    host = make_plugin_host(plugin_registering("cache", "free-list", FreeListCache))
+    host = make_plugin_host(fifo)
     assert host.select("cache").name == "paged"  # a third party at the builtin's priority does not displace it
     run = run_engine(host, cache="free-list")
     assert isinstance(run.engine.cache, FreeListCache)
@@ -156,45 +93,41 @@ def test_hook_enigma_register_caches(make_plugin_host, run_engine):
     assert tight.engine.stats()["preemptions_total"] > 0  # the builtin scheduler preempted on it
 
 
-def plugin_registering(kind, name, factory, priority=0):
-    @hookimpl(specname=f"enigma_register_{kind}s" if kind != "cache" else "enigma_register_caches")
-    def register_hook(register):
-        register(name, factory, priority=priority)
+def broken_scheduler(kind):
+    """A FifoScheduler broken one way."""
+    from enigma_fifo.kinds import FifoScheduler
 
-    plugin = types.ModuleType(f"{name.replace('-', '_')}_plugin")
-    plugin.register_hook = register_hook
-    return plugin
+    class Broken(FifoScheduler):
+        def schedule(self):
+            if kind == "tuples":  # what an older draft of the docs described: (request, num_tokens) pairs
+                return [(request, request.num_tokens) for request in self.queue]
+            if kind == "idle":
+                return SchedulerOutput(scheduled=[])
+            return super().schedule()
 
+        def update_from_output(self, output, runner_output):
+            if kind != "stuck":  # "stuck" schedules work but never advances computed tokens
+                super().update_from_output(output, runner_output)
 
-class TupleScheduler(FifoScheduler):
-    """Returns what an older draft of the docs described: (request, num_tokens) pairs."""
-
-    def schedule(self):
-        return [(request, request.num_tokens) for request in self.queue]
-
-
-class StuckScheduler(FifoScheduler):
-    """Schedules work but never advances computed tokens."""
-
-    def update_from_output(self, output, runner_output):
-        pass
+    return Broken
 
 
-class IdleScheduler(FifoScheduler):
-    def schedule(self):
-        return SchedulerOutput(scheduled=[])
-
-
-@pytest.mark.parametrize(("factory", "rule"), [
-    (TupleScheduler, "schedule.. returned a list; it must return an enigma.kinds.SchedulerOutput"),
-    (StuckScheduler, "update_from_output left request '0' at 0 computed tokens"),
-    (IdleScheduler, "it scheduled nothing for 3 steps while has_unfinished.. was true"),
+@pytest.mark.parametrize(("kind", "rule"), [
+    ("tuples", "schedule.. returned a list; it must return an enigma.kinds.SchedulerOutput"),
+    ("stuck", "update_from_output left request '0' at 0 computed tokens"),
+    ("idle", "it scheduled nothing for 3 steps while has_unfinished.. was true"),
 ])
-def test_a_scheduler_breaking_the_contract_gets_an_error_not_a_hang(make_plugin_host, tiny_llama, factory,
+def test_a_scheduler_breaking_the_contract_gets_an_error_not_a_hang(make_plugin_host, tiny_llama, fifo, kind,
                                                                       rule):
     from enigma import LLM, PluginError, SamplingParams
 
-    make_plugin_host(plugin_registering("scheduler", "broken", factory), install=True)
+    @hookimpl
+    def enigma_register_schedulers(register):
+        register("broken", broken_scheduler(kind))
+
+    plugin = types.ModuleType("broken_plugin")
+    plugin.enigma_register_schedulers = enigma_register_schedulers
+    make_plugin_host(plugin, install=True)
     llm = LLM(tiny_llama, scheduler="broken", num_kv_blocks=16)
     with pytest.raises(PluginError, match=rf"scheduler 'broken' \(from broken_plugin\) broke its contract: {rule}"):
         llm.generate("Hello", SamplingParams(max_tokens=4))

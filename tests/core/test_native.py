@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from enigma import native
-from enigma.backends.torch_backend import CPULinear, TorchBackend
+from enigma.backends.torch_cpu import CPULinear, TorchCPUBackend
 
 
 @pytest.fixture(scope="module")
@@ -119,7 +119,7 @@ def test_without_a_compiler_the_backend_keeps_torch(enigma_home, fresh_kernels, 
     with caplog.at_level(logging.WARNING, logger="enigma.native"):
         assert fresh_kernels() is None
     assert "native CPU kernels unavailable" in caplog.text
-    backend = TorchBackend(device="cpu")
+    backend = TorchCPUBackend(device="cpu")
     assert backend.native is None
     model = backend.prepare(torch.nn.Sequential(torch.nn.Linear(16, 8)), dtype=torch.float32)
     assert isinstance(model[0], CPULinear) and model[0].native is None

@@ -28,7 +28,8 @@ def test_builtins_are_discovered_through_entry_points(plugin_host):
     assert impl.plugin == "torch" and impl.distribution == "enigma-core"
     builtins = {(impl.kind, impl.name): impl.plugin for impl in plugin_host.registry.implementations()
                 if impl.distribution == "enigma-core"}
-    assert builtins == {("backend", "torch"): "torch", ("cache", "paged"): "paged",
+    assert builtins == {("backend", "torch"): "torch", ("backend", "torch-cpu"): "torch-cpu",
+                        ("cache", "paged"): "paged",
                         ("cache", "contiguous"): "paged", ("scheduler", "continuous"): "continuous",
                         ("trainer", "sft"): "sft", ("architecture", "LlamaForCausalLM"): "llama",
                         ("architecture", "MistralForCausalLM"): "llama", ("architecture", "Qwen2ForCausalLM"): "llama",
@@ -66,7 +67,7 @@ def test_disable_plugins_skips_them_without_importing(installed_plugins, monkeyp
     assert host.records["broken"].status == "disabled"
     assert host.records["exact"].status == "disabled"
     assert host.records["broken"].errors == []
-    assert [impl.name for impl in host.registry.implementations("backend")] == ["torch"]
+    assert [impl.name for impl in host.registry.implementations("backend")] == ["torch-cpu", "torch"]
 
 
 def test_load_plugins_allow_list(installed_plugins, monkeypatch):

@@ -6,8 +6,9 @@ import attrs
 import pytest
 import torch
 
-from enigma.attention import AttentionMetadata, block_runs
+from enigma.attention import AttentionMetadata
 from enigma.backends.torch_backend import TorchBackend, gather_kv, write_kv
+from enigma.backends.torch_cpu import TorchCPUBackend, block_runs
 from enigma.kinds import Backend
 
 
@@ -27,8 +28,9 @@ def reference_attention(query, keys, values, scale, window=None):
     return torch.einsum("hqs,shd->qhd", scores.softmax(-1), v)
 
 
-DECODE_PATHS = ["padded", "in-place", "native"]
-"""How decode-only steps attend: torch's padded batch, torch per sequence in place, or the native kernel."""
+DECODE_PATHS = ["reference", "padded", "in-place", "native"]
+"""How decode-only steps attend: the reference backend's gathers; torch-cpu's padded batch, its per-sequence
+in-place reads, or the native kernel."""
 
 
 def run_case(query_lens, seq_lens, *, heads=4, kv_heads=2, dim=8, block_size=4, window=None, seed=0,
@@ -39,15 +41,12 @@ def run_case(query_lens, seq_lens, *, heads=4, kv_heads=2, dim=8, block_size=4, 
     if layout != "views":  # scatter the blocks: reverse the pool's order, so every block is a run of its own
         top = int(metadata.block_tables.max())
         tables = top - metadata.block_tables
-        runs = tuple(block_runs(tables[i, :-(-length // block_size)].tolist()) for i, length in enumerate(seq_lens))
         metadata = attrs.evolve(metadata, block_tables=tables,
-                                slot_mapping=_reversed_slots(metadata.slot_mapping, block_size, top),
-                                block_runs=runs if layout == "runs" else None)
-    backend = TorchBackend(device="cpu")
-    if decodes == "native":
-        if backend.native is None:
-            pytest.skip("no C compiler here: the native kernels cannot be built")
-    else:
+                                slot_mapping=_reversed_slots(metadata.slot_mapping, block_size, top))
+    backend = TorchBackend(device="cpu") if decodes == "reference" else TorchCPUBackend(device="cpu")
+    if decodes == "native" and backend.native is None:
+        pytest.skip("no C compiler here: the native kernels cannot be built")
+    if decodes in ("padded", "in-place"):
         backend.native = None
     if decodes == "in-place":
         backend.PADDED_DECODE_BYTES_PER_SEQ = 0
@@ -87,7 +86,7 @@ def _reversed_slots(slots, block_size, top):
     ((1, 4, 1, 2), (6, 4, 13, 9)),     # decodes batched beside prefill chunks
 ])
 @pytest.mark.parametrize("heads,kv_heads", [(4, 4), (4, 2), (6, 1)])
-@pytest.mark.parametrize("layout", ["views", "runs", "gathers"])
+@pytest.mark.parametrize("layout", ["views", "runs"])
 @pytest.mark.parametrize("decodes", DECODE_PATHS)
 def test_paged_attention_matches_contiguous(query_lens, seq_lens, heads, kv_heads, layout, decodes):
     out, expected = run_case(query_lens, seq_lens, heads=heads, kv_heads=kv_heads, layout=layout,
@@ -98,7 +97,7 @@ def test_paged_attention_matches_contiguous(query_lens, seq_lens, heads, kv_head
 
 @pytest.mark.parametrize("query_lens,seq_lens", [((6, 1), (6, 11)), ((1, 1), (3, 10)), ((1,), (9,)),
                                                  ((1, 3, 1), (12, 3, 7)), ((1, 1), (17, 4))])
-@pytest.mark.parametrize("layout", ["views", "runs", "gathers"])
+@pytest.mark.parametrize("layout", ["views", "runs"])
 @pytest.mark.parametrize("decodes", DECODE_PATHS)
 def test_sliding_window(query_lens, seq_lens, layout, decodes):
     out, expected = run_case(query_lens, seq_lens, window=4, layout=layout, decodes=decodes)
@@ -108,10 +107,10 @@ def test_sliding_window(query_lens, seq_lens, layout, decodes):
 @pytest.mark.parametrize("length,gathers", [(160, 1), (48, 0)])
 def test_a_decode_over_too_many_runs_is_gathered(monkeypatch, length, gathers):
     # one run per block: 40 runs is over MAX_DECODE_RUNS, 12 is not
-    assert TorchBackend.MAX_DECODE_RUNS < 40
+    assert TorchCPUBackend.MAX_DECODE_RUNS < 40
     calls = []
-    gather = TorchBackend._gather
-    monkeypatch.setattr(TorchBackend, "_gather", lambda self, *args: calls.append(1) or gather(self, *args))
+    gather = TorchCPUBackend._gather
+    monkeypatch.setattr(TorchCPUBackend, "_gather", lambda self, *args: calls.append(1) or gather(self, *args))
     out, expected = run_case((1,), (length,), layout="runs", decodes="in-place")
     torch.testing.assert_close(out.double(), expected, atol=1e-5, rtol=1e-5)
     assert len(calls) == gathers
@@ -143,7 +142,25 @@ def test_prepare_moves_model_to_dtype_and_eval():
 
 
 def test_satisfies_the_backend_protocol():
-    assert isinstance(TorchBackend(), Backend)
+    assert isinstance(TorchBackend(), Backend) and isinstance(TorchCPUBackend(), Backend)
+
+
+def test_cpu_backend_refuses_other_devices():
+    from enigma.errors import BadRequestError
+
+    with pytest.raises(BadRequestError, match="runs on the CPU, not on cuda; choose backend 'torch'"):
+        TorchCPUBackend(device="cuda")
+
+
+def test_kv_cache_memory_is_the_backends_to_size():
+    from enigma.errors import BadRequestError
+
+    backend = TorchBackend(device="cpu")
+    assert backend.kv_cache_memory(12345) == 12345
+    assert 0 < backend.kv_cache_memory(None) <= TorchBackend.DEFAULT_CPU_KV_CAP
+    assert 0 < backend.kv_cache_memory(0.01) < backend.kv_cache_memory(0.02)
+    with pytest.raises(BadRequestError, match="fraction of the device's free memory"):
+        backend.kv_cache_memory(1.5)
 
 
 def test_contiguous_metadata_rejects_queries_longer_than_sequences():

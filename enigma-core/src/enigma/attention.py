@@ -33,10 +33,6 @@ class AttentionMetadata:
     block_size: int
     sliding_window: int | None = None
     """Attend only to the last ``sliding_window`` positions (Mistral-style), or all."""
-    block_runs: tuple[tuple[tuple[int, int], ...], ...] | None = None
-    """Each sequence's block table as runs of consecutive blocks, ``(first_block,
-    num_blocks)`` in order (see :func:`block_runs`), so that a backend may read a
-    run through a view instead of a gather. None when the caller did not say."""
 
     @classmethod
     def contiguous(cls, query_lens: Sequence[int], seq_lens: Sequence[int], *, block_size: int,
@@ -68,7 +64,6 @@ class AttentionMetadata:
             block_tables=tables.to(device),
             block_size=block_size,
             sliding_window=sliding_window,
-            block_runs=tuple(((int(tables[i, 0]), blocks),) for i, blocks in enumerate(blocks_per_seq)),
         )
 
     @property
@@ -78,23 +73,6 @@ class AttentionMetadata:
     @property
     def num_tokens(self) -> int:
         return sum(self.query_lens)
-
-
-def block_runs(block_table: Sequence[int]) -> tuple[tuple[int, int], ...]:
-    """``block_table`` as runs of consecutive block ids: ``[4, 5, 6, 9, 2, 3]`` ->
-    ``((4, 3), (9, 1), (2, 2))``."""
-    runs: list[tuple[int, int]] = []
-    first = previous = None
-    for block in block_table:
-        if previous is not None and block == previous + 1:
-            previous = block
-            continue
-        if first is not None:
-            runs.append((first, previous - first + 1))
-        first = previous = block
-    if first is not None:
-        runs.append((first, previous - first + 1))
-    return tuple(runs)
 
 
 @attrs.define

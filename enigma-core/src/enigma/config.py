@@ -29,6 +29,7 @@ from typing import Any
 import attrs
 import cattrs
 
+from enigma.dtypes import NAMES as DTYPE_NAMES
 from enigma.errors import ConfigError, NotFoundError
 from enigma.fsutil import atomic_write_text
 from enigma.paths import Paths, get_paths
@@ -40,7 +41,7 @@ else:  # pragma: no cover
 
 ENV_PREFIX = "ENIGMA_"
 ENV_SEPARATOR = "__"
-DTYPES = ("auto", "float32", "float16", "bfloat16")
+DTYPES = ("auto", *DTYPE_NAMES)
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/-]*$")
 logger = logging.getLogger("enigma.config")
 
@@ -138,7 +139,7 @@ class Schema:
     """The sections there are: the kernel's, and ``plugins.<name>`` for each plugin with settings."""
 
     def __init__(self, plugin_settings: Mapping[str, type] | None = None) -> None:
-        self.plugin_settings = dict(plugin_settings or {})
+        self.plugin_settings = {name: resolved(cls) for name, cls in (plugin_settings or {}).items()}
         self.sections: dict[str, type] = {**SECTIONS, **{f"{PLUGIN_SECTION}.{name}": cls
                                                          for name, cls in self.plugin_settings.items()}}
 
@@ -204,6 +205,11 @@ class LoadedConfig:
         return [(key, self.get(key), self.sources[key]) for key in self.schema.keys()]
 
 
+def resolved(cls: type) -> type:
+    """``cls`` with string annotations (``from __future__ import annotations``) turned into types."""
+    return attrs.resolve_types(cls)
+
+
 def all_keys() -> list[str]:
     """Every ``"section.key"`` of the kernel."""
     return Schema().keys()
@@ -262,7 +268,12 @@ converter.register_structure_hook(str, _to_str)
 def check_value(key: str, value: Any, source: Source, schema: Schema | None = None) -> Any:
     """Convert ``value`` to the type of ``key`` and check it; return the converted value."""
     schema = schema or Schema(installed_plugin_settings())
-    field = schema.field(key)
+    return check_field(key, schema.field(key), value, source)
+
+
+def check_field(key: str, field: attrs.Attribute, value: Any, source: Source) -> Any:
+    """Convert ``value`` to an attrs ``field``'s type and check it (its ``setting`` check, its
+    validator); a ConfigError naming ``key``, the value, its source and what is allowed otherwise."""
     allowed = field.metadata.get("allowed") or _describe_type(field.type)
     try:
         converted = converter.structure(value, field.type)

@@ -10,7 +10,7 @@ kernel owns the registry and hands each plugin a ``register`` function bound
 to that plugin, so a duplicate name is an error that names both
 distributions. Their signature::
 
-    register(name, factory, *, priority=0, available=None, summary="")
+    register(name, factory, *, priority=0, available=None, summary="", options=None)
 
 ``name``
     short, user-visible, unique within the kind ("torch", "cuda-paged").
@@ -25,15 +25,29 @@ distributions. Their signature::
     (or a bool); None means always available.
 ``summary``
     one line for ``enigma plugins``.
+``options``
+    an attrs class of the options one use of it takes (a trainer's
+    ``--lora-rank``), checked like settings; None for none.
 
 Keep plugin modules light: import only ``enigma`` at module level.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pluggy
+
+if TYPE_CHECKING:  # for type checkers only: importing these here would slow every start
+    import click
+    import torch
+
+    from enigma.engine.engine import Engine
+    from enigma.events import RequestFinished, RequestStarted
+    from enigma.kinds import LoadContext, Register
+    from enigma.outputs import RequestOutput
+    from enigma.server.context import ServerContext
+    from enigma.server.generation import GenerationAnswer, GenerationRequest
 
 PROJECT_NAME = "enigma"
 
@@ -44,7 +58,7 @@ hookimpl = pluggy.HookimplMarker(PROJECT_NAME)
 
 
 @hookspec
-def enigma_register_backends(register: Any) -> None:
+def enigma_register_backends(register: Register) -> None:
     """Register backends: where and how model math runs.
 
     Called once per plugin while plugins load. Each implementation must satisfy
@@ -58,7 +72,7 @@ def enigma_register_backends(register: Any) -> None:
 
 
 @hookspec
-def enigma_register_schedulers(register: Any) -> None:
+def enigma_register_schedulers(register: Register) -> None:
     """Register schedulers: which requests run in each engine step.
 
     Called once per plugin while plugins load. Each implementation must satisfy
@@ -70,7 +84,7 @@ def enigma_register_schedulers(register: Any) -> None:
 
 
 @hookspec
-def enigma_register_caches(register: Any) -> None:
+def enigma_register_caches(register: Register) -> None:
     """Register KV caches: how key/value memory is laid out and shared.
 
     Called once per plugin while plugins load. Each implementation must satisfy
@@ -82,7 +96,7 @@ def enigma_register_caches(register: Any) -> None:
 
 
 @hookspec
-def enigma_register_quantizers(register: Any) -> None:
+def enigma_register_quantizers(register: Register) -> None:
     """Register quantizers: weight formats below 16 bits.
 
     Called once per plugin while plugins load. Each implementation must satisfy
@@ -94,7 +108,7 @@ def enigma_register_quantizers(register: Any) -> None:
 
 
 @hookspec
-def enigma_register_trainers(register: Any) -> None:
+def enigma_register_trainers(register: Register) -> None:
     """Register trainers: SFT, LoRA, DPO, sharded training.
 
     Called once per plugin while plugins load. Each implementation must satisfy
@@ -106,7 +120,7 @@ def enigma_register_trainers(register: Any) -> None:
 
 
 @hookspec
-def enigma_register_retrievers(register: Any) -> None:
+def enigma_register_retrievers(register: Register) -> None:
     """Register retrievers: document indexes that ground answers.
 
     Called once per plugin while plugins load. Each implementation must satisfy
@@ -118,7 +132,7 @@ def enigma_register_retrievers(register: Any) -> None:
 
 
 @hookspec
-def enigma_register_transports(register: Any) -> None:
+def enigma_register_transports(register: Register) -> None:
     """Register transports: routes the server exposes (HTTP, WebSocket, metrics).
 
     Called once per plugin while plugins load. Unlike the kinds above, every
@@ -128,7 +142,7 @@ def enigma_register_transports(register: Any) -> None:
 
 
 @hookspec
-def enigma_asgi_wrapper(app: Any, context: Any) -> Any:
+def enigma_asgi_wrapper(app: Any, context: ServerContext) -> Any:
     """Wrap the server's whole ASGI app (datasette's ``asgi_wrapper``).
 
     Called once per plugin when the app is built, with the app as wrapped so
@@ -142,7 +156,7 @@ def enigma_asgi_wrapper(app: Any, context: Any) -> Any:
 
 
 @hookspec
-def enigma_before_generation(request: Any) -> Any:
+def enigma_before_generation(request: GenerationRequest) -> GenerationRequest | GenerationAnswer | None:
     """Look at a chat or completion request before it is templated and run.
 
     Called for each request a transport receives, plugin after plugin, with
@@ -156,7 +170,7 @@ def enigma_before_generation(request: Any) -> Any:
 
 
 @hookspec
-def enigma_generation_finished(request: Any, output: Any) -> None:
+def enigma_generation_finished(request: GenerationRequest, output: RequestOutput) -> None:
     """A request that went through ``enigma_before_generation`` finished.
 
     ``request`` is the :class:`enigma.server.GenerationRequest` that ran (as
@@ -171,7 +185,7 @@ def enigma_generation_finished(request: Any, output: Any) -> None:
 
 
 @hookspec
-def enigma_register_models(register: Any) -> None:
+def enigma_register_models(register: Register) -> None:
     """Register models that ship inside a package, by name (``enigma-tiny``).
 
     Called once per plugin while plugins load. The factory takes no arguments
@@ -186,7 +200,7 @@ def enigma_register_models(register: Any) -> None:
 
 
 @hookspec
-def enigma_register_architectures(register: Any) -> None:
+def enigma_register_architectures(register: Register) -> None:
     """Register model families by the Hugging Face architecture name they implement.
 
     Called once per plugin while plugins load. ``register("LlamaForCausalLM",
@@ -202,7 +216,7 @@ def enigma_register_architectures(register: Any) -> None:
 
 
 @hookspec
-def enigma_register_weight_sources(register: Any) -> None:
+def enigma_register_weight_sources(register: Register) -> None:
     """Register weight sources: file formats the loader reads tensors from.
 
     Called once per plugin while plugins load. Each implementation must satisfy
@@ -213,7 +227,7 @@ def enigma_register_weight_sources(register: Any) -> None:
 
 
 @hookspec
-def enigma_transform_model(model: Any, context: Any) -> None:
+def enigma_transform_model(model: torch.nn.Module, context: LoadContext) -> None:
     """Change a model's module tree after it is built and before it has weights.
 
     Called on every plugin for every model the loader builds, with ``model``
@@ -231,7 +245,7 @@ def enigma_transform_model(model: Any, context: Any) -> None:
 
 
 @hookspec
-def enigma_plugin_settings() -> Any:
+def enigma_plugin_settings() -> type | None:
     """Declare the plugin's settings: return an attrs class whose fields have defaults.
 
     Called once per plugin while plugins load. Its keys are read from the
@@ -248,7 +262,7 @@ def enigma_plugin_settings() -> Any:
 
 
 @hookspec
-def enigma_commands(cli: Any) -> None:
+def enigma_commands(cli: click.Group) -> None:
     """Add subcommands to the ``enigma`` command.
 
     Called once per plugin when the command starts, with ``cli``, the root
@@ -263,7 +277,7 @@ def enigma_commands(cli: Any) -> None:
 
 
 @hookspec
-def enigma_engine_started(engine: Any) -> None:
+def enigma_engine_started(engine: Engine) -> None:
     """An engine finished loading its model and is ready to take requests.
 
     ``engine`` offers ``model_name`` and ``stats()``. Observers only: return
@@ -272,17 +286,17 @@ def enigma_engine_started(engine: Any) -> None:
 
 
 @hookspec
-def enigma_engine_stopped(engine: Any) -> None:
+def enigma_engine_stopped(engine: Engine) -> None:
     """An engine stopped; no further requests will run on it."""
 
 
 @hookspec
-def enigma_request_started(event: Any) -> None:
+def enigma_request_started(event: RequestStarted) -> None:
     """A request was accepted; ``event`` is an :class:`enigma.events.RequestStarted`."""
 
 
 @hookspec
-def enigma_request_finished(event: Any) -> None:
+def enigma_request_finished(event: RequestFinished) -> None:
     """A request left the engine; ``event`` is an :class:`enigma.events.RequestFinished`.
 
     It carries token counts and timings, from which observers derive

@@ -11,8 +11,9 @@ instance is written here as a small typed :class:`~typing.Protocol` per kind;
 specs only ever gain optional arguments, so an implementation written today
 keeps working.
 
-Types from torch or Starlette appear as strings so this module imports
-neither: ``enigma --help`` must stay fast and work without them.
+Types from torch, the engine and the server are imported for type checkers only
+(annotations stay strings), so this module imports none of them: ``enigma --help``
+must stay fast and work without them.
 """
 
 from __future__ import annotations
@@ -23,8 +24,15 @@ from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 import attrs
 
-if TYPE_CHECKING:  # the engine imports torch; this module must not
+if TYPE_CHECKING:  # these import torch or Starlette; this module must not
+    import torch
+
+    from enigma.attention import AttentionMetadata
     from enigma.engine.request import Request
+    from enigma.loader import LoadedModel
+    from enigma.server.context import ServerContext
+    from enigma.training.config import TrainConfig
+    from enigma.training.progress import TrainProgress
 
 KINDS: tuple[str, ...] = (
     "backend",
@@ -51,13 +59,15 @@ class Availability:
 
     ok: bool
     reason: str = ""
+    auto: bool = True
+    """Whether ``auto`` may choose it; False: it runs here, but only when named (``reason`` says why)."""
 
     def __bool__(self) -> bool:
         return self.ok
 
     @classmethod
-    def yes(cls) -> Availability:
-        return cls(True)
+    def yes(cls, *, auto: bool = True, reason: str = "") -> Availability:
+        return cls(True, reason, auto)
 
     @classmethod
     def no(cls, reason: str) -> Availability:
@@ -66,6 +76,14 @@ class Availability:
 
 AvailabilityCheck = Callable[[], "Availability | bool"]
 """A zero-argument callable a plugin registers with an implementation."""
+
+
+class Register(Protocol):
+    """The ``register`` callback an ``enigma_register_*`` hook receives, bound to its plugin and kind."""
+
+    def __call__(self, name: str, factory: Callable[..., Any] | str, *, priority: int = 0,
+                 available: AvailabilityCheck | None = None, summary: str = "",
+                 options: type | None = None) -> None: ...
 
 
 @runtime_checkable
@@ -77,16 +95,25 @@ class Backend(Protocol):
     the models call, so kernels and KV-cache layouts are the backend's choice.
     """
 
-    device: Any  # torch.device
+    device: torch.device
 
     def kv_cache_shape(self, num_blocks: int, block_size: int, num_kv_heads: int, head_dim: int) -> tuple[int, ...]:
         """The shape of one layer's paged KV cache tensor; its layout is the backend's choice."""
 
-    def prepare(self, model: Any, *, dtype: Any) -> Any:
-        """Return ``model`` (a ``torch.nn.Module``) ready to run on this backend."""
+    def prepare(self, model: torch.nn.Module, *, dtype: torch.dtype) -> torch.nn.Module:
+        """Return ``model`` (a ``torch.nn.Module``) ready to run on this backend.
 
-    def attention(self, query: Any, key: Any, value: Any, *, kv_cache: Any, metadata: Any,
-                  scale: float) -> Any:
+        Cast floating-point *parameters* to ``dtype`` and nothing else: buffers,
+        integer (packed) tensors and modules with ``keeps_dtype = True`` (a
+        quantizer's) stay as loaded (``enigma.backends.torch_backend.cast_parameters``)."""
+
+    def kv_cache_memory(self, requested: int | float | None) -> int:
+        """Bytes for the KV pool on this backend's device: ``requested`` bytes (int), a fraction of
+        the device's free memory (float in (0, 1]), or the backend's default (None). Called after
+        ``prepare``, so free memory excludes the weights."""
+
+    def attention(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, *, kv_cache: torch.Tensor,
+                  metadata: AttentionMetadata, scale: float) -> torch.Tensor:
         """Store this step's keys and values in the cache, then attend.
 
         ``query`` is ``[num_tokens, num_heads, head_dim]`` for the new tokens of
@@ -219,10 +246,10 @@ class LoadContext:
     """Its config.json."""
     architecture: str
     """The architecture chosen from ``hf_config["architectures"]``."""
-    dtype: Any
-    """The ``torch.dtype`` floating-point weights are built in."""
-    device: Any
-    """The ``torch.device`` the weights will live on."""
+    dtype: torch.dtype
+    """The dtype floating-point weights are built in."""
+    device: torch.device
+    """The device the weights will live on."""
     options: Mapping[str, Any] = attrs.field(factory=dict)
     """Load options the caller passed (``LLM(..., load_options={...})``), for plugins that take some."""
 
@@ -249,7 +276,7 @@ class Quantizer(Protocol):
     def types(self) -> Mapping[str, str]:
         """The quantization types it makes, each with a one-line description (``{"Q4_K_M": "..."}``)."""
 
-    def quantize(self, model: Any, *, type: str, output: Path, options: Mapping[str, Any],
+    def quantize(self, model: LoadedModel, *, type: str, output: Path, options: Mapping[str, Any],
                  progress: Callable[[int, int], None] | None = None) -> None:
         """Write ``model`` quantized as ``type`` into the empty folder ``output``.
 
@@ -259,7 +286,7 @@ class Quantizer(Protocol):
         atomically. ``progress(done, total)`` reports work done (e.g. tensors).
         """
 
-    def transform(self, model: Any, *, context: LoadContext) -> None:
+    def transform(self, model: torch.nn.Module, *, context: LoadContext) -> None:
         """Swap the unmaterialised ``model``'s modules (on the meta device) for ones
         whose parameters and buffers are named like the artifact's tensors."""
 
@@ -268,7 +295,7 @@ class Quantizer(Protocol):
 class Trainer(Protocol):
     """Trains or fine-tunes a model from a training configuration."""
 
-    def train(self, config: Any, *, progress: Any = None) -> Any:
+    def train(self, config: TrainConfig, *, progress: Callable[[TrainProgress], None] | None = None) -> Path | str:
         """Run training to completion (or resume it); return the output folder."""
 
 
@@ -333,7 +360,7 @@ class Retriever(Protocol):
 class Transport(Protocol):
     """Contributes routes to the server's ASGI app."""
 
-    def routes(self, context: Any) -> Sequence[Any]:
+    def routes(self, context: ServerContext) -> Sequence[Any]:
         """Starlette routes (``Route``/``WebSocketRoute``/``Mount``) to serve."""
 
 
@@ -350,7 +377,7 @@ class Weights(Protocol):
     def shape(self, name: str) -> tuple[int, ...]:
         """A tensor's shape, without reading it."""
 
-    def get(self, name: str) -> Any:
+    def get(self, name: str) -> torch.Tensor:
         """The tensor (a ``torch.Tensor`` on the CPU, in its stored dtype)."""
 
     def __enter__(self) -> Weights: ...

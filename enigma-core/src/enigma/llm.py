@@ -28,27 +28,15 @@ Prompt = str | list[int]
 Message = dict[str, Any]
 
 
-DEFAULT_KV_CACHE_FRACTION = 0.1
-DEFAULT_KV_CACHE_CAP = 4 << 30
-
-
 def kv_blocks_for(runner: Any, kv_cache_memory: int | float | None, max_num_seqs: int) -> int:
     """How many KV blocks a memory budget buys, never more than ``max_num_seqs``
     full-length sequences need. The budget is bytes (an int), a fraction of the
-    machine's memory (a float in (0, 1]), or by default a tenth of it, at most 4 GiB."""
-    import os
-
-    total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    if kv_cache_memory is None:
-        kv_cache_memory = min(int(total * DEFAULT_KV_CACHE_FRACTION), DEFAULT_KV_CACHE_CAP)
-    elif isinstance(kv_cache_memory, float):
-        if not 0 < kv_cache_memory <= 1:
-            raise BadRequestError(f"kv_cache_memory={kv_cache_memory} is invalid: give bytes (an integer) or a "
-                                  "fraction of memory in (0, 1]")
-        kv_cache_memory = int(total * kv_cache_memory)
-    blocks = int(kv_cache_memory) // runner.bytes_per_block
+    backend's device memory (a float in (0, 1]), or the backend's default
+    (``Backend.kv_cache_memory``: on CPU a tenth of the machine's memory, at most 4 GiB)."""
+    budget = runner.backend.kv_cache_memory(kv_cache_memory)
+    blocks = int(budget) // runner.bytes_per_block
     if blocks < 1:
-        raise BadRequestError(f"kv_cache_memory={kv_cache_memory} bytes is less than one KV block "
+        raise BadRequestError(f"kv_cache_memory={kv_cache_memory} gives {budget} bytes, less than one KV block "
                               f"({runner.bytes_per_block} bytes); give more")
     per_sequence = math.ceil(runner.max_model_len / runner.block_size)
     return int(min(blocks, per_sequence * max_num_seqs))

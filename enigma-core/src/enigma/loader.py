@@ -20,14 +20,13 @@ from typing import Any
 import attrs
 import torch
 
+from enigma.dtypes import NAMES as DTYPE_NAMES
+from enigma.dtypes import canonical, torch_dtype
 from enigma.errors import ConfigError, EnigmaError, NotFoundError, PluginError
 from enigma.kinds import LoadContext, Weights
 from enigma.models import architecture_class
 from enigma.models.base import persistent_tensors
 from enigma.weights import open_weights
-
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-_ALIASES = {"fp32": "float32", "fp16": "float16", "half": "float16", "bf16": "bfloat16", "float": "float32"}
 
 
 def read_hf_config(folder: Path) -> dict[str, Any]:
@@ -48,14 +47,13 @@ def resolve_dtype(requested: str | torch.dtype, hf_config: dict[str, Any], devic
     (slow there) which runs as float32."""
     if isinstance(requested, torch.dtype):
         return requested
-    name = _ALIASES.get(str(requested), str(requested))
-    if name == "auto":
-        declared = hf_config.get("torch_dtype") or hf_config.get("dtype") or "float32"
-        dtype = DTYPES.get(_ALIASES.get(declared, declared), torch.float32)
+    if str(requested) == "auto":
+        declared = canonical(hf_config.get("torch_dtype") or hf_config.get("dtype") or "float32") or "float32"
+        dtype = torch_dtype(declared)
         return torch.float32 if (dtype == torch.float16 and device.type == "cpu") else dtype
-    if name not in DTYPES:
-        raise ConfigError(f"dtype {requested!r} is not supported; choose auto, {', '.join(DTYPES)}")
-    return DTYPES[name]
+    if canonical(requested) is None:
+        raise ConfigError(f"dtype {requested!r} is not supported; choose auto, {', '.join(DTYPE_NAMES)}")
+    return torch_dtype(requested)
 
 
 def load_weights(model: torch.nn.Module, weights: Weights, *, folder: Path | str = "the model folder") -> None:

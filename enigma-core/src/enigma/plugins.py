@@ -107,6 +107,7 @@ class _Register:
         priority: int = 0,
         available: AvailabilityCheck | None = None,
         summary: str = "",
+        options: type | None = None,
     ) -> None:
         self._host.registry.add(
             Implementation(
@@ -118,6 +119,7 @@ class _Register:
                 priority=priority,
                 summary=summary,
                 available_check=available,
+                options=options,
             )
         )
 

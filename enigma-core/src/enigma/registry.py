@@ -33,6 +33,8 @@ class Implementation:
     priority: int = 0
     summary: str = ""
     available_check: AvailabilityCheck | None = attrs.field(default=None, repr=False)
+    options: type | None = attrs.field(default=None, repr=False)
+    """An attrs class of per-use options it takes (a trainer's ``--lora-rank``), or None."""
 
     def availability(self) -> Availability:
         """Whether it can run here; a check that raises counts as unavailable."""
@@ -148,9 +150,12 @@ class Registry:
                     f"{availability.reason}. {self._describe(kind).capitalize()}"
                 )
             return implementation
-        for implementation in self.implementations(kind):
-            if implementation.availability():
+        available = [impl for impl in self.implementations(kind) if impl.availability()]
+        for implementation in available:
+            if implementation.availability().auto:
                 return implementation
+        if available:
+            return available[0]
         raise NotAvailableError(f"no {kind} is available here; {self._describe(kind)}")
 
     def create(self, kind: str, name: str = AUTO, **kwargs: Any) -> Any:
@@ -164,6 +169,7 @@ class Registry:
         parts = []
         for impl in implementations:
             availability = impl.availability()
-            state = "available" if availability else f"unavailable: {availability.reason}"
+            state = ("available" if availability.auto else f"available when named: {availability.reason}") \
+                if availability else f"unavailable: {availability.reason}"
             parts.append(f"{impl.name} (from {impl.origin}; {state})")
         return f"installed {kind}s: " + "; ".join(parts)

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 import attrs
 import torch
 
-from enigma.attention import AttentionMetadata, ForwardContext, block_runs
+from enigma.attention import AttentionMetadata, ForwardContext
 from enigma.loader import LoadedModel
 
 
@@ -89,7 +89,6 @@ class ModelRunner:
             slot_mapping=torch.tensor(slots, dtype=torch.long, device=self.device),
             block_tables=torch.tensor(tables, dtype=torch.long, device=self.device),
             block_size=block_size,
-            block_runs=tuple(block_runs(chunk.block_table) for chunk in chunks),
         )
 
     @torch.inference_mode()

@@ -222,6 +222,12 @@ def sample(logits: torch.Tensor, rows: Sequence[SamplingRow]) -> SamplerOutput:
     return SamplerOutput(token_ids, logprobs)
 
 
+def with_token_texts(entries: dict[int, Logprob], tokenizer: Any) -> dict[int, Logprob]:
+    """``entries`` with each token's text filled in (``decoded_token``, special tokens shown)."""
+    return {token_id: Logprob(entry.logprob, entry.rank, tokenizer.decode([token_id], skip_special_tokens=False))
+            for token_id, entry in entries.items()}
+
+
 def top_logprobs(row_logprobs: torch.Tensor, token_id: int, k: int) -> dict[int, Logprob]:
     """The ``k`` most likely tokens' logprobs, plus ``token_id``'s, with ranks."""
     chosen = float(row_logprobs[token_id])

@@ -16,10 +16,10 @@ from typing import Any
 
 import torch
 
+from enigma.dtypes import dtype_name
 from enigma.fsutil import atomic_write_text, default_file_mode
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
-DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
 
 
 def save_safetensors(tensors: dict[str, torch.Tensor], path: Path, *, metadata: dict[str, str] | None = None) -> None:
@@ -57,7 +57,7 @@ def save_model_folder(model: Any, hf_config: dict[str, Any], out: str | Path, *,
         tensors = {name: t.to(dtype) for name, t in tensors.items()}
     stored = next(iter(tensors.values())).dtype
     save_safetensors(tensors, out / "model.safetensors")
-    config = {**hf_config, "torch_dtype": DTYPE_NAMES.get(stored, "float32")}
+    config = {**hf_config, "torch_dtype": dtype_name(stored) if stored.is_floating_point else "float32"}
     config.pop("dtype", None)
     atomic_write_text(out / "config.json", json.dumps(config, indent=2, sort_keys=True) + "\n")
     if tokenizer_folder is not None and Path(tokenizer_folder).resolve() != out.resolve():

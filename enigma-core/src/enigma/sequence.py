@@ -17,7 +17,7 @@ import torch
 
 from enigma.detokenizer import IncrementalDetokenizer
 from enigma.outputs import CompletionOutput, TokenLogprobs
-from enigma.sampling import SamplingParams, SamplingRow, make_generator
+from enigma.sampling import SamplingParams, SamplingRow, make_generator, with_token_texts
 
 
 class Sequence:
@@ -71,9 +71,7 @@ class Sequence:
         params = self.params
         self.output_token_ids.append(token_id)
         if logprobs is not None and self.logprobs is not None:
-            for entry_id, entry in list(logprobs.items()):
-                text = self._tokenizer.decode([entry_id], skip_special_tokens=False)
-                logprobs[entry_id] = type(entry)(entry.logprob, entry.rank, text)
+            logprobs = with_token_texts(logprobs, self._tokenizer)
             self.logprobs.append(logprobs)
             self.cumulative_logprob += logprobs[token_id].logprob
         generated = len(self.output_token_ids)

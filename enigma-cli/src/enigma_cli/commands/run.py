@@ -7,6 +7,8 @@ from typing import Any
 
 import click
 
+from enigma_cli.commands.engine_flags import engine_flags
+
 HELP = """\
 Available commands:
   /set temperature 0.7     set a sampling parameter (temperature, top_p, top_k, min_p,
@@ -39,7 +41,9 @@ Examples:
 @click.option("--seed", type=int, help="Seed for reproducible sampling.")
 @click.option("--system", help="System message.")
 @click.option("--local", is_flag=True, help="Load the model here even when a running `enigma serve` has it.")
-def run(model: str | None, prompt: tuple[str, ...], local: bool, **options: Any) -> None:
+@engine_flags
+def run(model: str | None, prompt: tuple[str, ...], local: bool, backend: str | None, scheduler: str | None,
+        cache: str | None, **options: Any) -> None:
     """Run a model: answer PROMPT and exit, or start an interactive chat.
 
     Reads the prompt from stdin when it is piped. MODEL defaults to the
@@ -57,14 +61,15 @@ def run(model: str | None, prompt: tuple[str, ...], local: bool, **options: Any)
         text = f"{text}\n\n{piped}".strip() if text else piped.strip()
         if not text:
             raise click.UsageError("the piped prompt is empty")
-    if text and not local:
+    engine = {"backend": backend, "scheduler": scheduler, "cache": cache}
+    if text and not local and not any(engine.values()):
         from enigma_cli.commands.remote import answer_remotely, find_server
 
         base = find_server(config.get("server.host"), config.get("server.port"), model)
         if base is not None:  # a running `enigma serve` has the model loaded: no load, no torch here
             answer_remotely(base, model, text, options, sys.stdout)
             return
-    session = ChatSession.open(model, config, options)
+    session = ChatSession.open(model, config, options, engine)
     if text:
         session.answer(text, out=sys.stdout)
         return
@@ -84,31 +89,14 @@ class ChatSession:
         self.history: list[dict[str, str]] = []
 
     @classmethod
-    def open(cls, model: str, config: Any, options: dict[str, Any]) -> ChatSession:
-        from enigma import LLM
-        from enigma.llm import resolve_model_path
-        from enigma.store import Store
+    def open(cls, model: str, config: Any, options: dict[str, Any], engine: dict[str, Any]) -> ChatSession:
+        from enigma.opening import engine_options, open_model
 
-        folder = resolve_model_path(model)
-        manifest = Store().manifest_for(model, folder)
-        device = config.get("engine.device")
-        try:
-            llm = LLM(folder, dtype=config.get("engine.dtype"), backend=config.get("engine.backend"),
-                      device=None if device == "auto" else device, max_num_seqs=1)
-        except Exception as exc:
-            problems = Store().verify(manifest.model_name) if manifest is not None else []
-            if problems:
-                from enigma.pull import repull_hint
-                from enigma.store import StoreError
-
-                raise StoreError(f"model {manifest.name}:{manifest.tag} is corrupt ({'; '.join(problems)}); "
-                                 f"fetch it again: `{repull_hint(manifest)}`") from exc
-            raise
-        params: dict[str, Any] = {"max_tokens": None, **llm.sampling_defaults()}
-        params.update(manifest.defaults if manifest else {})
-        system = options.pop("system", None) or (manifest.system if manifest else None)
+        opened = open_model(model, max_num_seqs=1, **engine_options(config, **engine))
+        params: dict[str, Any] = {"max_tokens": None, **opened.defaults}
+        system = options.pop("system", None) or opened.system
         params.update({key: value for key, value in options.items() if value is not None})
-        session = cls(llm, model, manifest, params, system)
+        session = cls(opened.llm, model, opened.manifest, params, system)
         session.sampling_params()  # bad flags fail before any prompt
         return session
 

@@ -6,6 +6,8 @@ import logging
 
 import click
 
+from enigma_cli.commands.engine_flags import engine_flags
+
 
 @click.command(epilog="""
 \b
@@ -27,8 +29,9 @@ Then, with the openai SDK:
 @click.option("--no-auth", is_flag=True, help="Serve without API keys even if some exist (local use).")
 @click.option("--graceful-timeout", type=float, default=30.0, show_default=True,
               help="Seconds in-flight requests get to finish on shutdown (Ctrl-C, SIGTERM).")
+@engine_flags
 def serve(models: tuple[str, ...], host: str | None, port: int | None, max_body_mb: float, no_auth: bool,
-          graceful_timeout: float) -> None:
+          graceful_timeout: float, backend: str | None, scheduler: str | None, cache: str | None) -> None:
     """Serve models over HTTP: the OpenAI API (/v1/...), health routes, and installed transports.
 
     One process serves every request: its engine batches them continuously,
@@ -56,14 +59,14 @@ def serve(models: tuple[str, ...], host: str | None, port: int | None, max_body_
     access.addHandler(handler)
     access.setLevel(logging.INFO)
     access.propagate = False
-    device = config.get("engine.device")
+    from enigma.opening import engine_options
+
     context = ServerContext(names, max_body_bytes=int(max_body_mb * 2**20), auth=not no_auth,
                             rate_limit=config.get("server.rate_limit"),
                             ip_rate_limit=config.get("server.ip_rate_limit"),
                             token_rate_limit=config.get("server.token_rate_limit"),
                             ip_token_rate_limit=config.get("server.ip_token_rate_limit"),
-                            llm_options={
-        "dtype": config.get("engine.dtype"), "backend": config.get("engine.backend"),
-        "device": None if device == "auto" else device})
+                            llm_options=engine_options(config, backend=backend, scheduler=scheduler,
+                                                       cache=cache))
     click.echo(f"enigma serving {', '.join(names)} on http://{host}:{port} (OpenAI API at /v1)", err=True)
     asyncio.run(serve_async(context, host, port, graceful_timeout=graceful_timeout))

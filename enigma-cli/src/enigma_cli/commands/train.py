@@ -17,14 +17,17 @@ Examples:
 """
 
 
-@click.command(epilog=TRAIN_EXAMPLES)
+@click.command(epilog=TRAIN_EXAMPLES, context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
+@click.pass_context
 @click.option("--config", "config_file", type=click.Path(dir_okay=False, path_type=Path),
               help="A TOML file of these options (flags given here win).")
 @click.option("--data", multiple=True, help="Training files, folders or globs (repeatable).")
 @click.option("--model", help="A model folder to fine-tune, or a config.json to train from scratch.")
 @click.option("--out", help="Folder for checkpoints and the final model.")
 @click.option("--tokenizer", help="Folder with tokenizer.json (default: the model's).")
-@click.option("--trainer", help="Trainer implementation (default sft; see `enigma plugins`).")
+@click.option("--method", "--trainer", "trainer",
+              help="Training method: a trainer implementation (default sft; `enigma plugins` lists them). "
+                   "Options of its own follow as --<option> VALUE (e.g. --lora-rank 8).")
 @click.option("--format", "data_format", type=click.Choice(["auto", "text", "alpaca", "messages"]),
               help="Record format (default: detected per record).")
 @click.option("--seq-len", type=int, help="Tokens per training sequence [512].")
@@ -47,7 +50,8 @@ Examples:
 @click.option("--threads", type=int, help="CPU threads for torch.")
 @click.option("--save-dtype", type=click.Choice(["auto", "fp32", "bf16", "fp16"]), help="dtype of saved weights.")
 @click.option("--resume", is_flag=True, default=None, help="Continue the run in --out from its last checkpoint.")
-def train(config_file: Path | None, data: tuple[str, ...], data_format: str | None, **options: Any) -> None:
+def train(ctx: click.Context, config_file: Path | None, data: tuple[str, ...], data_format: str | None,
+          **options: Any) -> None:
     """Fine-tune a model, or pre-train one from a config, on your data.
 
     Data may be plain text, JSONL with a text field, Alpaca records
@@ -59,6 +63,11 @@ def train(config_file: Path | None, data: tuple[str, ...], data_format: str | No
     from enigma.training import train as run_training
 
     config = load_train_config(config_file, data=list(data) or None, format=data_format, **options)
+    method_options = method_flags(ctx.args)
+    if method_options:
+        import attrs
+
+        config = attrs.evolve(config, options={**config.options, **method_options})
     reporter = ProgressReporter()
     try:
         with reporter:
@@ -71,6 +80,26 @@ def train(config_file: Path | None, data: tuple[str, ...], data_format: str | No
         click.echo(f"Interrupted: {where}", err=True)
         raise SystemExit(130) from None
     click.echo(f"Model saved to {out}")
+
+
+def method_flags(args: list[str]) -> dict[str, str | bool]:
+    """``--lora-rank 8 --use-dora`` -> ``{"lora_rank": "8", "use_dora": True}``: the flags the training
+    method takes beyond enigma train's own (checked against its options class when it starts)."""
+    options: dict[str, str | bool] = {}
+    index = 0
+    while index < len(args):
+        arg = args[index]
+        if not arg.startswith("--") or arg == "--":
+            raise click.UsageError(f"unexpected argument {arg!r}; training options are --<option> VALUE")
+        name, equals, value = arg[2:].partition("=")
+        if not equals:
+            if index + 1 < len(args) and not args[index + 1].startswith("--"):
+                value, index = args[index + 1], index + 1
+            else:
+                value = True
+        options[name.replace("-", "_")] = value
+        index += 1
+    return options
 
 
 class ProgressReporter:

@@ -11,5 +11,5 @@ def enigma_register_backends(register):
         "torch",
         "enigma.backends.torch_backend:TorchBackend",
         priority=0,
-        summary="reference PyTorch backend (CPU, or CUDA when present); native CPU kernels when a C compiler is here",
+        summary="reference PyTorch backend: gather and SDPA on any device torch runs (CUDA when present)",
     )

@@ -16,7 +16,7 @@ claims a free stretch the size it expects to reach (:meth:`PagedCache.expect`), 
 others place their blocks elsewhere while free room lasts. A claim is only a
 preference: it holds no memory, and when room runs short any free block is
 used. Backends read a consecutive run of blocks as a view instead of a copy
-(see ``AttentionMetadata.block_runs``), which on CPU is most of the cost of
+(see ``enigma.backends.torch_cpu.block_runs``), which on CPU is most of the cost of
 decode attention.
 """
 

@@ -26,7 +26,7 @@ from enigma.events import RequestFinished, RequestStarted
 from enigma.kinds import ModelRunnerOutput, ScheduledRequest, SchedulerOutput
 from enigma.outputs import CompletionOutput, RequestOutput
 from enigma.runner import ModelRunner, SequenceChunk
-from enigma.sampling import SamplingParams, sample, top_logprobs
+from enigma.sampling import SamplingParams, sample, top_logprobs, with_token_texts
 from enigma.sequence import Sequence
 
 
@@ -258,9 +258,8 @@ class Engine:
             position = start + offset + 1
             if position >= len(prompt):
                 break
-            row = top_logprobs(logprobs[offset], prompt[position], k)
-            group.prompt_logprobs.append({tid: type(lp)(lp.logprob, lp.rank, self.tokenizer.decode(
-                [tid], skip_special_tokens=False)) for tid, lp in row.items()})
+            group.prompt_logprobs.append(with_token_texts(top_logprobs(logprobs[offset], prompt[position], k),
+                                                          self.tokenizer))
 
     def _finish_group(self, group: _Group) -> None:
         if self._groups.pop(group.group_id, None) is None:

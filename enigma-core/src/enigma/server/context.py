@@ -39,22 +39,15 @@ class ServedModel:
 
 
 def load_served_model(name: str, **llm_options: Any) -> ServedModel:
-    """Load a model by name (store, package or folder) the way ``enigma run`` does."""
-    from enigma import LLM
+    """Load a model by name (store, package or folder) as ``enigma run`` does (:func:`enigma.opening.open_model`)."""
     from enigma.engine.async_engine import AsyncEngine
-    from enigma.llm import resolve_model_path
-    from enigma.store import Store
+    from enigma.opening import open_model
 
-    folder = resolve_model_path(name)
-    manifest = Store().manifest_for(name, folder)
-    llm = LLM(folder, served_model_name=name, **llm_options)
-    defaults = {} if llm.loaded.is_embedding_model else {**llm.sampling_defaults()}
-    if manifest is not None:
-        defaults.update(manifest.defaults)
+    opened = open_model(name, **llm_options)
+    llm = opened.llm
     engine = None if llm.loaded.is_embedding_model else AsyncEngine(llm.engine)
-    return ServedModel(name=name, llm=llm, engine=engine, created=int(time.time()), defaults=defaults,
-                       system=manifest.system if manifest else None,
-                       template=manifest.template if manifest else None)
+    return ServedModel(name=name, llm=llm, engine=engine, created=int(time.time()), defaults=opened.defaults,
+                       system=opened.system, template=opened.template)
 
 
 class ServerContext:
@@ -104,7 +97,7 @@ class ServerContext:
         from enigma.server.errors import APIError
 
         if not isinstance(name, str) or not name:
-            raise APIError(400, "'model' is required: the name of a served model (see GET /v1/models)",
+            raise APIError(400, "'model' is required: the name of a served model (the server lists them)",
                            param="model")
         if name in self.models:
             return self.models[name]

@@ -15,8 +15,44 @@ __all__ = ["TrainConfig", "TrainProgress", "load_train_config", "train"]
 
 
 def train(config: TrainConfig, *, progress: ProgressCallback | None = None) -> Path:
-    """Run the trainer ``config.trainer`` names; return the final model folder."""
+    """Run the trainer ``config.trainer`` names; return the final model folder.
+
+    ``config.options`` (method-specific options from ``--<option>`` flags or the
+    TOML file's ``[train.options]``) are checked against the options class the
+    trainer registered and handed to it as an instance of that class."""
+    import attrs
+
     from enigma.plugins import get_host
 
-    trainer = get_host().create("trainer", config.trainer)
-    return Path(trainer.train(config, progress=progress))
+    implementation = get_host().select("trainer", config.trainer)
+    options = trainer_options(implementation, config.options)
+    trainer = implementation.create()
+    return Path(trainer.train(attrs.evolve(config, options=options), progress=progress))
+
+
+def trainer_options(implementation: object, raw: object) -> object:
+    """``raw`` options structured as the trainer's registered options class (a ConfigError naming the
+    trainer and its options otherwise); an empty dict for a trainer without options."""
+    import attrs
+
+    from enigma.config import Source, check_field, resolved
+    from enigma.errors import ConfigError
+
+    options_class = getattr(implementation, "options", None)
+    raw = dict(raw or {}) if not attrs.has(type(raw)) else attrs.asdict(raw)
+    name = getattr(implementation, "name", "?")
+    if options_class is None:
+        if raw:
+            raise ConfigError(f"trainer {name!r} takes no options; got {', '.join(sorted(raw))}")
+        return {}
+    fields = attrs.fields_dict(resolved(options_class))
+    prefix = name.replace("-", "_") + "_"  # --lora-rank means the lora trainer's option rank
+    raw = {key.removeprefix(prefix) if key not in fields and key.removeprefix(prefix) in fields else key: value
+           for key, value in raw.items()}
+    unknown = sorted(set(raw) - set(fields))
+    if unknown:
+        raise ConfigError(f"trainer {name!r} has no option {', '.join(unknown)}; its options are: "
+                          f"{', '.join(fields)}")
+    values = {key: check_field(f"{name}.{key}", fields[key], value, Source("command line"))
+              for key, value in raw.items()}
+    return options_class(**values)

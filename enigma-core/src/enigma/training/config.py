@@ -72,6 +72,10 @@ class TrainConfig:
     threads: int | None = attrs.field(default=None, validator=_positive)
     save_dtype: str = "auto"
     """dtype of the saved weights: ``auto`` (the model's), fp32, bf16 or fp16."""
+    options: Any = attrs.field(factory=dict)
+    """The trainer's own options (``--lora-rank 8`` on the command line, ``[train.options]`` in TOML):
+    a dict as read; :func:`enigma.training.train` hands the trainer an instance of the options class
+    it registered (``register(name, factory, options=MyOptions)``)."""
 
     def __attrs_post_init__(self) -> None:
         if self.dtype not in DTYPES:

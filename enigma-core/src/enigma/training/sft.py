@@ -21,6 +21,7 @@ from typing import Any
 import torch
 
 from enigma.datasets import DataOptions, load_blocks
+from enigma.dtypes import torch_dtype
 from enigma.errors import ConfigError, NotFoundError
 from enigma.fsutil import atomic_write_text
 from enigma.loader import load_model, read_hf_config
@@ -32,7 +33,6 @@ from enigma.training.checkpoint import checkpoints_dir, latest_checkpoint, load_
 from enigma.training.config import TrainConfig
 from enigma.training.progress import ProgressCallback, TrainProgress
 
-SAVE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 RUN_RECORD = "enigma_training.json"
 
 
@@ -218,7 +218,7 @@ class SFTTrainer:
                 path = save_checkpoint(out, step, model, state, keep=config.keep_checkpoints)
                 report(TrainProgress(event="save", step=step, total_steps=total_steps, path=str(path)))
 
-        save_dtype = None if config.save_dtype == "auto" else SAVE_DTYPES[config.save_dtype]
+        save_dtype = None if config.save_dtype == "auto" else torch_dtype(config.save_dtype)
         save_model_folder(model, hf_config, out, tokenizer_folder=tokenizer_folder, dtype=save_dtype,
                           generation_config=generation_config_for(tokenizer, hf_config,
                                                                   base_folder=model_folder))
