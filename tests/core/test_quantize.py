@@ -146,7 +146,7 @@ def test_hook_enigma_transform_model(make_plugin_host, tiny_model, monkeypatch):
 
     @hookimpl
     def enigma_transform_model(model, context):
-        seen.append((context.architecture, next(model.parameters()).device.type))
+        seen.append((context.architecture, next(model.parameters()).device.type, dict(context.options)))
         layer = model.model.layers[0].mlp
         layer.down_proj = torch.nn.Linear(layer.down_proj.in_features, layer.down_proj.out_features, bias=False)
 
@@ -154,8 +154,8 @@ def test_hook_enigma_transform_model(make_plugin_host, tiny_model, monkeypatch):
     plugin.enigma_transform_model = enigma_transform_model
     host = make_plugin_host(plugin)
     monkeypatch.setattr(enigma.plugins, "_host", host)
-    llm = LLM(tiny_model("llama-gqa"))
-    assert seen == [("LlamaForCausalLM", "meta")]
+    llm = LLM(tiny_model("llama-gqa"), load_options={"adapter": "notes"})
+    assert seen == [("LlamaForCausalLM", "meta", {"adapter": "notes"})]
     assert llm.loaded.model.model.layers[0].mlp.down_proj.weight.device.type == "cpu"  # loaded by name
 
     @hookimpl

@@ -188,6 +188,8 @@ class LoadedConfig:
     file: Path
     plugins: dict[str, Any] = attrs.field(factory=dict)
     """Plugin name -> its settings (an instance of the class it declared)."""
+    schema: Schema = attrs.field(factory=Schema, eq=False, repr=False)
+    """The sections and keys it was read against."""
 
     def get(self, key: str) -> Any:
         """The value of ``"section.key"`` (or ``"plugins.<name>.key"``)."""
@@ -195,10 +197,6 @@ class LoadedConfig:
         if section.startswith(PLUGIN_SECTION + "."):
             return getattr(self.plugins[section.partition(".")[2]], name)
         return getattr(getattr(self.config, section), name)
-
-    @property
-    def schema(self) -> Schema:
-        return Schema({name: type(settings) for name, settings in self.plugins.items()})
 
     def items(self) -> list[tuple[str, Any, Source]]:
         """(key, value, source) for every key, in declaration order (the kernel's, then plugins')."""
@@ -446,12 +444,29 @@ def load_config(*, paths: Paths | None = None, environ: Mapping[str, str] | None
         nested[section][name] = value
     config = converter.structure({section: nested[section] for section in SECTIONS}, Config)
     plugins = {name: cls(**nested[f"{PLUGIN_SECTION}.{name}"]) for name, cls in schema.plugin_settings.items()}
-    return LoadedConfig(config, sources, file, plugins)
+    return LoadedConfig(config, sources, file, plugins, schema)
+
+
+_SETTINGS_CACHE: dict[tuple, LoadedConfig] = {}
 
 
 def plugin_settings(name: str) -> Any:
-    """The effective settings of plugin ``name`` (what its ``enigma_plugin_settings`` class declares)."""
-    loaded = load_config()
+    """The effective settings of plugin ``name`` (what its ``enigma_plugin_settings`` class declares).
+
+    Cheap enough for a request path: the config is read again only when the
+    file or an ``ENIGMA_*`` variable changed."""
+    paths = get_paths()
+    try:
+        stat = paths.config_file.stat()
+        version: tuple = (stat.st_mtime_ns, stat.st_size, stat.st_ino)
+    except OSError:
+        version = ()
+    key = (str(paths.config_file), version, tuple(installed_plugin_settings().items()),
+           tuple(sorted(item for item in os.environ.items() if item[0].startswith(ENV_PREFIX))))
+    loaded = _SETTINGS_CACHE.get(key)
+    if loaded is None:
+        _SETTINGS_CACHE.clear()
+        loaded = _SETTINGS_CACHE[key] = load_config()
     if name not in loaded.plugins:
         raise NotFoundError(f"plugin {name!r} declares no settings (plugins with settings: "
                             f"{', '.join(sorted(loaded.plugins)) or 'none'})")

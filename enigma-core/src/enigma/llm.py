@@ -73,14 +73,14 @@ class LLM:
                  device: str | None = None, block_size: int = 16, kv_cache_memory: int | float | None = None,
                  num_kv_blocks: int | None = None, max_num_seqs: int = 64, max_num_batched_tokens: int = 512,
                  enable_prefix_caching: bool = True, cache: str = "auto", scheduler: str = "auto",
-                 served_model_name: str | None = None) -> None:
+                 served_model_name: str | None = None, load_options: dict[str, Any] | None = None) -> None:
         from enigma.loader import load_model
         from enigma.plugins import get_host
         from enigma.tokenizer import Tokenizer
 
         folder = resolve_model_path(model)
         self.backend = get_host().create("backend", backend, device=device)
-        self.loaded = load_model(folder, dtype=dtype, device=self.backend.device)
+        self.loaded = load_model(folder, dtype=dtype, device=self.backend.device, options=load_options)
         self.tokenizer = Tokenizer(folder)
         self.model_name = served_model_name or str(model)  # the name events and errors use
         self._ids = itertools.count()

@@ -152,17 +152,17 @@ def load_model(folder: str | Path, *, dtype: str | torch.dtype = "auto", device:
     hf_config = read_hf_config(folder)
     architecture, cls = architecture_class(hf_config, source=str(folder / "config.json"), host=host)
     device = torch.device(device)
-    torch_dtype = resolve_dtype(dtype, hf_config, device)
-    context = LoadContext(folder=folder, hf_config=hf_config, architecture=architecture, dtype=torch_dtype,
+    build_dtype = resolve_dtype(dtype, hf_config, device)
+    context = LoadContext(folder=folder, hf_config=hf_config, architecture=architecture, dtype=build_dtype,
                           device=device, options=dict(options or {}))
-    with torch.device("meta"), default_dtype(torch_dtype), skip_weight_init():
+    with torch.device("meta"), default_dtype(build_dtype), skip_weight_init():
         model = cls.from_hf_config(hf_config)
         apply_transforms(model, context, host=host)
     model = model.to_empty(device=device)
     model.post_materialize()
     with open_weights(folder, host=host) as weights:
         load_weights(model, weights, folder=folder)
-    return LoadedModel(model.eval(), hf_config, architecture, torch_dtype, folder)
+    return LoadedModel(model.eval(), hf_config, architecture, build_dtype, folder)
 
 
 def apply_transforms(model: torch.nn.Module, context: LoadContext, *, host: Any) -> None:

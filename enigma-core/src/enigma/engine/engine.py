@@ -233,9 +233,10 @@ class Engine:
                 raise self._scheduler_error(
                     f"{name} was scheduled for {item.num_tokens} tokens from position {item.start}, but it has "
                     f"{request.num_tokens} tokens and {request.num_computed_tokens} computed")
-            if len(item.block_table) * block_size < item.start + item.num_tokens \
-                    or any(not 0 <= block < self.num_blocks for block in item.block_table):
-                raise self._scheduler_error(f"{name}'s block table {list(item.block_table)[:8]} does not cover "
+            table = item.block_table
+            if len(table) * block_size < item.start + item.num_tokens \
+                    or (table and (min(table) < 0 or max(table) >= self.num_blocks)):
+                raise self._scheduler_error(f"{name}'s block table {list(table)[:8]} does not cover "
                                             f"{item.start + item.num_tokens} tokens in a pool of {self.num_blocks} "
                                             f"blocks of {block_size}")
 

@@ -102,8 +102,14 @@ class Scheduler:
             request.num_computed_tokens = item.start + item.num_tokens - rejected
             if request.finished:
                 self._finish(request)
-            else:
+            elif self._fills_a_block(item.start, request.num_computed_tokens):
                 self.cache.commit(request.request_id, request.all_token_ids()[: request.num_computed_tokens])
+
+    def _fills_a_block(self, before: int, after: int) -> bool:
+        """Whether computing tokens ``before..after`` completed a block (only then is there one to commit;
+        building the token list every decode step would cost O(context) for nothing)."""
+        block_size = getattr(self.cache, "block_size", None)
+        return block_size is None or after // block_size > before // block_size
 
     def _preempt(self, request: Request) -> None:
         self.running.remove(request)

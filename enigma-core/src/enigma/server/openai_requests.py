@@ -104,8 +104,8 @@ def prepare_completion(context: ServerContext, body: dict[str, Any], *, tenant: 
                        transport: str = "") -> Prepared:
     """Validate a completion request (one or several prompts) and run the before-generation hooks.
 
-    With several prompts the hooks see each prompt as its own request; an
-    answer for any of them is used for that prompt only."""
+    The hooks act on one prompt: a request with several prompts (a batch) runs
+    without them, as generated text only."""
     check_fields(body, COMPLETION_FIELDS)
     served = generator_model(context, body)
     prompts = check_prompt(body.get("prompt"))
@@ -120,8 +120,8 @@ def prepare_completion(context: ServerContext, body: dict[str, Any], *, tenant: 
         raise APIError(400, "'logprobs' must be between 0 and 5 for completions", param="logprobs")
     params = [sampling_params(body, served, len(ids), where="prompt", logprobs=logprobs) for _, ids in encoded]
     if len(encoded) != 1:  # hooks act on single prompts
-        request = GenerationRequest(model=served.name, prompt=tuple(prompts), tenant=tenant, transport=transport,
-                                    body=body, params=params[0])
+        request = GenerationRequest(model=served.name, tenant=tenant, transport=transport, body=body,
+                                    params=params[0])
         return Prepared(served=served, request=request, prompts=encoded, params=params, logprobs=logprobs)
     text, ids = encoded[0]
     request = GenerationRequest(model=served.name, prompt=text if text is not None else tuple(ids), tenant=tenant,
