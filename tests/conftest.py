@@ -12,8 +12,9 @@ import pytest
 
 FIXTURES = Path(__file__).parent / "fixtures"
 FIXTURE_PLUGINS = ("enigma-plugin-exact", "enigma-plugin-broken", "enigma-plugin-int8", "enigma-plugin-grounding",
-                   "enigma-plugin-fifo", "enigma-plugin-memo")
-FIXTURE_MODULES = ("enigma_exact", "enigma_broken", "enigma_int8", "enigma_grounding", "enigma_memo", "enigma_fifo")
+                   "enigma-plugin-fifo", "enigma-plugin-memo", "enigma-plugin-freeze", "enigma-plugin-npz")
+FIXTURE_MODULES = ("enigma_exact", "enigma_broken", "enigma_int8", "enigma_grounding", "enigma_memo", "enigma_fifo",
+                   "enigma_freeze", "enigma_npz")
 
 pytest_plugins = ["pytester"]
 

@@ -84,3 +84,30 @@ def test_method_flags_parse():
 
     with pytest.raises(UsageError, match="unexpected argument 'stray'"):
         method_flags(["stray"])
+
+
+def test_hook_enigma_register_trainers(enigma, installed_plugins, tmp_path):
+    """enigma-plugin-freeze (pip-installed): its own option reaches it from the command line."""
+    import sys
+
+    import torch
+    from safetensors.torch import load_file
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from tiny_models import CORPUS, make_model
+
+    base = make_model(tmp_path / "base", "llama-gqa", layers=3)
+    (tmp_path / "notes.txt").write_text(CORPUS * 4)
+    result = enigma("train", "--method", "freeze", "--train-last", "1", "--data", str(tmp_path / "notes.txt"),
+                    "--model", str(base), "--out", str(tmp_path / "out"), "--seq-len", "32", "--batch-size", "2",
+                    "--max-steps", "3", "--lr", "1e-2", "--threads", "1", "--val-fraction", "0")
+    assert result.returncode == 0, result.stderr
+    before, after = load_file(base / "model.safetensors"), load_file(tmp_path / "out" / "model.safetensors")
+    first = "model.layers.0.self_attn.q_proj.weight"
+    assert torch.equal(before[first], after[first])
+    assert torch.equal(before["model.embed_tokens.weight"], after["model.embed_tokens.weight"])
+    assert not torch.equal(before["model.layers.2.mlp.up_proj.weight"], after["model.layers.2.mlp.up_proj.weight"])
+
+    wrong = enigma("train", "--method", "freeze", "--train-last", "9", "--data", str(tmp_path / "notes.txt"),
+                   "--model", str(base), "--out", str(tmp_path / "out2"), "--max-steps", "1")
+    assert wrong.returncode == 1 and "--train-last 9: the model has only 3 layers" in wrong.stderr

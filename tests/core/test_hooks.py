@@ -16,11 +16,6 @@ from enigma.events import RequestFinished, RequestStarted
 from enigma.kinds import PROTOCOLS, SchedulerOutput
 
 
-class RecordingTrainer:
-    def train(self, config, *, progress=None):
-        return config["out"]
-
-
 class PingTransport:
     def routes(self, context):
         return [("GET", "/ping")]
@@ -132,13 +127,6 @@ def test_a_scheduler_breaking_the_contract_gets_an_error_not_a_hang(make_plugin_
     with pytest.raises(PluginError, match=rf"scheduler 'broken' \(from broken_plugin\) broke its contract: {rule}"):
         llm.generate("Hello", SamplingParams(max_tokens=4))
     assert llm.engine.stats()["kv_blocks_used"] == 0  # the failed request was aborted
-
-
-def test_hook_enigma_register_trainers(make_plugin_host):
-    def exercise(trainer):
-        assert trainer.train({"out": "/tmp/model"}) == "/tmp/model"
-
-    check_registration(make_plugin_host, "trainer", "enigma_register_trainers", RecordingTrainer, exercise)
 
 
 def test_hook_enigma_register_transports(make_plugin_host):

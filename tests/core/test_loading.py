@@ -76,43 +76,8 @@ def test_hook_enigma_register_architectures(make_plugin_host, tiny_model, tmp_pa
     assert llm.generate("Hello", GREEDY)[0].outputs[0].token_ids == [7] * 6
 
 
-class NpzWeights:
-    def __init__(self, path):
-        self.arrays = np.load(path, allow_pickle=False)
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.arrays.close()
-
-    def keys(self):
-        return iter(self.arrays.files)
-
-    def __contains__(self, name):
-        return name in self.arrays.files
-
-    def shape(self, name):
-        return self.arrays[name].shape
-
-    def get(self, name):
-        return torch.from_numpy(self.arrays[name])
-
-
-class NpzSource:
-    description = "weights.npz (numpy, no pickle)"
-
-    def matches(self, folder):
-        return (folder / "weights.npz").exists()
-
-    def open(self, folder):
-        return NpzWeights(folder / "weights.npz")
-
-
-def test_hook_enigma_register_weight_sources(make_plugin_host, tiny_model, tmp_path, monkeypatch):
-    @hookimpl
-    def enigma_register_weight_sources(register):
-        register("npz", NpzSource, priority=10, summary="numpy archives")
+def test_hook_enigma_register_weight_sources(installed_plugins, make_plugin_host, tiny_model, tmp_path):
+    import enigma_npz  # tests/fixtures/enigma-plugin-npz, pip-installed
 
     original = tiny_model("llama-gqa")
     folder = shutil.copytree(original, tmp_path / "npz")
@@ -120,15 +85,14 @@ def test_hook_enigma_register_weight_sources(make_plugin_host, tiny_model, tmp_p
     np.savez(folder / "weights.npz", **{name: t.numpy() for name, t in tensors.items()})
     (folder / "model.safetensors").unlink()
 
+    expected = LLM(original).generate("Hello", GREEDY)[0].outputs[0].token_ids
+    make_plugin_host(install=True)  # the builtins alone
     with pytest.raises(enigma.NotFoundError, match=r"no weights that an installed weight source reads "
                                                    r"\(safetensors: \*.safetensors files\)"):
         LLM(folder)
 
-    plugin = types.ModuleType("npz_plugin")
-    plugin.enigma_register_weight_sources = enigma_register_weight_sources
-    host = use_host(monkeypatch, make_plugin_host, plugin)
+    host = make_plugin_host(enigma_npz, install=True)
     assert [impl.name for impl in host.registry.implementations("weight_source")] == ["npz", "safetensors"]
-    expected = LLM(original).generate("Hello", GREEDY)[0].outputs[0].token_ids
     assert LLM(folder).generate("Hello", GREEDY)[0].outputs[0].token_ids == expected
 
 

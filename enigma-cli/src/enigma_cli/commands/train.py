@@ -28,8 +28,9 @@ Examples:
 @click.option("--method", "--trainer", "trainer",
               help="Training method: a trainer implementation (default sft; `enigma plugins` lists them). "
                    "Options of its own follow as --<option> VALUE (e.g. --lora-rank 8).")
-@click.option("--format", "data_format", type=click.Choice(["auto", "text", "alpaca", "messages"]),
-              help="Record format (default: detected per record).")
+@click.option("--format", "data_format", metavar="FORMAT",
+              help="Record format: auto (detected per record), text, alpaca, messages, or one the training "
+                   "method reads (e.g. a preference format) [auto].")
 @click.option("--seq-len", type=int, help="Tokens per training sequence [512].")
 @click.option("--batch-size", type=int, help="Sequences per micro-batch [8].")
 @click.option("--grad-accum", type=int, help="Micro-batches per optimizer step [1].")

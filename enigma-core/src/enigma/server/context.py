@@ -6,11 +6,15 @@ import asyncio
 import threading
 import time
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import attrs
 
 from enigma.errors import NotFoundError
+
+if TYPE_CHECKING:
+    from enigma.engine.async_engine import AsyncEngine
+    from enigma.llm import LLM
 
 
 @attrs.define
@@ -18,9 +22,9 @@ class ServedModel:
     """One model the server answers for."""
 
     name: str
-    llm: Any
+    llm: LLM
     """The :class:`enigma.LLM` holding weights, tokenizer and engine."""
-    engine: Any
+    engine: AsyncEngine | None
     """Its :class:`~enigma.engine.async_engine.AsyncEngine`, or None for embedding models."""
     created: int
     defaults: dict[str, Any] = attrs.field(factory=dict)

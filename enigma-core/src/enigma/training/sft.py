@@ -129,7 +129,16 @@ def generation_config_for(tokenizer: Tokenizer, hf_config: dict[str, Any], *,
 
 
 class SFTTrainer:
-    """Supervised training of a causal LM on text, instruction or chat data."""
+    """Supervised training of a causal LM on text, instruction or chat data.
+
+    A trainer plugin can subclass it and change what trains by overriding
+    :meth:`prepare_model` (freeze parts, wrap Linears with adapters); the
+    optimizer takes the parameters that still require gradients.
+    """
+
+    def prepare_model(self, model: torch.nn.Module, config: TrainConfig) -> torch.nn.Module:
+        """The model to train, given the one built or loaded (before the optimizer and any resume)."""
+        return model
 
     def train(self, config: TrainConfig, *, progress: ProgressCallback | None = None) -> Path:
         report = progress or (lambda event: None)
@@ -152,6 +161,7 @@ class SFTTrainer:
             raise ConfigError(f"the tokenizer in {tokenizer_folder} has {tokenizer.vocab_size} tokens but the "
                               f"model's vocab_size is {vocab}; use the model's tokenizer or raise vocab_size")
         model.checkpointed_layers = config.checkpointed_layers(model.num_layers)
+        model = self.prepare_model(model, config)
 
         options = DataOptions(seq_len=config.seq_len, packing=config.packing, format=config.format,
                               val_fraction=config.val_fraction)
