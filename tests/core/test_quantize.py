@@ -167,3 +167,14 @@ def test_hook_enigma_transform_model(make_plugin_host, tiny_model, monkeypatch):
     monkeypatch.setattr(enigma.plugins, "_host", make_plugin_host(plugin))
     with pytest.raises(Exception, match="plugin 'broken_transform' failed to transform .*no such layer"):
         LLM(tiny_model("llama-gqa"))
+
+
+def test_quantizing_streams_tensors_without_loading_the_model(installed_plugins, tiny_model, tmp_path, monkeypatch):
+    import enigma.loader
+
+    def no_load(*args, **kwargs):
+        raise AssertionError("the whole model was loaded")
+
+    monkeypatch.setattr(enigma.loader, "load_model", no_load)
+    out = quantize(tiny_model("llama-gqa"), "INT8", output=tmp_path / "int8")
+    assert json.loads((out / "config.json").read_text())["quantization_config"]["modules"]

@@ -29,7 +29,7 @@ if TYPE_CHECKING:  # these import torch or Starlette; this module must not
 
     from enigma.attention import AttentionMetadata
     from enigma.engine.request import Request
-    from enigma.loader import LoadedModel
+    from enigma.quantize import QuantizationSource
     from enigma.server.context import ServerContext
     from enigma.training.config import TrainConfig
     from enigma.training.progress import TrainProgress
@@ -276,12 +276,14 @@ class Quantizer(Protocol):
     def types(self) -> Mapping[str, str]:
         """The quantization types it makes, each with a one-line description (``{"Q4_K_M": "..."}``)."""
 
-    def quantize(self, model: LoadedModel, *, type: str, output: Path, options: Mapping[str, Any],
+    def quantize(self, model: QuantizationSource, *, type: str, output: Path, options: Mapping[str, Any],
                  progress: Callable[[int, int], None] | None = None) -> None:
         """Write ``model`` quantized as ``type`` into the empty folder ``output``.
 
-        ``model`` is an :class:`enigma.loader.LoadedModel` in float32 on the CPU.
-        Write config.json (``model.hf_config`` plus ``quantization_config``) and the
+        ``model`` is an :class:`enigma.quantize.QuantizationSource`: its ``hf_config``,
+        its tensors one at a time (``with model.weights() as weights``), its module tree
+        on the meta device (``model.module_tree()``), or, for quantizers that calibrate,
+        the whole model (``model.load()``). Write config.json (``model.hf_config`` plus ``quantization_config``) and the
         tensors; the kernel copies the tokenizer files and makes the folder appear
         atomically. ``progress(done, total)`` reports work done (e.g. tensors).
         """

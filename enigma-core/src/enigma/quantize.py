@@ -2,8 +2,11 @@
 
 A quantizer (:class:`enigma.kinds.Quantizer`) names the types it makes
 (``Q4_K_M``, ``INT8``...). :func:`find_quantizer` finds the one that makes a
-type; :func:`quantize` loads the source in float32 on the CPU, has the
-quantizer write the artifact into a scratch folder beside the destination,
+type; :func:`quantize` hands it a :class:`QuantizationSource` — the model's
+tensors streamed one at a time from its weight source (a 7B model is never
+held in float32), its module tree on the meta device, and the whole model
+loaded only for quantizers that calibrate with forward passes — has it write
+the artifact into a scratch folder beside the destination,
 copies the tokenizer files, checks that the artifact names its quantizer,
 and only then moves it into place — into the store with a manifest
 (quantization, files, sizes, sha256), or to a folder. A failure leaves
@@ -32,6 +35,46 @@ SUGGESTED_PLUGINS = ("enigma-plugin-ggml (llama.cpp k-quants: Q4_K_M, Q5_K_M, Q6
                      "enigma-plugin-exl2 (EXL2 mixed-bit GPTQ)")
 COPIED_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
                 "generation_config.json")
+
+
+@attrs.frozen
+class QuantizationSource:
+    """The model a quantizer quantizes, read as lazily as the quantizer needs."""
+
+    folder: Path
+    hf_config: dict[str, Any]
+    host: Any = attrs.field(repr=False)
+
+    @property
+    def quantization(self) -> str | None:
+        """The type the source is quantized as already, or None for float weights."""
+        config = self.hf_config.get("quantization_config")
+        return str(config.get("type") or config.get("quant_method")) if isinstance(config, dict) else None
+
+    def weights(self) -> Any:
+        """The folder's tensors by checkpoint name, in their stored dtypes (a context manager,
+        :class:`enigma.kinds.Weights`): read one at a time, memory-mapped where the format allows."""
+        from enigma.weights import open_weights
+
+        return open_weights(self.folder, host=self.host)
+
+    def module_tree(self) -> Any:
+        """The model's modules on the meta device (no memory): which tensors belong to which Linear."""
+        import torch
+
+        from enigma.loader import skip_weight_init
+        from enigma.models import architecture_class
+
+        _, cls = architecture_class(self.hf_config, source=str(self.folder / "config.json"), host=self.host)
+        with torch.device("meta"), skip_weight_init():
+            return cls.from_hf_config(self.hf_config)
+
+    def load(self, *, dtype: str = "float32") -> Any:
+        """The whole model (an :class:`enigma.loader.LoadedModel` on the CPU), for quantizers that run it
+        (calibration); it holds every weight in ``dtype``."""
+        from enigma.loader import load_model
+
+        return load_model(self.folder, dtype=dtype, device="cpu", host=self.host)
 
 
 @attrs.frozen
@@ -101,19 +144,19 @@ def quantize(source: str | Path, type_name: str, *, name: str | None = None, out
     the folder written.
     """
     from enigma.llm import resolve_model_path
-    from enigma.loader import load_model
+    from enigma.loader import read_hf_config
     from enigma.store import ModelName, Store
 
     host = host or _host()
     quantizer, chosen = _split_type(type_name, host)
     folder = resolve_model_path(source)
-    loaded = load_model(folder, dtype="float32", device="cpu", host=host)
-    if loaded.quantization is not None:
+    model = QuantizationSource(folder=folder, hf_config=read_hf_config(folder), host=host)
+    if model.quantization is not None:
         logger.warning("%s is already quantized (%s); quantizing it again compounds the error — start from "
-                       "the original weights where you can", source, loaded.quantization)
+                       "the original weights where you can", source, model.quantization)
 
     def write(staged: Path) -> None:
-        quantizer.quantize(loaded, type=chosen.name, output=staged, options=dict(options or {}), progress=progress)
+        quantizer.quantize(model, type=chosen.name, output=staged, options=dict(options or {}), progress=progress)
         _check_artifact(staged, chosen)
         for file_name in COPIED_FILES:
             if (folder / file_name).exists() and not (staged / file_name).exists():

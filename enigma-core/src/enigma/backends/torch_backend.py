@@ -46,14 +46,6 @@ def gather_kv(kv_cache: torch.Tensor, block_table: torch.Tensor,
     return flat[0], flat[1]
 
 
-def view_kv(kv_cache: torch.Tensor, first_block: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Like :func:`gather_kv` for a sequence whose blocks are consecutive: views, no copy."""
-    block_size = kv_cache.shape[3]
-    blocks = kv_cache[:, :, first_block:first_block + -(-length // block_size)]
-    flat = blocks.flatten(2, 3)[:, :, :length]
-    return flat[0], flat[1]
-
-
 def cast_parameters(model: torch.nn.Module, dtype: torch.dtype) -> None:
     """Cast the floating-point parameters of ``model`` to ``dtype``, in place.
 
