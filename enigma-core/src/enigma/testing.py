@@ -67,10 +67,7 @@ def make_plugin_host(enigma_home: Path) -> Iterator[Callable[..., PluginHost]]:
     installed: list[Any] = []
 
     def make(*modules: ModuleType, builtins: bool = True, install: bool = False) -> PluginHost:
-        host = PluginHost()
-        if builtins:
-            host.load_entry_points(load=[name for name, owners in installed_entry_points().items()
-                                         if owners[0][0] == CORE_DISTRIBUTION])
+        host = builtin_host() if builtins else PluginHost()
         for module in modules:
             host.register_module(module, name=module.__name__.rsplit(".", 1)[-1])
         if install:
@@ -82,6 +79,14 @@ def make_plugin_host(enigma_home: Path) -> Iterator[Callable[..., PluginHost]]:
     yield make
     for context in reversed(installed):
         context.__exit__(None, None, None)
+
+
+def builtin_host() -> PluginHost:
+    """A host holding enigma-core's builtins and nothing else installed."""
+    host = PluginHost()
+    host.load_entry_points(load=[name for name, owners in installed_entry_points().items()
+                                 if owners[0][0] == CORE_DISTRIBUTION])
+    return host
 
 
 def make_tiny_llama(folder: Path, *, seed: int = 0, layers: int = 2, hidden_size: int = 64) -> Path:
@@ -150,10 +155,7 @@ def run_engine(tiny_llama: Path) -> Callable[..., EngineRun]:
                      max_num_batched_tokens=max_num_batched_tokens, block_size=4)
         key = (tuple(prompts), max_tokens, tuple(sorted(sizes.items())))
         if key not in reference:  # what the builtins give, on a host of builtins only
-            builtin = PluginHost()
-            builtin.load_entry_points(load=[name for name, owners in installed_entry_points().items()
-                                            if owners[0][0] == CORE_DISTRIBUTION])
-            with use_host(builtin):
+            with use_host(builtin_host()):
                 outs = LLM(tiny_llama, scheduler="continuous", cache="paged", backend="torch",
                            **sizes).generate(list(prompts), params)
             reference[key] = [out.outputs[0].token_ids for out in outs]
