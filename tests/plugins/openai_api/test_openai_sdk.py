@@ -83,11 +83,63 @@ def test_completions(client, reference):
                                       logprobs=2, echo=True)
     assert [c.index for c in batch.choices] == [0, 1, 2, 3]
     assert batch.choices[0].text.startswith("one") and batch.choices[2].text.startswith("two")
-    assert len(batch.choices[0].logprobs.tokens) == 4
-    assert all(len(top) >= 2 for top in batch.choices[0].logprobs.top_logprobs)
+    prompt_tokens = batch.usage.prompt_tokens // 2
+    echoed = batch.choices[0].logprobs  # echo scores the prompt too: one entry per prompt token, then the 4 new
+    assert len(echoed.tokens) == len(echoed.token_logprobs) == prompt_tokens + 4
+    assert echoed.token_logprobs[0] is None and echoed.top_logprobs[0] is None
+    assert all(len(top) >= 2 for top in echoed.top_logprobs[1:])
     streamed = client.completions.create(model="tiny", prompt="The quick brown", max_tokens=10, temperature=0,
                                          stream=True)
     assert "".join(c.choices[0].text for c in streamed if c.choices) == reply.choices[0].text
+
+
+def test_echo_scores_every_prompt_token_as_vllm_does(client, reference):
+    """What lm-eval's loglikelihood reads: token ids in, a logprob per prompt token out (the first None)."""
+    ids = reference.tokenizer.encode("Paged attention stores keys in blocks.")
+    expected = reference.generate([ids], SamplingParams(max_tokens=1, temperature=0, prompt_logprobs=1))[0]
+    reply = client.completions.create(model="tiny", prompt=[ids], max_tokens=1, logprobs=1, echo=True, temperature=0)
+    logprobs = reply.choices[0].logprobs
+    assert len(logprobs.token_logprobs) == len(ids) + 1 and logprobs.token_logprobs[0] is None
+    for position in range(1, len(ids)):
+        assert logprobs.token_logprobs[position] == pytest.approx(expected.prompt_logprobs[position][ids[position]]
+                                                                  .logprob, abs=1e-4)
+    assert logprobs.text_offset[0] == 0 and logprobs.text_offset == sorted(logprobs.text_offset)
+    assert reply.choices[0].text.startswith(reference.tokenizer.decode(ids))
+
+    scored = client.completions.create(model="tiny", prompt=[ids], max_tokens=0, logprobs=0, echo=True)
+    assert scored.choices[0].logprobs.token_logprobs[1:] == pytest.approx(logprobs.token_logprobs[1:len(ids)])
+    assert len(scored.choices[0].logprobs.tokens) == len(ids) and scored.usage.completion_tokens == 0
+    assert scored.choices[0].text == reference.tokenizer.decode(ids) and scored.choices[0].finish_reason == "length"
+    with pytest.raises(openai.BadRequestError, match="'max_tokens' 0 generates nothing"):
+        client.completions.create(model="tiny", prompt=[ids], max_tokens=0)
+
+    chunks = list(client.completions.create(model="tiny", prompt=[ids], max_tokens=3, logprobs=1, echo=True,
+                                            temperature=0, stream=True))
+    assert chunks[0].choices[0].text == reference.tokenizer.decode(ids)
+    assert chunks[0].choices[0].logprobs.token_logprobs[1:] == pytest.approx(logprobs.token_logprobs[1:len(ids)])
+    later = [offset for chunk in chunks[1:] if chunk.choices and chunk.choices[0].logprobs
+             for offset in chunk.choices[0].logprobs.text_offset]
+    assert later and min(later) >= max(chunks[0].choices[0].logprobs.text_offset)
+
+
+def test_tokenizer_routes(server, reference):
+    base = server[0]
+    text = "The quick brown fox"
+    tokens = httpx.post(f"{base}/tokenize", json={"model": "tiny", "prompt": text}).json()
+    assert tokens["tokens"] == reference.tokenizer.encode(text) and tokens["count"] == len(tokens["tokens"])
+    assert tokens["max_model_len"] == reference.max_model_len
+    chat = httpx.post(f"{base}/tokenize", json={"model": "tiny", "messages": [{"role": "user", "content": "hi"}]})
+    expected = reference.tokenizer.apply_chat_template([{"role": "user", "content": "hi"}])
+    assert chat.json()["tokens"] == reference.tokenizer.encode(expected, add_special_tokens=False)
+    back = httpx.post(f"{base}/detokenize", json={"model": "tiny", "tokens": tokens["tokens"]}).json()
+    assert back == {"prompt": reference.tokenizer.decode(tokens["tokens"], skip_special_tokens=False)}  # vLLM's
+    assert back["prompt"].endswith(text)
+    info = httpx.get(f"{base}/tokenizer_info", params={"model": "tiny"}).json()
+    assert info["eos_token"] == reference.tokenizer.special_tokens.get("eos_token") and info["chat_template"]
+    several = httpx.post(f"{base}/tokenize", json={"prompt": text})  # two models served: which one?
+    assert several.status_code == 400 and several.json()["error"]["param"] == "model"
+    bad = httpx.post(f"{base}/detokenize", json={"model": "tiny", "tokens": [10**9]})
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "tokens"
 
 
 def test_embeddings_match_the_engine(client, server):

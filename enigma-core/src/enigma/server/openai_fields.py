@@ -41,6 +41,9 @@ COMPLETION_FIELDS = {**SAMPLING_FIELDS, "prompt": ((str, list), "a string, a lis
 EMBEDDING_FIELDS = {"model": (str, "a string"), "input": ((str, list), "a string or a list of strings"),
                     "encoding_format": (str, "'float' or 'base64'"), "user": (str, "a string"),
                     "dimensions": (int, "an integer")}
+TOKENIZE_FIELDS = {"model": (str, "a string"), "prompt": (str, "a string"), "messages": (list, "a list of messages"),
+                   "add_special_tokens": (bool, "a boolean"), "add_generation_prompt": (bool, "a boolean")}
+DETOKENIZE_FIELDS = {"model": (str, "a string"), "tokens": (list, "a list of token ids")}
 UNSUPPORTED = {
     "tools": "tool calling", "tool_choice": "tool calling", "functions": "function calling",
     "function_call": "function calling", "response_format": "structured output",

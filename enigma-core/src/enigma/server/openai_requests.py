@@ -59,6 +59,9 @@ class Prepared:
     """``top_logprobs`` (chat) or ``logprobs`` (completion) asked for, else None."""
     answer: GenerationAnswer | None = None
     """A hook's answer: send it instead of generating."""
+    score_only: bool = False
+    """``max_tokens: 0`` with ``echo``: the prompt is scored, nothing is generated (one token is
+    sampled and dropped)."""
 
 
 def prepare_chat(context: ServerContext, body: dict[str, Any], *, tenant: str | None = None,
@@ -118,24 +121,36 @@ def prepare_completion(context: ServerContext, body: dict[str, Any], *, tenant: 
     logprobs = body.get("logprobs")
     if logprobs is not None and not 0 <= logprobs <= 5:
         raise APIError(400, "'logprobs' must be between 0 and 5 for completions", param="logprobs")
-    params = [sampling_params(body, served, len(ids), where="prompt", logprobs=logprobs) for _, ids in encoded]
+    echo = bool(body.get("echo"))
+    score_only = echo and body.get("max_tokens") == 0
+    if body.get("max_tokens") == 0 and not echo:
+        raise APIError(400, "'max_tokens' 0 generates nothing; it scores the prompt only with 'echo': true",
+                       param="max_tokens")
+    scoring = {**body, "max_tokens": 1} if score_only else body
+    # echo with logprobs scores the prompt too: a logprob per prompt token (the first has none), as vLLM gives
+    prompt_logprobs = logprobs if echo and logprobs is not None else None
+    params = [sampling_params(scoring, served, len(ids), where="prompt", logprobs=logprobs,
+                              prompt_logprobs=prompt_logprobs) for _, ids in encoded]
     if len(encoded) != 1:  # hooks act on single prompts
         request = GenerationRequest(model=served.name, tenant=tenant, transport=transport, body=body,
                                     params=params[0])
-        return Prepared(served=served, request=request, prompts=encoded, params=params, logprobs=logprobs)
+        return Prepared(served=served, request=request, prompts=encoded, params=params, logprobs=logprobs,
+                        score_only=score_only)
     text, ids = encoded[0]
     request = GenerationRequest(model=served.name, prompt=text if text is not None else tuple(ids), tenant=tenant,
                                 transport=transport, body=body, params=params[0])
     result = _run_hooks(request)
     if isinstance(result, GenerationAnswer):
         return Prepared(served=served, request=request, prompts=encoded, params=params, logprobs=logprobs,
-                        answer=result)
+                        answer=result, score_only=score_only)
     if result.prompt != request.prompt:
         text, ids = (result.prompt, tokenizer.encode(result.prompt)) if isinstance(result.prompt, str) \
             else (None, list(result.prompt))
-        params = [sampling_params(body, served, len(ids), where="prompt", logprobs=logprobs)]
+        params = [sampling_params(scoring, served, len(ids), where="prompt", logprobs=logprobs,
+                                  prompt_logprobs=prompt_logprobs)]
         result = attrs.evolve(result, params=params[0])
-    return Prepared(served=served, request=result, prompts=[(text, ids)], params=params, logprobs=logprobs)
+    return Prepared(served=served, request=result, prompts=[(text, ids)], params=params, logprobs=logprobs,
+                    score_only=score_only)
 
 
 def _run_hooks(request: GenerationRequest) -> GenerationRequest | GenerationAnswer:
@@ -158,7 +173,7 @@ def start(prepared: Prepared, index: int, request_id: str) -> AsyncIterator[Any]
 
 
 def sampling_params(body: dict[str, Any], served: ServedModel, prompt_tokens: int, *, where: str,
-                    logprobs: int | None) -> Any:
+                    logprobs: int | None, prompt_logprobs: int | None = None) -> Any:
     """SamplingParams: the model's defaults, then the request's fields; max_tokens checked against the context."""
     from enigma import SamplingParams
 
@@ -189,6 +204,8 @@ def sampling_params(body: dict[str, Any], served: ServedModel, prompt_tokens: in
         values["max_tokens"] = limit - prompt_tokens
     if logprobs is not None:
         values["logprobs"] = logprobs
+    if prompt_logprobs is not None:
+        values["prompt_logprobs"] = prompt_logprobs
     try:
         return SamplingParams(**values)
     except BadRequestError as exc:

@@ -4,7 +4,14 @@ from __future__ import annotations
 
 from typing import Any
 
-from enigma.server.openai_fields import CHAT_FIELDS, COMPLETION_FIELDS, EMBEDDING_FIELDS, NUMBER
+from enigma.server.openai_fields import (
+    CHAT_FIELDS,
+    COMPLETION_FIELDS,
+    DETOKENIZE_FIELDS,
+    EMBEDDING_FIELDS,
+    NUMBER,
+    TOKENIZE_FIELDS,
+)
 
 ERROR = {"type": "object", "required": ["error"], "properties": {"error": {
     "type": "object", "required": ["message", "type"],
@@ -53,6 +60,10 @@ def openapi_paths() -> dict[str, Any]:
         "/v1/models/{model_id}": {"get": {"summary": "One served model", "parameters": [
             {"name": "model_id", "in": "path", "required": True, "schema": {"type": "string"}}],
             "responses": {"200": {"description": "the model"}, **_errors(401, 404, 429)}}},
+        "/tokenize": _post("Token ids of a prompt or a chat (vLLM's)", "TokenizeRequest", False),
+        "/detokenize": _post("The text of token ids (vLLM's)", "DetokenizeRequest", False),
+        "/tokenizer_info": {"get": {"summary": "Special tokens, chat template and context length (vLLM's)",
+                                    "responses": {"200": {"description": "the tokenizer"}, **_errors(400, 404)}}},
     }
 
 
@@ -62,4 +73,6 @@ def openapi_components() -> dict[str, Any]:
         "ChatCompletionRequest": request_schema(CHAT_FIELDS, ["model", "messages"]),
         "CompletionRequest": request_schema(COMPLETION_FIELDS, ["model", "prompt"]),
         "EmbeddingRequest": request_schema(EMBEDDING_FIELDS, ["model", "input"]),
+        "TokenizeRequest": request_schema(TOKENIZE_FIELDS, []),
+        "DetokenizeRequest": request_schema(DETOKENIZE_FIELDS, ["tokens"]),
     }

@@ -22,7 +22,14 @@ from enigma.server import (
     prepare_completion,
     start,
 )
-from enigma.server.openai_fields import EMBEDDING_FIELDS, check_fields, read_json
+from enigma.server.openai_fields import (
+    DETOKENIZE_FIELDS,
+    EMBEDDING_FIELDS,
+    TOKENIZE_FIELDS,
+    check_fields,
+    check_messages,
+    read_json,
+)
 
 DONE = b"data: [DONE]\n\n"
 
@@ -49,6 +56,10 @@ class OpenAITransport:
             Route("/v1/embeddings", api.embeddings, methods=["POST"]),
             Route("/v1/models", api.list_models, methods=["GET"]),
             Route("/v1/models/{model_id:path}", api.get_model, methods=["GET"]),
+            # vLLM's tokenizer endpoints, at the root as vLLM serves them (lm-eval's remote tokenizer uses them)
+            Route("/tokenize", api.tokenize, methods=["POST"]),
+            Route("/detokenize", api.detokenize, methods=["POST"]),
+            Route("/tokenizer_info", api.tokenizer_info, methods=["GET"]),
         ]
 
 
@@ -149,39 +160,52 @@ class OpenAIRoutes:
             text, ids = encoded[0]
             first, stream = await self._first(prepared, 0, request_id)
             include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
-            prefix = (text if text is not None else tokenizer.decode(ids)) if echo else ""
-            return self._stream(self._completion_events(base, first, stream, len(ids), include_usage, prefix,
-                                                        tokenizer, charge), headers)
+            echoed = _Echo(text, ids, first, tokenizer, logprobs) if echo else None
+            return self._stream(self._completion_events(base, first, stream, len(ids), include_usage, echoed,
+                                                        prepared.score_only, tokenizer, charge), headers)
         starts = [await self._first(prepared, index, f"{request_id}-{index}") for index in range(len(encoded))]
         results = await asyncio.gather(*(_collect(first, stream, params.n, charge)
                                          for (first, stream), params in zip(starts, params_list)))
         choices, completion_tokens = [], 0
-        for (text, ids), (collected, count) in zip(encoded, results):
-            completion_tokens += count
-            prefix = (text if text is not None else tokenizer.decode(ids)) if echo else ""
+        for (text, ids), (first, _), (collected, _count) in zip(encoded, starts, results):
+            echoed = _Echo(text, ids, first, tokenizer, logprobs) if echo else None
             for choice in collected:
-                choices.append({"index": len(choices), "text": prefix + choice["text"],
-                                "logprobs": _completion_logprobs(choice["logprobs"], choice["token_ids"], tokenizer)
-                                if logprobs is not None else None,
-                                "finish_reason": choice["finish_reason"]})
+                generated = "" if prepared.score_only else choice["text"]
+                entry = {"index": len(choices), "text": (echoed.text if echoed else "") + generated, "logprobs": None,
+                         "finish_reason": "length" if prepared.score_only else choice["finish_reason"]}
+                if logprobs is not None:
+                    own = {} if prepared.score_only else _completion_logprobs(
+                        choice["logprobs"], choice["token_ids"], tokenizer, start=echoed.end if echoed else 0)
+                    entry["logprobs"] = _join_logprobs(echoed.logprobs if echoed else None, own)
+                completion_tokens += 0 if prepared.score_only else len(choice["token_ids"])
+                choices.append(entry)
         prompt_tokens = sum(len(ids) for _, ids in encoded)
         return _json({**base, "choices": choices, "usage": _usage(prompt_tokens, completion_tokens)}, headers)
 
     async def _completion_events(self, base: dict[str, Any], first: Any, stream: AsyncIterator[Any],
-                                 prompt_tokens: int, include_usage: bool, prefix: str,
+                                 prompt_tokens: int, include_usage: bool, echoed: _Echo | None, score_only: bool,
                                  tokenizer: Any, charge: Callable[[int], None]) -> AsyncIterator[bytes]:
         completion_tokens = 0
-        if prefix:
-            yield sse({**base, "choices": [{"index": 0, "text": prefix, "logprobs": None, "finish_reason": None}]})
+        offset = echoed.end if echoed else 0
+        if echoed is not None and echoed.text:
+            yield sse({**base, "choices": [{"index": 0, "text": echoed.text, "logprobs": echoed.logprobs,
+                                            "finish_reason": None}]})
         async for output in _chain(first, stream, charge):
             for completion in output.outputs:
+                if score_only:  # the one sampled token is not part of the answer
+                    if completion.finish_reason:
+                        yield sse({**base, "choices": [{"index": completion.index, "text": "", "logprobs": None,
+                                                        "finish_reason": "length"}]})
+                    continue
                 completion_tokens += len(completion.token_ids)
                 if not (completion.text or completion.finish_reason):
                     continue
+                logprobs = None
+                if completion.logprobs is not None:
+                    logprobs = _completion_logprobs(completion.logprobs, completion.token_ids, tokenizer, start=offset)
+                    offset += sum(len(token) for token in logprobs["tokens"])
                 yield sse({**base, "choices": [{
-                    "index": completion.index, "text": completion.text,
-                    "logprobs": _completion_logprobs(completion.logprobs, completion.token_ids, tokenizer)
-                    if completion.logprobs is not None else None,
+                    "index": completion.index, "text": completion.text, "logprobs": logprobs,
                     "finish_reason": completion.finish_reason}]})
         if include_usage:
             yield sse({**base, "choices": [], "usage": _usage(prompt_tokens, completion_tokens)})
@@ -199,6 +223,58 @@ class OpenAIRoutes:
 
         return StreamingResponse(guarded(), media_type="text/event-stream",
                                  headers={**headers, "Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+    # ------------------------------------------------------------ tokenizer
+
+    def _tokenizer_model(self, name: Any) -> ServedModel:
+        """The named model, or the only one served when the request names none."""
+        if name is None and len(self.context.models) == 1:
+            return next(iter(self.context.models.values()))
+        if name is None:
+            raise APIError(400, "'model' is required when several models are served "
+                                f"({', '.join(self.context.models)})", param="model")
+        return self.context.model(name)
+
+    async def tokenize(self, request: Any) -> Any:
+        """``{"prompt": text}`` or ``{"messages": [...]}`` -> ``{"tokens", "count", "max_model_len"}`` (vLLM's)."""
+        body = await read_json(request)
+        check_fields(body, TOKENIZE_FIELDS)
+        served = self._tokenizer_model(body.get("model"))
+        tokenizer = served.llm.tokenizer
+        if (body.get("prompt") is None) == (body.get("messages") is None):
+            raise APIError(400, "give exactly one of 'prompt' (text) and 'messages' (a chat)", param="prompt")
+        if body.get("messages") is not None:
+            text = tokenizer.apply_chat_template(check_messages(body["messages"]), chat_template=served.template,
+                                                 add_generation_prompt=body.get("add_generation_prompt", True))
+            tokens = tokenizer.encode(text, add_special_tokens=bool(body.get("add_special_tokens", False)))
+        else:
+            if not isinstance(body["prompt"], str):
+                raise APIError(400, "'prompt' must be a string", param="prompt")
+            tokens = tokenizer.encode(body["prompt"], add_special_tokens=bool(body.get("add_special_tokens", True)))
+        return _json({"count": len(tokens), "max_model_len": served.max_model_len, "tokens": tokens})
+
+    async def detokenize(self, request: Any) -> Any:
+        """``{"tokens": [ids]}`` -> ``{"prompt": text}`` (vLLM's shape)."""
+        body = await read_json(request)
+        check_fields(body, DETOKENIZE_FIELDS)
+        served = self._tokenizer_model(body.get("model"))
+        tokens = body.get("tokens")
+        vocab = served.llm.loaded.hf_config.get("vocab_size", 0)
+        if not isinstance(tokens, list) or not all(isinstance(t, int) and not isinstance(t, bool) and 0 <= t < vocab
+                                                   for t in tokens):
+            raise APIError(400, f"'tokens' must be a list of token ids in [0, {vocab})", param="tokens")
+        return _json({"prompt": served.llm.tokenizer.decode(tokens, skip_special_tokens=False)})
+
+    async def tokenizer_info(self, request: Any) -> Any:
+        """The tokenizer's special tokens, chat template and context length (vLLM's ``/tokenizer_info``)."""
+        served = self._tokenizer_model(request.query_params.get("model"))
+        tokenizer = served.llm.tokenizer
+        special = tokenizer.special_tokens
+        return _json({"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": special.get("eos_token"),
+                      "bos_token": special.get("bos_token"), "pad_token": special.get("pad_token"),
+                      "unk_token": special.get("unk_token"),
+                      "chat_template": served.template or tokenizer.chat_template,
+                      "model_max_length": served.max_model_len, "vocab_size": tokenizer.vocab_size})
 
     # ------------------------------------------------------------ embeddings
 
@@ -319,9 +395,47 @@ def _chat_logprobs(entries: list[dict[int, Any]], token_ids: list[int], tokenize
     return {"content": content}
 
 
-def _completion_logprobs(entries: list[dict[int, Any]], token_ids: list[int], tokenizer: Any) -> dict[str, Any]:
+class _Echo:
+    """The prompt of an ``echo`` completion: its text, and (when logprobs are asked) a logprob per prompt
+    token from the engine's prompt logprobs — ``None`` for the first, which nothing predicts, as vLLM gives."""
+
+    def __init__(self, text: str | None, ids: list[int], first: Any, tokenizer: Any, logprobs: int | None) -> None:
+        self.text = text if text is not None else tokenizer.decode(ids)
+        self.logprobs: dict[str, Any] | None = None
+        self.end = len(self.text)
+        """Where the generated tokens' ``text_offset``s start: after the prompt's token texts."""
+        if logprobs is not None:
+            scored = first.prompt_logprobs or [None]
+            tokens = [_token_text(tokenizer, token_id) for token_id in ids]
+            self.logprobs = {
+                "tokens": tokens,
+                "token_logprobs": [None] + [entry[token_id].logprob for token_id, entry in zip(ids[1:], scored[1:])],
+                "top_logprobs": [None] + [{_token_text(tokenizer, t): lp.logprob for t, lp in entry.items()}
+                                          for entry in scored[1:]],
+                "text_offset": _offsets(tokens, 0),
+            }
+            self.end = sum(len(token) for token in tokens)
+
+
+def _offsets(tokens: list[str], start: int) -> list[int]:
+    offsets, offset = [], start
+    for token in tokens:
+        offsets.append(offset)
+        offset += len(token)
+    return offsets
+
+
+def _join_logprobs(echoed: dict[str, Any] | None, own: dict[str, Any]) -> dict[str, Any]:
+    """The prompt's logprobs (if echoed) followed by the generated tokens'."""
+    if echoed is None:
+        return own
+    return {key: echoed[key] + own.get(key, []) for key in echoed}
+
+
+def _completion_logprobs(entries: list[dict[int, Any]], token_ids: list[int], tokenizer: Any, *,
+                         start: int = 0) -> dict[str, Any]:
     tokens, token_logprobs, top_logprobs, offsets = [], [], [], []
-    offset = 0
+    offset = start
     for token_id, entry in zip(token_ids, entries):
         text = _token_text(tokenizer, token_id)
         tokens.append(text)
