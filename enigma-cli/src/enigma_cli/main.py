@@ -18,6 +18,7 @@ from enigma import EnigmaError
 from enigma import __version__ as core_version
 from enigma_cli import __version__ as cli_version
 from enigma_cli.commands.config import config
+from enigma_cli.commands.evaluate import evaluate
 from enigma_cli.commands.keys import keys
 from enigma_cli.commands.models import cp, create, list_models, pull, rm, show
 from enigma_cli.commands.plugins import plugins
@@ -64,8 +65,8 @@ def cli(debug: bool) -> None:
     """
 
 
-for command in (run, serve, keys, pull, list_models, show, rm, cp, create, train, train_tokenizer, quantize, plugins,
-                config):
+for command in (run, serve, keys, pull, list_models, show, rm, cp, create, train, train_tokenizer, quantize, evaluate,
+                plugins, config):
     cli.add_command(command)
 
 

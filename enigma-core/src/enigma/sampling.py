@@ -70,6 +70,10 @@ class SamplingParams:
     logprobs: int | None = None
     """Return this many top logprobs per generated token (plus the chosen token's)."""
     prompt_logprobs: int | None = None
+    """Return this many top logprobs per prompt token (plus the prompt token's); the first is None."""
+    prompt_logprobs_start: int = 0
+    """With ``prompt_logprobs``: score the prompt from this position on (earlier positions are None), so
+    that the tokens before it may come from the prefix cache — a shared context scored once (evaluation)."""
     skip_special_tokens: bool = True
 
     def __attrs_post_init__(self) -> None:
@@ -88,6 +92,7 @@ class SamplingParams:
         _check_int("min_tokens", self.min_tokens, minimum=0)
         if self.max_tokens is not None and self.min_tokens > self.max_tokens:
             raise BadRequestError(f"min_tokens ({self.min_tokens}) must not exceed max_tokens ({self.max_tokens})")
+        _check_int("prompt_logprobs_start", self.prompt_logprobs_start, minimum=0)
         for name in ("logprobs", "prompt_logprobs"):
             if getattr(self, name) is not None:
                 _check_int(name, getattr(self, name), minimum=0, maximum=20)

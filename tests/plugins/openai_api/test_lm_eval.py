@@ -13,12 +13,13 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+from pathlib import Path
 
 import pytest
 from serving import ENIGMA, launch, stop
 from tiny_models import make_model
 
-from enigma import LLM, SamplingParams
+from enigma import LLM
 
 pytestmark = pytest.mark.slow
 
@@ -47,26 +48,39 @@ def lone_server(tmp_path_factory):
     stop(process)
 
 
-def expected_scores(folder, rows) -> dict[str, float]:
-    llm = LLM(folder)
-    encode = llm.tokenizer.encode
-    correct = correct_norm = 0
-    for row in rows:
-        context = row["question"]
-        scores = []
-        for choice in row["choices"]:
-            whole = encode(context + " " + choice, add_special_tokens=False)
-            start = len(encode(context, add_special_tokens=False))
-            out = llm.generate([whole], SamplingParams(max_tokens=1, prompt_logprobs=0, temperature=0))[0]
-            scores.append(sum(out.prompt_logprobs[p][whole[p]].logprob for p in range(start, len(whole))))
-        best = max(range(4), key=lambda i: scores[i])
-        best_norm = max(range(4), key=lambda i: scores[i] / len(row["choices"][i]))
-        correct += best == row["label"]
-        correct_norm += best_norm == row["label"]
-    return {"acc": correct / len(rows), "acc_norm": correct_norm / len(rows)}
+def hellaswag_rows(count: int) -> list[dict]:
+    """Records in HellaSwag's shape, brackets and all (its preprocessing removes them)."""
+    rows = []
+    for index in range(count):
+        endings = [f"{WORDS[(index + k) % len(WORDS)]} [header] then " + "more " * ((index + k) % 3) + "words."
+                   for k in range(4)]
+        rows.append({"activity_label": f"Python {WORDS[index % len(WORDS)]}", "ctx_a": f"Someone writes code {index}.",
+                     "ctx_b": "they run it and", "endings": endings, "label": str(index % 4)})
+    return rows
 
 
-def test_lm_eval_multiple_choice_scores_equal_enigmas(lone_server, tmp_path, monkeypatch):
+def run_lm_eval(base, task_dir, task):
+    from lm_eval import simple_evaluate
+    from lm_eval.tasks import TaskManager
+
+    results = simple_evaluate(
+        model="local-completions",
+        model_args=f"model=tiny,base_url={base}/v1/completions,num_concurrent=1,max_retries=1,"
+                   "tokenized_requests=True",
+        tasks=[task], task_manager=TaskManager(include_path=str(task_dir)), batch_size=1)
+    return results["results"][task]
+
+
+@pytest.fixture
+def offline_hf(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))
+
+
+def test_lm_eval_multiple_choice_scores_equal_enigmas(lone_server, tmp_path, offline_hf):
+    from enigma.evaluation import evaluate_multiple_choice, read_multiple_choice
+
     base, folder = lone_server
     rows = items(24)
     data = tmp_path / "items.jsonl"
@@ -85,21 +99,35 @@ metric_list:
   - metric: acc
   - metric: acc_norm
 """)
-    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))
-    from lm_eval import simple_evaluate
-    from lm_eval.tasks import TaskManager
-
-    results = simple_evaluate(
-        model="local-completions",
-        model_args=f"model=tiny,base_url={base}/v1/completions,num_concurrent=1,max_retries=1,"
-                   "tokenized_requests=True",
-        tasks=["enigma_mc"], task_manager=TaskManager(include_path=str(tmp_path)), batch_size=1)
-    got = results["results"]["enigma_mc"]
-    expected = expected_scores(folder, rows)
-    assert got["acc,none"] == pytest.approx(expected["acc"])
-    assert got["acc_norm,none"] == pytest.approx(expected["acc_norm"])
-    print(f"lm-eval: acc {got['acc,none']:.4f}, acc_norm {got['acc_norm,none']:.4f}; enigma: {expected}")
+    got = run_lm_eval(base, tmp_path, "enigma_mc")
+    ours = evaluate_multiple_choice(LLM(folder), read_multiple_choice(data, "mc"), add_special_tokens=False)
+    print(f"lm-eval: acc {got['acc,none']:.4f}, acc_norm {got['acc_norm,none']:.4f}; enigma: {ours}")
+    assert got["acc,none"] == pytest.approx(ours.acc)
+    assert got["acc_norm,none"] == pytest.approx(ours.acc_norm)
     # the bug this guards against gave every choice 0 and so acc = the share of gold answers at index 0
     assert (got["acc,none"], got["acc_norm,none"]) != (0.25, 0.25)
+
+
+def test_hellaswag_as_lm_eval_prepares_it(lone_server, tmp_path, offline_hf):
+    """lm-eval's own hellaswag task (its YAML and preprocessing) on a local file, against enigma's reading."""
+    import shutil
+
+    import lm_eval.tasks.hellaswag as hellaswag
+
+    from enigma.evaluation import evaluate_multiple_choice, read_multiple_choice
+
+    base, folder = lone_server
+    data = tmp_path / "hellaswag.jsonl"
+    data.write_text("".join(json.dumps(row) + "\n" for row in hellaswag_rows(16)))
+    source = Path(hellaswag.__path__[0])
+    shutil.copy(source / "utils.py", tmp_path / "utils.py")
+    config = (source / "hellaswag.yaml").read_text()
+    local = f"dataset_path: json\ndataset_kwargs:\n  data_files:\n    train: {data}\n    validation: {data}"
+    config = config.replace("task: hellaswag", "task: local_hellaswag").replace("dataset_path: Rowan/hellaswag", local)
+    (tmp_path / "local_hellaswag.yaml").write_text(config)
+    got = run_lm_eval(base, tmp_path, "local_hellaswag")
+    ours = evaluate_multiple_choice(LLM(folder), read_multiple_choice(data, "hellaswag"), task="hellaswag",
+                                    add_special_tokens=False)  # local-completions tokenizes without BOS
+    assert ours.count == 16
+    assert got["acc,none"] == pytest.approx(ours.acc)
+    assert got["acc_norm,none"] == pytest.approx(ours.acc_norm)

@@ -104,7 +104,8 @@ class Engine:
                                 device=self.runner.device)
             request = Request(f"{request_id}#{index}" if params.n > 1 else request_id, request_id, sequence,
                               priority=priority, arrival_time=arrival,
-                              skip_prefix_cache=params.prompt_logprobs is not None)
+                              prefix_cache_limit=(None if params.prompt_logprobs is None
+                                                  else max(0, params.prompt_logprobs_start - 1)))
             group.requests.append(request)
             group.streamed_tokens.append(0)
             self.scheduler.add_request(request)
@@ -167,7 +168,8 @@ class Engine:
             request = item.request
             group = self._groups[request.group_id]
             wants_prompt_logprobs = (group.prompt_logprobs is not None and request.sequence.index == 0
-                                     and item.start < len(request.prompt_token_ids))
+                                     and item.start < len(request.prompt_token_ids)
+                                     and item.start + item.num_tokens >= group.params.prompt_logprobs_start)
             chunks.append(SequenceChunk(tokens[item.start:item.start + item.num_tokens], item.start,
                                         item.block_table, all_logits=wants_prompt_logprobs))
         logits = self.runner.execute(chunks)
@@ -253,14 +255,15 @@ class Engine:
         prompt = item.request.prompt_token_ids
         start = item.start
         logprobs = torch.log_softmax(chunk_logits.float(), dim=-1)
-        k = group.params.prompt_logprobs
+        k, first = group.params.prompt_logprobs, group.params.prompt_logprobs_start
         del group.prompt_logprobs[start + 1:]  # recomputed after a preemption: replace
+        group.prompt_logprobs.extend([None] * (start + 1 - len(group.prompt_logprobs)))  # came from the cache
         for offset in range(len(logprobs)):
             position = start + offset + 1
             if position >= len(prompt):
                 break
-            group.prompt_logprobs.append(with_token_texts(top_logprobs(logprobs[offset], prompt[position], k),
-                                                          self.tokenizer))
+            group.prompt_logprobs.append(None if position < first else with_token_texts(
+                top_logprobs(logprobs[offset], prompt[position], k), self.tokenizer))
 
     def _finish_group(self, group: _Group) -> None:
         if self._groups.pop(group.group_id, None) is None:

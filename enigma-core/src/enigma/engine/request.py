@@ -44,8 +44,9 @@ class Request:
     cached_prompt_tokens: int = 0
     order: int = attrs.field(factory=lambda: next(_ORDER))
     """Unique and increasing: breaks ties between equal arrivals (the ``n`` of one prompt)."""
-    skip_prefix_cache: bool = False
-    """Compute the whole prompt (its prompt logprobs are wanted)."""
+    prefix_cache_limit: int | None = None
+    """At most this many leading tokens may come from the prefix cache (None: any; 0: compute the whole
+    prompt, as when its prompt logprobs are wanted from the start)."""
 
     @property
     def prompt_token_ids(self) -> list[int]:

@@ -64,7 +64,9 @@ class Scheduler:
 
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs and not preempted:
             request = self.waiting[0]
-            tokens = [] if request.skip_prefix_cache else request.all_token_ids()
+            tokens = request.all_token_ids()
+            if request.prefix_cache_limit is not None:
+                tokens = tokens[: request.prefix_cache_limit]
             cached = self.cache.lookup_prefix(request.request_id, tokens)
             num_new = min(request.num_tokens - cached, budget)
             self._expect(request)
@@ -100,10 +102,10 @@ class Scheduler:
             request = item.request
             rejected = runner_output.num_rejected_drafts.get(request.request_id, 0)
             request.num_computed_tokens = item.start + item.num_tokens - rejected
+            if self._fills_a_block(item.start, request.num_computed_tokens):  # finished ones too: reusable
+                self.cache.commit(request.request_id, request.all_token_ids()[: request.num_computed_tokens])
             if request.finished:
                 self._finish(request)
-            elif self._fills_a_block(item.start, request.num_computed_tokens):
-                self.cache.commit(request.request_id, request.all_token_ids()[: request.num_computed_tokens])
 
     def _fills_a_block(self, before: int, after: int) -> bool:
         """Whether computing tokens ``before..after`` completed a block (only then is there one to commit;

@@ -1,0 +1,87 @@
+"""``enigma eval``: a model's scores on a task, as lm-evaluation-harness computes them."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import click
+
+TASKS = ("hellaswag", "arc", "mmlu", "mc", "perplexity")
+
+EXAMPLES = """
+\b
+Examples:
+  enigma eval mine:v1 --task hellaswag --data hellaswag_val.jsonl --limit 200
+  enigma eval ./my-llama --task arc --data arc_easy_test.jsonl --output arc.json
+  enigma eval enigma-tiny --task perplexity --data notes.txt --window 512 --stride 256
+"""
+
+
+@click.command(name="eval", epilog=EXAMPLES)
+@click.argument("model")
+@click.option("--task", type=click.Choice(TASKS), required=True,
+              help="hellaswag, arc, mmlu or mc (jsonl of query/choices/label): acc and acc_norm; perplexity: "
+                   "text files or jsonl with a text field.")
+@click.option("--data", "data", multiple=True, required=True, type=click.Path(exists=True, dir_okay=False),
+              help="The task's data file (repeatable for perplexity).")
+@click.option("--limit", type=int, help="Evaluate only the first N questions.")
+@click.option("--window", type=int, help="Perplexity: tokens of context per window [the model's, at most 2048].")
+@click.option("--stride", type=int, help="Perplexity: tokens between window starts [half the window].")
+@click.option("--bos/--no-bos", default=True, show_default=True,
+              help="Multiple choice: lead each context with the tokenizer's BOS (lm-eval's hf backend does; its "
+                   "local-completions backend does not).")
+@click.option("--output", type=click.Path(dir_okay=False, path_type=Path), help="Also write the results as JSON.")
+def evaluate(model: str, task: str, data: tuple[str, ...], limit: int | None, window: int | None,
+             stride: int | None, bos: bool, output: Path | None) -> None:
+    """Score MODEL on a task, in-process through the engine (batched)."""
+    import attrs
+
+    from enigma.config import load_config
+    from enigma.evaluation import evaluate_multiple_choice, perplexity, read_multiple_choice
+    from enigma.opening import engine_options, open_model
+
+    llm = open_model(model, **engine_options(load_config())).llm
+    if task == "perplexity":
+        result: Any = perplexity(llm, _texts(data), window=window, stride=stride)
+        rows = [("perplexity", f"{result.perplexity:.4f}"), ("bits per byte", f"{result.bits_per_byte:.4f}"),
+                ("tokens", str(result.tokens)), ("bytes", str(result.bytes))]
+        values = attrs.asdict(result)
+    else:
+        if len(data) != 1:
+            raise click.UsageError(f"--task {task} takes one --data file")
+        result = evaluate_multiple_choice(llm, read_multiple_choice(data[0], task, limit=limit), task=task,
+                                          add_special_tokens=bos)
+        rows = [("acc", f"{result.acc:.4f}"), ("acc_norm", f"{result.acc_norm:.4f}"),
+                ("questions", str(result.count))]
+        values = {key: value for key, value in attrs.asdict(result).items() if key != "predictions"}
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"{model} · {task}", title_justify="left")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    for name, value in rows:
+        table.add_row(name, value)
+    Console().print(table)
+    if output is not None:
+        from enigma.fsutil import atomic_write_text
+
+        atomic_write_text(output, json.dumps({"model": model, "task": task, **values}, indent=2) + "\n")
+
+
+def _texts(paths: tuple[str, ...]) -> list[str]:
+    texts = []
+    for name in paths:
+        path = Path(name)
+        if path.suffix == ".jsonl":
+            for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+                if line.strip():
+                    record = json.loads(line)
+                    if not isinstance(record.get("text"), str):
+                        raise click.BadParameter(f"{path}, line {number}: no string field 'text'", param_hint="--data")
+                    texts.append(record["text"])
+        else:
+            texts.append(path.read_text(encoding="utf-8"))
+    return texts

@@ -1,0 +1,25 @@
+"""Evaluation: the numbers lm-evaluation-harness gives, from enigma's own engine.
+
+- :mod:`enigma.evaluation.loglikelihood` scores continuations given contexts
+  (lm-eval's ``loglikelihood`` request), all submitted to the engine at once;
+- :mod:`enigma.evaluation.multiple_choice` reads HellaSwag, ARC, MMLU and
+  plain ``{"query", "choices", "label"}`` jsonl files with lm-eval's own
+  prompts and computes ``acc`` and ``acc_norm`` by its rules;
+- :mod:`enigma.evaluation.perplexity` is sliding-window perplexity with a
+  stride, per token and per byte.
+"""
+
+from __future__ import annotations
+
+from enigma.evaluation.loglikelihood import loglikelihoods
+from enigma.evaluation.multiple_choice import MultipleChoiceResult, evaluate_multiple_choice, read_multiple_choice
+from enigma.evaluation.perplexity import PerplexityResult, perplexity
+
+__all__ = [
+    "MultipleChoiceResult",
+    "PerplexityResult",
+    "evaluate_multiple_choice",
+    "loglikelihoods",
+    "perplexity",
+    "read_multiple_choice",
+]

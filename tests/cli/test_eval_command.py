@@ -1,0 +1,38 @@
+"""``enigma eval`` as a user runs it."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from tiny_models import CORPUS, make_model
+
+
+def test_eval_multiple_choice_and_perplexity(enigma, tmp_path):
+    from enigma import LLM
+    from enigma.evaluation import evaluate_multiple_choice, perplexity, read_multiple_choice
+
+    folder = make_model(tmp_path / "model", "llama-gqa")
+    data = tmp_path / "mc.jsonl"
+    data.write_text("".join(json.dumps({"query": f"Item {i}: the answer is", "choices": ["yes", "no", "maybe"],
+                                        "label": i % 3}) + "\n" for i in range(9)))
+    done = enigma("eval", str(folder), "--task", "mc", "--data", str(data), "--limit", "6",
+                  "--output", str(tmp_path / "mc.json"))
+    assert done.returncode == 0, done.stderr
+    expected = evaluate_multiple_choice(LLM(folder), read_multiple_choice(data, limit=6))
+    written = json.loads((tmp_path / "mc.json").read_text())
+    assert (written["acc"], written["acc_norm"], written["count"]) == (expected.acc, expected.acc_norm, 6)
+    assert "acc_norm" in done.stdout
+
+    (tmp_path / "notes.txt").write_text(CORPUS)
+    ppl = enigma("eval", str(folder), "--task", "perplexity", "--data", str(tmp_path / "notes.txt"),
+                 "--window", "64", "--stride", "32", "--output", str(tmp_path / "ppl.json"))
+    assert ppl.returncode == 0, ppl.stderr
+    expected_ppl = perplexity(LLM(folder), [CORPUS], window=64, stride=32)
+    assert json.loads((tmp_path / "ppl.json").read_text())["perplexity"] == expected_ppl.perplexity
+
+    bad = enigma("eval", str(folder), "--task", "hellaswag", "--data", str(data))
+    assert bad.returncode == 1 and "line 1: not a hellaswag record" in bad.stderr

@@ -1,0 +1,112 @@
+"""enigma.evaluation against oracles: transformers for perplexity, lm-eval's rules for choices."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from enigma import LLM
+from enigma.errors import BadRequestError
+from enigma.evaluation import evaluate_multiple_choice, perplexity, read_multiple_choice
+from enigma.evaluation.perplexity import windows
+
+TEXT = ("Paged attention stores keys and values in blocks, and continuous batching lets new requests join "
+        "while others decode. A list is mutable while a tuple is not. ") * 3
+
+
+@pytest.fixture(scope="module")
+def folder(tiny_model):
+    return tiny_model("llama-gqa")
+
+
+def transformers_perplexity(folder, text, window, stride):
+    from transformers import AutoModelForCausalLM
+
+    from enigma.tokenizer import Tokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float64).eval()
+    ids = Tokenizer(folder).encode(text)
+    nll, count = 0.0, 0
+    previous_end = 0
+    for begin in range(0, len(ids), stride):  # Hugging Face's "perplexity of fixed-length models"
+        end = min(begin + window, len(ids))
+        target_len = end - previous_end
+        chunk = torch.tensor([ids[begin:end]])
+        with torch.no_grad():
+            logprobs = torch.log_softmax(model(chunk).logits[0].double(), dim=-1)
+        for position in range(max(1, end - begin - target_len), end - begin):
+            nll -= float(logprobs[position - 1, ids[begin + position]])
+            count += 1
+        previous_end = end
+        if end == len(ids):
+            break
+    return math.exp(nll / count), count
+
+
+@pytest.mark.parametrize(("window", "stride"), [(32, 16), (48, 48), (64, 7)])
+def test_perplexity_equals_transformers(folder, window, stride):
+    result = perplexity(LLM(folder), [TEXT], window=window, stride=stride)
+    expected, count = transformers_perplexity(folder, TEXT, window, stride)
+    assert result.tokens == count
+    assert result.perplexity == pytest.approx(expected, rel=1e-4)
+    assert result.bytes == len(TEXT.encode()) and result.bits_per_byte == pytest.approx(
+        result.nll / math.log(2) / result.bytes)
+
+
+def test_windows_score_every_token_once():
+    for length, window, stride in ((100, 32, 16), (10, 32, 16), (50, 20, 3)):
+        scored = [p for begin, end, first in windows(length, window, stride) for p in range(first, end)]
+        assert scored == list(range(1, length))
+    # stride == window: each window's first token has nothing before it in the window (as in the recipe)
+    scored = [p for begin, end, first in windows(48, 16, 16) for p in range(first, end)]
+    assert scored == [p for p in range(1, 48) if p % 16]
+
+
+def test_perplexity_errors(folder):
+    with pytest.raises(BadRequestError, match="need 0 < stride <= window"):
+        perplexity(LLM(folder), [TEXT], window=16, stride=32)
+    with pytest.raises(BadRequestError, match="no text"):
+        perplexity(LLM(folder), [""])
+
+
+def test_multiple_choice_shapes_and_errors(folder, tmp_path):
+    arc = tmp_path / "arc.jsonl"
+    arc.write_text(json.dumps({"question": "Which holds pairs?", "answerKey": "B",
+                               "choices": {"text": ["a list", "a dict", "a set"], "label": ["A", "B", "C"]}}) + "\n")
+    question = read_multiple_choice(arc, "arc")[0]
+    assert (question.context, question.choices, question.gold) == ("Question: Which holds pairs?\nAnswer:",
+                                                                   ("a list", "a dict", "a set"), 1)
+    mmlu = tmp_path / "mmlu.jsonl"
+    mmlu.write_text(json.dumps({"question": " 2 + 2 = ? ", "choices": ["3", "4", "5", "6"], "answer": 1,
+                                "subject": "elementary_mathematics"}) + "\n")
+    question = read_multiple_choice(mmlu, "mmlu")[0]
+    assert question.context == ("The following are multiple choice questions (with answers) about elementary "
+                                "mathematics.\n\n2 + 2 = ?\nA. 3\nB. 4\nC. 5\nD. 6\nAnswer:")
+    assert question.choices == ("A", "B", "C", "D")
+    result = evaluate_multiple_choice(LLM(folder), read_multiple_choice(arc, "arc") * 3)
+    assert result.count == 3 and result.acc in (0.0, 1.0) and len(result.predictions) == 3
+    broken = tmp_path / "broken.jsonl"
+    broken.write_text(json.dumps({"question": "q", "choices": ["a"], "label": 3}) + "\n")
+    with pytest.raises(BadRequestError, match=r"broken.jsonl, line 1: the gold answer 3 is not one of its 1"):
+        read_multiple_choice(broken)
+    with pytest.raises(BadRequestError, match=r"line 1: not a hellaswag record"):
+        read_multiple_choice(arc, "hellaswag")
+
+
+def test_prompt_logprobs_from_a_start_reuse_the_cached_context(folder):
+    from enigma import SamplingParams
+
+    llm = LLM(folder)
+    ids = llm.tokenizer.encode(TEXT)[:70]
+    full = llm.generate([ids], SamplingParams(max_tokens=1, prompt_logprobs=0))[0].prompt_logprobs
+    llm.generate([ids[:50]], SamplingParams(max_tokens=1))  # the context's blocks into the prefix cache
+    hits = llm.engine.cache.prefix_hits
+    scored = llm.generate([ids], SamplingParams(max_tokens=1, prompt_logprobs=0, prompt_logprobs_start=50))[0]
+    assert llm.engine.cache.prefix_hits > hits  # the context came from the cache
+    assert scored.prompt_logprobs[:50] == [None] * 50
+    for position in range(50, 70):
+        assert scored.prompt_logprobs[position][ids[position]].logprob == pytest.approx(
+            full[position][ids[position]].logprob, abs=1e-4)
