@@ -34,5 +34,13 @@ def test_eval_multiple_choice_and_perplexity(enigma, tmp_path):
     expected_ppl = perplexity(LLM(folder), [CORPUS], window=64, stride=32)
     assert json.loads((tmp_path / "ppl.json").read_text())["perplexity"] == expected_ppl.perplexity
 
+    gen = tmp_path / "gen.jsonl"
+    gen.write_text(json.dumps({"prompt": "Lists are", "reference": "mutable sequences"}) + "\n")
+    generated = enigma("eval", str(folder), "--task", "generate", "--data", str(gen), "--max-tokens", "6",
+                       "--output", str(tmp_path / "gen.json"))
+    assert generated.returncode == 0, generated.stderr
+    scores = json.loads((tmp_path / "gen.json").read_text())
+    assert {"bleu", "chrf", "rouge1", "rougeLsum", "exact_match", "f1"} <= set(scores) and scores["count"] == 1
+
     bad = enigma("eval", str(folder), "--task", "hellaswag", "--data", str(data))
     assert bad.returncode == 1 and "line 1: not a hellaswag record" in bad.stderr

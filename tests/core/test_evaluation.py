@@ -110,3 +110,57 @@ def test_prompt_logprobs_from_a_start_reuse_the_cached_context(folder):
     for position in range(50, 70):
         assert scored.prompt_logprobs[position][ids[position]].logprob == pytest.approx(
             full[position][ids[position]].logprob, abs=1e-4)
+
+
+PAIRS = [("the cat sat on the mat", ["the cat is on the mat", "a cat sat on a mat"]),
+         ("paged attention stores keys in blocks", ["paged attention keeps keys and values in blocks"]),
+         ("lists are mutable", ["a list is mutable", "lists can change"]),
+         ("nothing in common here", ["completely different words"])]
+
+
+def test_text_metrics_equal_the_reference_scorers():
+    import sacrebleu
+    from rouge_score import rouge_scorer
+
+    from enigma.evaluation import text_metrics
+
+    predictions = [p for p, _ in PAIRS]
+    references = [refs for _, refs in PAIRS]
+    streams = [[refs[0] for refs in references], [refs[-1] for refs in references]]
+    assert text_metrics.bleu(predictions, references) == sacrebleu.corpus_bleu(predictions, streams).score
+    assert text_metrics.chrf(predictions, references) == sacrebleu.corpus_chrf(predictions, streams).score
+    scorer = rouge_scorer.RougeScorer(["rouge1", "rouge2", "rougeL", "rougeLsum"], use_stemmer=True)
+    ours = text_metrics.rouge(predictions, references)
+    for name in ("rouge1", "rouge2", "rougeL", "rougeLsum"):
+        expected = sum(scorer.score_multi(refs, p)[name].fmeasure for p, refs in PAIRS) / len(PAIRS)
+        assert ours[name] == pytest.approx(expected)
+    assert 0 < ours["rouge1"] < 1
+
+
+def test_exact_match_and_f1_are_squads():
+    from enigma.evaluation import text_metrics
+
+    assert text_metrics.normalize_answer("The  Cat, sat!") == "cat sat"
+    assert text_metrics.exact_match(["The cat.", "a dog"], [["cat"], ["the cat"]]) == 0.5
+    # SQuAD: "the big cat" vs "cat" -> tokens [big, cat] vs [cat]: precision 1/2, recall 1, F1 2/3
+    assert text_metrics.token_f1(["the big cat"], [["cat", "dog"]]) == pytest.approx(2 / 3)
+
+
+def test_generation_task_scores_the_engines_answers(folder, tmp_path):
+    from enigma import SamplingParams
+    from enigma.evaluation import evaluate_generation, read_generation
+
+    data = tmp_path / "gen.jsonl"
+    data.write_text("".join(json.dumps({"prompt": p, "references": refs}) + "\n" for p, refs in PAIRS))
+    llm = LLM(folder)
+    result = evaluate_generation(llm, read_generation(data), max_tokens=8)
+    expected = [out.outputs[0].text.strip() for out in llm.generate(
+        [p for p, _ in PAIRS], SamplingParams(max_tokens=8, temperature=0, stop=["\n\n"]))]
+    assert list(result.predictions) == expected
+    from enigma.evaluation import text_metrics
+
+    assert result.metrics["bleu"] == text_metrics.bleu(expected, [refs for _, refs in PAIRS])
+    assert set(result.metrics) == {"bleu", "chrf", "rouge1", "rouge2", "rougeL", "rougeLsum", "exact_match", "f1"}
+    (tmp_path / "bad.jsonl").write_text(json.dumps({"prompt": "x"}) + "\n")
+    with pytest.raises(BadRequestError, match="bad.jsonl, line 1: not a generation record"):
+        read_generation(tmp_path / "bad.jsonl")

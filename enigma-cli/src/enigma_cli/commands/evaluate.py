@@ -8,7 +8,7 @@ from typing import Any
 
 import click
 
-TASKS = ("hellaswag", "arc", "mmlu", "mc", "perplexity")
+TASKS = ("hellaswag", "arc", "mmlu", "mc", "perplexity", "generate")
 
 EXAMPLES = """
 \b
@@ -23,23 +23,32 @@ Examples:
 @click.argument("model")
 @click.option("--task", type=click.Choice(TASKS), required=True,
               help="hellaswag, arc, mmlu or mc (jsonl of query/choices/label): acc and acc_norm; perplexity: "
-                   "text files or jsonl with a text field.")
+                   "text files or jsonl with a text field; generate: jsonl of prompt/reference(s): BLEU, chrF, "
+                   "ROUGE, exact match, F1.")
 @click.option("--data", "data", multiple=True, required=True, type=click.Path(exists=True, dir_okay=False),
               help="The task's data file (repeatable for perplexity).")
 @click.option("--limit", type=int, help="Evaluate only the first N questions.")
 @click.option("--window", type=int, help="Perplexity: tokens of context per window [the model's, at most 2048].")
 @click.option("--stride", type=int, help="Perplexity: tokens between window starts [half the window].")
+@click.option("--max-tokens", type=int, default=64, show_default=True, help="Generate: tokens per answer.")
+@click.option("--stop", multiple=True, help="Generate: a stop string (repeatable) [a blank line].")
 @click.option("--bos/--no-bos", default=True, show_default=True,
               help="Multiple choice: lead each context with the tokenizer's BOS (lm-eval's hf backend does; its "
                    "local-completions backend does not).")
 @click.option("--output", type=click.Path(dir_okay=False, path_type=Path), help="Also write the results as JSON.")
 def evaluate(model: str, task: str, data: tuple[str, ...], limit: int | None, window: int | None,
-             stride: int | None, bos: bool, output: Path | None) -> None:
+             stride: int | None, max_tokens: int, stop: tuple[str, ...], bos: bool, output: Path | None) -> None:
     """Score MODEL on a task, in-process through the engine (batched)."""
     import attrs
 
     from enigma.config import load_config
-    from enigma.evaluation import evaluate_multiple_choice, perplexity, read_multiple_choice
+    from enigma.evaluation import (
+        evaluate_generation,
+        evaluate_multiple_choice,
+        perplexity,
+        read_generation,
+        read_multiple_choice,
+    )
     from enigma.opening import engine_options, open_model
 
     llm = open_model(model, **engine_options(load_config())).llm
@@ -48,6 +57,13 @@ def evaluate(model: str, task: str, data: tuple[str, ...], limit: int | None, wi
         rows = [("perplexity", f"{result.perplexity:.4f}"), ("bits per byte", f"{result.bits_per_byte:.4f}"),
                 ("tokens", str(result.tokens)), ("bytes", str(result.bytes))]
         values = attrs.asdict(result)
+    elif task == "generate":
+        if len(data) != 1:
+            raise click.UsageError("--task generate takes one --data file")
+        result = evaluate_generation(llm, read_generation(data[0], limit=limit), max_tokens=max_tokens,
+                                     stop=stop or ("\n\n",))
+        rows = [(name, f"{value:.4f}") for name, value in result.metrics.items()] + [("examples", str(result.count))]
+        values = {"count": result.count, **result.metrics, "predictions": list(result.predictions)}
     else:
         if len(data) != 1:
             raise click.UsageError(f"--task {task} takes one --data file")
