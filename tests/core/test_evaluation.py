@@ -164,3 +164,18 @@ def test_generation_task_scores_the_engines_answers(folder, tmp_path):
     (tmp_path / "bad.jsonl").write_text(json.dumps({"prompt": "x"}) + "\n")
     with pytest.raises(BadRequestError, match="bad.jsonl, line 1: not a generation record"):
         read_generation(tmp_path / "bad.jsonl")
+
+
+def test_the_seeds_names(folder, tmp_path):
+    from enigma.evaluation import BenchmarkRunner, Evaluator
+
+    llm = LLM(folder)
+    scores = Evaluator(llm).evaluate_all([TEXT], prompts=["Lists are"], references=["mutable"], window=32,
+                                         stride=16)
+    assert scores["perplexity"] == perplexity(llm, [TEXT], window=32, stride=16).perplexity
+    assert {"bleu", "rouge1", "f1"} <= set(scores)
+    data = tmp_path / "hs.jsonl"
+    data.write_text(json.dumps({"activity_label": "Coding", "ctx_a": "She opens a file.", "ctx_b": "then she",
+                                "endings": ["reads it.", "sings.", "flies away.", "closes it."], "label": "0"}) + "\n")
+    result = BenchmarkRunner(llm).run_hellaswag(data)
+    assert result.task == "hellaswag" and result.count == 1

@@ -18,8 +18,11 @@ from enigma.evaluation.generation import GenerationResult, evaluate_generation, 
 from enigma.evaluation.loglikelihood import loglikelihoods
 from enigma.evaluation.multiple_choice import MultipleChoiceResult, evaluate_multiple_choice, read_multiple_choice
 from enigma.evaluation.perplexity import PerplexityResult, perplexity
+from enigma.evaluation.seed_api import BenchmarkRunner, Evaluator
 
 __all__ = [
+    "BenchmarkRunner",
+    "Evaluator",
     "GenerationResult",
     "MultipleChoiceResult",
     "PerplexityResult",
