@@ -131,3 +131,18 @@ def test_hellaswag_as_lm_eval_prepares_it(lone_server, tmp_path, offline_hf):
     assert ours.count == 16
     assert got["acc,none"] == pytest.approx(ours.acc)
     assert got["acc_norm,none"] == pytest.approx(ours.acc_norm)
+
+
+def test_enigma_eval_against_a_server_equals_in_process(lone_server, tmp_path):
+    from enigma.evaluation import evaluate_multiple_choice, perplexity, read_multiple_choice
+    from enigma.evaluation.remote import RemoteModel
+
+    base, folder = lone_server
+    data = tmp_path / "items.jsonl"
+    data.write_text("".join(json.dumps(row) + "\n" for row in items(8)))
+    remote, local = RemoteModel(base, "tiny"), LLM(folder)
+    questions = read_multiple_choice(data)
+    assert evaluate_multiple_choice(remote, questions) == evaluate_multiple_choice(local, questions)
+    text = " ".join(row["question"] for row in items(12))
+    assert perplexity(remote, [text], window=32, stride=16).perplexity == pytest.approx(
+        perplexity(local, [text], window=32, stride=16).perplexity, rel=1e-5)

@@ -35,10 +35,13 @@ Examples:
 @click.option("--bos/--no-bos", default=True, show_default=True,
               help="Multiple choice: lead each context with the tokenizer's BOS (lm-eval's hf backend does; its "
                    "local-completions backend does not).")
+@click.option("--base-url", help="Evaluate MODEL as served at this OpenAI-compatible URL (enigma serve, vLLM) instead "
+                                 "of in-process; ENIGMA_API_KEY is sent as its key.")
 @click.option("--output", type=click.Path(dir_okay=False, path_type=Path), help="Also write the results as JSON.")
 def evaluate(model: str, task: str, data: tuple[str, ...], limit: int | None, window: int | None,
-             stride: int | None, max_tokens: int, stop: tuple[str, ...], bos: bool, output: Path | None) -> None:
-    """Score MODEL on a task, in-process through the engine (batched)."""
+             stride: int | None, max_tokens: int, stop: tuple[str, ...], bos: bool, base_url: str | None,
+             output: Path | None) -> None:
+    """Score MODEL on a task: in-process through the engine (batched), or at a server with --base-url."""
     import attrs
 
     from enigma.config import load_config
@@ -51,7 +54,14 @@ def evaluate(model: str, task: str, data: tuple[str, ...], limit: int | None, wi
     )
     from enigma.opening import engine_options, open_model
 
-    llm = open_model(model, **engine_options(load_config())).llm
+    if base_url:
+        import os
+
+        from enigma.evaluation.remote import RemoteModel
+
+        llm: Any = RemoteModel(base_url, model, api_key=os.environ.get("ENIGMA_API_KEY"))
+    else:
+        llm = open_model(model, **engine_options(load_config())).llm
     if task == "perplexity":
         result: Any = perplexity(llm, _texts(data), window=window, stride=stride)
         rows = [("perplexity", f"{result.perplexity:.4f}"), ("bits per byte", f"{result.bits_per_byte:.4f}"),
