@@ -10,6 +10,7 @@ server batches them.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -35,12 +36,11 @@ class RemoteModel:
 
     def __init__(self, base_url: str, model: str, *, api_key: str | None = None, concurrency: int = 16,
                  timeout: float = 600.0) -> None:
-        import httpx
-
         self.root = base_url.rstrip("/").removesuffix("/v1")
         self.model = model
-        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-        self.client = httpx.Client(base_url=self.root, headers=headers, timeout=timeout)
+        self._headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        self._timeout = timeout
+        self._local = threading.local()  # one HTTP client per thread of the pool
         self.concurrency = concurrency
         self.tokenizer = RemoteTokenizer(self)
         self.max_model_len = int(self.call("POST", "/tokenize", {"model": model, "prompt": "x"})["max_model_len"])
@@ -48,8 +48,12 @@ class RemoteModel:
     def call(self, method: str, path: str, body: dict[str, Any] | None = None) -> dict[str, Any]:
         import httpx
 
+        client = getattr(self._local, "client", None)
+        if client is None:
+            client = self._local.client = httpx.Client(base_url=self.root, headers=self._headers,
+                                                       timeout=self._timeout)
         try:
-            response = self.client.request(method, path, json=body,
+            response = client.request(method, path, json=body,
                                            params={"model": self.model} if method == "GET" else None)
         except httpx.HTTPError as exc:
             raise EnigmaError(f"{self.root}{path} could not be reached ({exc}); is the server running?") from exc
