@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 from common import make_bench_model
+from lm_eval_tasks import write_multiple_choice_task
 
 WORDS = ("list", "tuple", "dict", "set", "generator", "iterator", "module", "class", "function",
          "string", "bytes", "float", "integer", "decorator", "context", "manager", "coroutine")
@@ -50,20 +51,7 @@ def main() -> None:
     folder = make_bench_model(work / "model")
     data = work / "items.jsonl"
     write_items(data, args.items)
-    (work / "bench_mc.yaml").write_text(f"""task: bench_mc
-dataset_path: json
-dataset_kwargs:
-  data_files:
-    test: {data}
-test_split: test
-output_type: multiple_choice
-doc_to_text: "{{{{query}}}}"
-doc_to_choice: "{{{{choices}}}}"
-doc_to_target: "{{{{label}}}}"
-metric_list:
-  - metric: acc
-  - metric: acc_norm
-""")
+    write_multiple_choice_task(work, "bench_mc", data, text_field="query")
     print(f"model: random Llama, 110M parameters, fp32; threads: {args.threads}; {args.items} questions x 4 choices")
 
     from enigma import LLM

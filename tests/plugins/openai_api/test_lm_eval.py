@@ -16,6 +16,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
+from lm_eval_tasks import write_multiple_choice_task
 from serving import ENIGMA, launch, stop
 from tiny_models import make_model
 
@@ -85,20 +86,7 @@ def test_lm_eval_multiple_choice_scores_equal_enigmas(lone_server, tmp_path, off
     rows = items(24)
     data = tmp_path / "items.jsonl"
     data.write_text("".join(json.dumps(row) + "\n" for row in rows))
-    (tmp_path / "enigma_mc.yaml").write_text(f"""task: enigma_mc
-dataset_path: json
-dataset_kwargs:
-  data_files:
-    test: {data}
-test_split: test
-output_type: multiple_choice
-doc_to_text: "{{{{question}}}}"
-doc_to_choice: "{{{{choices}}}}"
-doc_to_target: "{{{{label}}}}"
-metric_list:
-  - metric: acc
-  - metric: acc_norm
-""")
+    write_multiple_choice_task(tmp_path, "enigma_mc", data, text_field="question")
     got = run_lm_eval(base, tmp_path, "enigma_mc")
     ours = evaluate_multiple_choice(LLM(folder), read_multiple_choice(data, "mc"), add_special_tokens=False)
     print(f"lm-eval: acc {got['acc,none']:.4f}, acc_norm {got['acc_norm,none']:.4f}; enigma: {ours}")
