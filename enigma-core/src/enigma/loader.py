@@ -129,8 +129,9 @@ class LoadedModel:
     @property
     def quantization(self) -> str | None:
         """The quantization type of a quantized folder (``quantization_config.type``), else None."""
-        config = self.hf_config.get("quantization_config")
-        return str(config.get("type") or config.get("quant_method")) if isinstance(config, dict) else None
+        from enigma.quantize import quantization_type
+
+        return quantization_type(self.hf_config)
 
 
 def load_model(folder: str | Path, *, dtype: str | torch.dtype = "auto", device: str | torch.device = "cpu",

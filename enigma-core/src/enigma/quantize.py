@@ -37,6 +37,16 @@ COPIED_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.j
                 "generation_config.json")
 
 
+def quantization_type(hf_config: Mapping[str, Any]) -> str | None:
+    """The type a config.json says its folder is quantized as (``quantization_config.type``, else its
+    ``quant_method``), or None for float weights."""
+    config = hf_config.get("quantization_config")
+    if not isinstance(config, Mapping):
+        return None
+    found = config.get("type") or config.get("quant_method")
+    return str(found) if found else None
+
+
 @attrs.frozen
 class QuantizationSource:
     """The model a quantizer quantizes, read as lazily as the quantizer needs."""
@@ -48,8 +58,7 @@ class QuantizationSource:
     @property
     def quantization(self) -> str | None:
         """The type the source is quantized as already, or None for float weights."""
-        config = self.hf_config.get("quantization_config")
-        return str(config.get("type") or config.get("quant_method")) if isinstance(config, dict) else None
+        return quantization_type(self.hf_config)
 
     def weights(self) -> Any:
         """The folder's tensors by checkpoint name, in their stored dtypes (a context manager,

@@ -153,8 +153,9 @@ def describe_folder(folder: Path) -> dict[str, Any]:
         info["architecture"] = (config.get("architectures") or [None])[0]
         info["context_length"] = config.get("max_position_embeddings")
         info["dtype"] = config.get("torch_dtype") or config.get("dtype")
-        quantization = config.get("quantization_config") or {}
-        info["quantization"] = quantization.get("quant_method")
+        from enigma.quantize import quantization_type
+
+        info["quantization"] = quantization_type(config)
     info["parameters"] = _count_parameters(folder)
     info["license"] = _license_of(folder)
     return info

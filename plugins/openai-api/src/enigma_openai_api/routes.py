@@ -434,14 +434,8 @@ def _join_logprobs(echoed: dict[str, Any] | None, own: dict[str, Any]) -> dict[s
 
 def _completion_logprobs(entries: list[dict[int, Any]], token_ids: list[int], tokenizer: Any, *,
                          start: int = 0) -> dict[str, Any]:
-    tokens, token_logprobs, top_logprobs, offsets = [], [], [], []
-    offset = start
-    for token_id, entry in zip(token_ids, entries):
-        text = _token_text(tokenizer, token_id)
-        tokens.append(text)
-        token_logprobs.append(entry[token_id].logprob)
-        top_logprobs.append({_token_text(tokenizer, t): lp.logprob for t, lp in entry.items()})
-        offsets.append(offset)
-        offset += len(text)
-    return {"tokens": tokens, "token_logprobs": token_logprobs, "top_logprobs": top_logprobs,
-            "text_offset": offsets}
+    pairs = list(zip(token_ids, entries))
+    tokens = [_token_text(tokenizer, token_id) for token_id, _ in pairs]
+    return {"tokens": tokens, "token_logprobs": [entry[token_id].logprob for token_id, entry in pairs],
+            "top_logprobs": [{_token_text(tokenizer, t): lp.logprob for t, lp in entry.items()} for _, entry in pairs],
+            "text_offset": _offsets(tokens, start)}
