@@ -19,7 +19,6 @@ from __future__ import annotations
 import json
 import logging
 import shutil
-import tempfile
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -27,7 +26,6 @@ from typing import Any
 import attrs
 
 from enigma.errors import BadRequestError, ConfigError, NotFoundError
-from enigma.fsutil import default_dir_mode
 
 logger = logging.getLogger("enigma.quantize")
 
@@ -154,7 +152,7 @@ def quantize(source: str | Path, type_name: str, *, name: str | None = None, out
     """
     from enigma.llm import resolve_model_path
     from enigma.loader import read_hf_config
-    from enigma.store import ModelName, Store
+    from enigma.store import ModelName
 
     host = host or _host()
     quantizer, chosen = _split_type(type_name, host)
@@ -171,32 +169,13 @@ def quantize(source: str | Path, type_name: str, *, name: str | None = None, out
             if (folder / file_name).exists() and not (staged / file_name).exists():
                 shutil.copyfile(folder / file_name, staged / file_name)
 
-    if output is not None:
-        target = Path(output)
-        if target.exists():
-            raise BadRequestError(f"output {target} exists; choose a new folder or remove it first")
-        target.parent.mkdir(parents=True, exist_ok=True)
-        staged = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-        try:
-            write(staged)
-            staged.chmod(default_dir_mode())
-            staged.rename(target)
-        finally:
-            shutil.rmtree(staged, ignore_errors=True)
-        return target
+    from enigma.artifacts import write_model
 
-    store = Store()
-    base = ModelName.parse(name) if name else ModelName(_base_name(source, folder), chosen.name.lower())
-    with store.lock(base), store.staging(base) as staged:
-        write(staged)
-        from enigma.store import FileEntry, sha256_file
-
-        entries = [FileEntry(str(p.relative_to(staged)), p.stat().st_size, sha256_file(p))
-                   for p in sorted(staged.rglob("*")) if p.is_file()]
-        manifest = store.make_manifest(base, staged, entries, source=f"quantize:{source}@{chosen.quantizer}",
-                                       quantization=chosen.name)
-        store.commit(staged, manifest)
-    return store.path(base)
+    base = None
+    if output is None:
+        base = ModelName.parse(name) if name else ModelName(_base_name(source, folder), chosen.name.lower())
+    return write_model(write, output=output, name=base, source=f"quantize:{source}@{chosen.quantizer}",
+                       quantization=chosen.name)
 
 
 def _check_artifact(folder: Path, chosen: QuantType) -> None:

@@ -62,6 +62,14 @@ class SafetensorsWeights:
     def shape(self, key: str) -> tuple[int, ...]:
         return tuple(self._handles[self._location[key]].get_slice(key).get_shape())
 
+    def dtype(self, key: str) -> Any:
+        """A tensor's ``torch.dtype``, without reading it."""
+        import torch
+
+        from enigma.saving import SAFETENSORS_DTYPES
+
+        return getattr(torch, SAFETENSORS_DTYPES[self._handles[self._location[key]].get_slice(key).get_dtype()])
+
     def get(self, key: str) -> Any:
         return self._handles[self._location[key]].get_tensor(key)
 
