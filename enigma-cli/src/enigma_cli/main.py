@@ -20,6 +20,7 @@ from enigma_cli import __version__ as cli_version
 from enigma_cli.commands.config import config
 from enigma_cli.commands.evaluate import evaluate
 from enigma_cli.commands.keys import keys
+from enigma_cli.commands.merge import merge
 from enigma_cli.commands.models import cp, create, list_models, pull, rm, show
 from enigma_cli.commands.plugins import plugins
 from enigma_cli.commands.quantize import quantize
@@ -62,11 +63,12 @@ def cli(debug: bool) -> None:
       enigma config set engine.dtype bfloat16
       enigma train --data notes/ --model ./my-llama --out ./tuned
       enigma quantize ./my-llama --type Q4_K_M
+      enigma merge -c merge.yml --out ./merged
     """
 
 
-for command in (run, serve, keys, pull, list_models, show, rm, cp, create, train, train_tokenizer, quantize, evaluate,
-                plugins, config):
+for command in (run, serve, keys, pull, list_models, show, rm, cp, create, train, train_tokenizer, quantize, merge,
+                evaluate, plugins, config):
     cli.add_command(command)
 
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import click
 
+from enigma_cli.progress import ProgressBar
+
 BITS = {4: "Q4_K_M", 5: "Q5_K_M", 6: "Q6_K", 8: "Q8_0"}
 """``--bits`` shorthand: llama.cpp's recommended type for each width."""
 
@@ -46,27 +48,7 @@ def quantize(model: str | None, type_name: str | None, bits: str | None, name: s
     if name is not None and output is not None:
         raise click.UsageError("--name (the store) and --output (a folder) exclude each other")
     type_name = type_name or BITS[int(bits)]
-    with _ProgressBar() as bar:
+    with ProgressBar("quantizing") as bar:
         folder = run_quantize(model, type_name, name=name, output=output, progress=bar.update)
     click.echo(f"wrote {folder}")
 
-
-class _ProgressBar:
-    """A rich progress bar fed ``(done, total)`` reports; silent when not on a terminal."""
-
-    def __enter__(self) -> _ProgressBar:
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-        self.progress = Progress(TextColumn("quantizing"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-                                 transient=True)
-        self.progress.__enter__()
-        self.task = None
-        return self
-
-    def update(self, done: int, total: int) -> None:
-        if self.task is None:
-            self.task = self.progress.add_task("quantize", total=total)
-        self.progress.update(self.task, completed=done, total=total)
-
-    def __exit__(self, *exc: object) -> None:
-        self.progress.__exit__(*exc)

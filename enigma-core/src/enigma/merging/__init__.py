@@ -98,7 +98,8 @@ def merge(config: MergeConfig | str | Path, *, output: str | Path | None = None,
 
 def merge_models(models: Sequence[str | Path], *, weights: Sequence[float] | None = None, method: str = "linear",
                  base: str | Path | None = None, output: str | Path | None = None, name: str | None = None,
-                 seed: int = 0, **parameters: Any) -> Path:
+                 seed: int = 0, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+                 progress: Callable[[int, int], None] | None = None, **parameters: Any) -> Path:
     """Merge ``models`` in one call: ``merge_models([a, b, c], weights=[0.5, 0.3, 0.2], method="ties",
     base=a, density=0.5, output="merged")``.
 
@@ -131,7 +132,7 @@ def merge_models(models: Sequence[str | Path], *, weights: Sequence[float] | Non
            **({"parameters": parameters} if parameters else {})}
     config = MergeConfig(merge_method=method, slices=(OutputSlice(sources),), base_model=base_name,
                          parameters=parameters, whole_models=True, raw=raw)
-    return merge(config, output=output, name=name, seed=seed)
+    return merge(config, output=output, name=name, seed=seed, max_shard_bytes=max_shard_bytes, progress=progress)
 
 
 def _write_tensors(plan: MergePlan, method: MergeMethod, folder: Path, *, seed: int, max_shard_bytes: int,
