@@ -179,3 +179,49 @@ def test_the_seeds_names(folder, tmp_path):
                                 "endings": ["reads it.", "sings.", "flies away.", "closes it."], "label": "0"}) + "\n")
     result = BenchmarkRunner(llm).run_hellaswag(data)
     assert result.task == "hellaswag" and result.count == 1
+    mmlu = tmp_path / "mmlu.jsonl"
+    mmlu.write_text("".join(json.dumps({"question": f"{i} + 1 = ?", "choices": ["1", "2", "3", "4"], "answer": 1})
+                            + "\n" for i in range(7)))
+    five_shot = BenchmarkRunner(llm).run_mmlu(mmlu, num_fewshot=5, limit=2)
+    zero_shot = BenchmarkRunner(llm).run_mmlu(mmlu, limit=2)
+    assert five_shot.count == 2 and five_shot.loglikelihoods != zero_shot.loglikelihoods
+
+
+def test_fewshot_draws_equal_lm_evals_sampler():
+    """The same examples, in the same order, as lm-eval's default ContextSampler seeded 1234 gives for
+    each document in turn — with the document left out when the pool is its own split."""
+    from lm_eval.api.samplers import ContextSampler
+
+    from enigma.evaluation.fewshot import sample_fewshot
+
+    docs = [{"question": f"q{i}", "label": i % 3} for i in range(12)] + [{"question": "q3", "label": 0}]
+    theirs = ContextSampler(docs, rnd=1234)
+    expected = [theirs.sample(3, eval_doc=doc) for doc in docs[:8]]
+    assert sample_fewshot(docs[:8], 3, pool=docs, same_split=True) == expected
+    whole = ContextSampler(docs, rnd=1234)  # docs[3] has a duplicate: both copies leave its draws
+    assert sample_fewshot(docs, 3) == [whole.sample(3, eval_doc=doc) for doc in docs]
+    train = [{"question": f"t{i}", "label": 1} for i in range(5)]
+    other = ContextSampler(train, rnd=7)
+    assert sample_fewshot(docs[:4], 2, pool=train, seed=7) == [other.sample(2) for _ in range(4)]
+    with pytest.raises(BadRequestError, match="6 few-shot examples were asked for but the few-shot data has only 5"):
+        sample_fewshot(docs, 6, pool=train)
+
+
+def test_fewshot_prompts(folder, tmp_path):
+    from enigma.evaluation.generation import GenerationExample
+    from enigma.evaluation.generation import with_fewshot as generation_fewshot
+    from enigma.evaluation.multiple_choice import with_fewshot
+
+    mmlu = tmp_path / "mmlu.jsonl"
+    mmlu.write_text("".join(json.dumps({"question": f"{i} + 1 = ?", "choices": [str(i), str(i + 1), "0", "9"],
+                                        "answer": 1, "subject": "arithmetic"}) + "\n" for i in range(4)))
+    questions = with_fewshot(read_multiple_choice(mmlu, "mmlu"), 2)
+    head = "The following are multiple choice questions (with answers) about arithmetic.\n\n"
+    assert questions[0].context.startswith(head) and questions[0].context.count(head) == 1
+    assert questions[0].context.endswith("\n\n0 + 1 = ?\nA. 0\nB. 1\nC. 0\nD. 9\nAnswer:")
+    shots = questions[0].examples.split("\n\n")[:-1]
+    assert len(shots) == 2 and all(s.endswith("\nAnswer: B") for s in shots) and "0 + 1" not in questions[0].examples
+    result = evaluate_multiple_choice(LLM(folder), questions)
+    assert len(result.records()) == 4 and set(result.records()[0]) >= {"gold", "prediction", "loglikelihoods"}
+    examples = [GenerationExample(f"Q{i}:", (f"A{i}",)) for i in range(3)]
+    assert generation_fewshot(examples, 1, pool=[GenerationExample("Q:", ("A",))])[2].prompt == "Q: A\n\nQ2:"

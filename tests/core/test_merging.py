@@ -228,10 +228,10 @@ def test_streaming_writer_refuses_out_of_order_tensors_and_leaves_nothing(tmp_pa
     with safe_open(str(tmp_path / "ok" / "model.safetensors"), framework="pt") as handle:
         assert handle.get_tensor("a").tolist() == [[0, 1, 2], [3, 4, 5]]
         assert handle.get_tensor("b").dtype == torch.bfloat16
-    with pytest.raises(ValueError, match="not the next in the layout"):
-        with StreamingSafetensorsWriter(tmp_path / "bad", layout) as writer:
-            writer.write("b", torch.ones(4, dtype=torch.bfloat16))
-    with pytest.raises(ValueError, match="closed before tensor 'b'"):
-        with StreamingSafetensorsWriter(tmp_path / "short", layout) as writer:
-            writer.write("a", torch.zeros(2, 3))
+    with (pytest.raises(ValueError, match="not the next in the layout"),
+          StreamingSafetensorsWriter(tmp_path / "bad", layout) as writer):
+        writer.write("b", torch.ones(4, dtype=torch.bfloat16))
+    with (pytest.raises(ValueError, match="closed before tensor 'b'"),
+          StreamingSafetensorsWriter(tmp_path / "short", layout) as writer):
+        writer.write("a", torch.zeros(2, 3))
     assert list((tmp_path / "bad").iterdir()) == [] and list((tmp_path / "short").iterdir()) == []

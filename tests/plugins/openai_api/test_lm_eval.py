@@ -60,7 +60,7 @@ def hellaswag_rows(count: int) -> list[dict]:
     return rows
 
 
-def run_lm_eval(base, task_dir, task):
+def run_lm_eval(base, task_dir, task, **options):
     from lm_eval import simple_evaluate
     from lm_eval.tasks import TaskManager
 
@@ -68,8 +68,9 @@ def run_lm_eval(base, task_dir, task):
         model="local-completions",
         model_args=f"model=tiny,base_url={base}/v1/completions,num_concurrent=1,max_retries=1,"
                    "tokenized_requests=True",
-        tasks=[task], task_manager=TaskManager(include_path=str(task_dir)), batch_size=1)
-    return results["results"][task]
+        tasks=[task], task_manager=TaskManager(include_path=str(task_dir)), batch_size=1, **options)
+    return (results["results"][task], results["samples"][task]) if options.get("log_samples") else \
+        results["results"][task]
 
 
 @pytest.fixture
@@ -134,3 +135,26 @@ def test_enigma_eval_against_a_server_equals_in_process(lone_server, tmp_path):
     text = " ".join(row["question"] for row in items(12))
     assert perplexity(remote, [text], window=32, stride=16).perplexity == pytest.approx(
         perplexity(local, [text], window=32, stride=16).perplexity, rel=1e-5)
+
+
+def test_lm_eval_fewshot_prompts_and_scores_equal_enigmas(lone_server, tmp_path, offline_hf):
+    """With --num-fewshot 3 and --limit, lm-eval's prompts (logged per sample) are enigma's, character for
+    character, and so are the scores."""
+    from enigma.evaluation import evaluate_multiple_choice, read_multiple_choice
+    from enigma.evaluation.multiple_choice import with_fewshot
+
+    base, folder = lone_server
+    data = tmp_path / "items.jsonl"
+    data.write_text("".join(json.dumps(row) + "\n" for row in items(20)))
+    write_multiple_choice_task(tmp_path, "enigma_fewshot", data, text_field="question", fewshot_from_test=True)
+    got, samples = run_lm_eval(base, tmp_path, "enigma_fewshot", num_fewshot=3, limit=12, log_samples=True)
+    everything = read_multiple_choice(data, "mc")
+    questions = with_fewshot(everything[:12], 3, pool=everything, same_split=True)
+    theirs = {sample["doc_id"]: sample["arguments"] for sample in samples}
+    for index, question in enumerate(questions):
+        contexts = [argument[0] for argument in theirs[index]]
+        assert contexts == [question.context] * len(question.choices), index
+    assert questions[0].context.count("\n\n") == 3
+    ours = evaluate_multiple_choice(LLM(folder), questions, add_special_tokens=False)
+    assert got["acc,none"] == pytest.approx(ours.acc)
+    assert got["acc_norm,none"] == pytest.approx(ours.acc_norm)

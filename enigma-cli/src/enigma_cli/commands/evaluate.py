@@ -28,6 +28,13 @@ Examples:
 @click.option("--data", "data", multiple=True, required=True, type=click.Path(exists=True, dir_okay=False),
               help="The task's data file (repeatable for perplexity).")
 @click.option("--limit", type=int, help="Evaluate only the first N questions.")
+@click.option("--num-fewshot", type=click.IntRange(min=0), default=0, show_default=True,
+              help="Multiple choice and generate: answered examples ahead of each question, drawn as lm-eval draws "
+                   "them (from --fewshot-data, else the data less the question).")
+@click.option("--fewshot-data", type=click.Path(exists=True, dir_okay=False),
+              help="Where few-shot examples come from (a train split) [the --data file].")
+@click.option("--fewshot-seed", type=int, default=1234, show_default=True,
+              help="Seed of the few-shot draws (lm-eval's --fewshot_random_seed).")
 @click.option("--window", type=int, help="Perplexity: tokens of context per window [the model's, at most 2048].")
 @click.option("--stride", type=int, help="Perplexity: tokens between window starts [half the window].")
 @click.option("--max-tokens", type=int, default=64, show_default=True, help="Generate: tokens per answer.")
@@ -38,9 +45,9 @@ Examples:
 @click.option("--base-url", help="Evaluate MODEL as served at this OpenAI-compatible URL (enigma serve, vLLM) instead "
                                  "of in-process; ENIGMA_API_KEY is sent as its key.")
 @click.option("--output", type=click.Path(dir_okay=False, path_type=Path), help="Also write the results as JSON.")
-def evaluate(model: str, task: str, data: tuple[str, ...], limit: int | None, window: int | None,
-             stride: int | None, max_tokens: int, stop: tuple[str, ...], bos: bool, base_url: str | None,
-             output: Path | None) -> None:
+def evaluate(model: str, task: str, data: tuple[str, ...], limit: int | None, num_fewshot: int,
+             fewshot_data: str | None, fewshot_seed: int, window: int | None, stride: int | None, max_tokens: int,
+             stop: tuple[str, ...], bos: bool, base_url: str | None, output: Path | None) -> None:
     """Score MODEL on a task: in-process through the engine (batched), or at a server with --base-url."""
     import attrs
 
@@ -48,12 +55,16 @@ def evaluate(model: str, task: str, data: tuple[str, ...], limit: int | None, wi
     from enigma.evaluation import (
         evaluate_generation,
         evaluate_multiple_choice,
+        generation,
+        multiple_choice,
         perplexity,
         read_generation,
         read_multiple_choice,
     )
     from enigma.opening import engine_options, open_model
 
+    if (num_fewshot or fewshot_data) and task == "perplexity":
+        raise click.UsageError("--num-fewshot and --fewshot-data go with multiple-choice and generate tasks")
     if base_url:
         import os
 
@@ -70,18 +81,27 @@ def evaluate(model: str, task: str, data: tuple[str, ...], limit: int | None, wi
     elif task == "generate":
         if len(data) != 1:
             raise click.UsageError("--task generate takes one --data file")
-        result = evaluate_generation(llm, read_generation(data[0], limit=limit), max_tokens=max_tokens,
-                                     stop=stop or ("\n\n",))
+        examples = read_generation(data[0])
+        if num_fewshot:
+            pool = read_generation(fewshot_data) if fewshot_data else examples
+            examples = generation.with_fewshot(examples[:limit], num_fewshot, pool=pool,
+                                               same_split=not fewshot_data, seed=fewshot_seed)
+        result = evaluate_generation(llm, examples[:limit], max_tokens=max_tokens, stop=stop or ("\n\n",))
         rows = [(name, f"{value:.4f}") for name, value in result.metrics.items()] + [("examples", str(result.count))]
-        values = {"count": result.count, **result.metrics, "predictions": list(result.predictions)}
+        values = {"count": result.count, **result.metrics, "samples": result.records()}
     else:
         if len(data) != 1:
             raise click.UsageError(f"--task {task} takes one --data file")
-        result = evaluate_multiple_choice(llm, read_multiple_choice(data[0], task, limit=limit), task=task,
-                                          add_special_tokens=bos)
+        questions = read_multiple_choice(data[0], task)
+        if num_fewshot:
+            pool = read_multiple_choice(fewshot_data, task) if fewshot_data else questions
+            questions = multiple_choice.with_fewshot(questions[:limit], num_fewshot, pool=pool,
+                                                     same_split=not fewshot_data, seed=fewshot_seed)
+        result = evaluate_multiple_choice(llm, questions[:limit], task=task, add_special_tokens=bos)
         rows = [("acc", f"{result.acc:.4f}"), ("acc_norm", f"{result.acc_norm:.4f}"),
                 ("questions", str(result.count))]
-        values = {key: value for key, value in attrs.asdict(result).items() if key != "predictions"}
+        values = {"count": result.count, "acc": result.acc, "acc_norm": result.acc_norm,
+                  "num_fewshot": num_fewshot, "samples": result.records()}
     from rich.console import Console
     from rich.table import Table
 

@@ -3,7 +3,8 @@
 A jsonl file of ``{"prompt": ..., "reference": ...}`` (or ``"references": [...]``)
 records; every prompt goes to the engine at once, greedy unless told
 otherwise, stopping at ``max_tokens`` or a stop string; the answers are
-scored with :mod:`enigma.evaluation.text_metrics`.
+scored with :mod:`enigma.evaluation.text_metrics`. :func:`with_fewshot` leads
+each prompt with answered examples.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import attrs
 
 from enigma.errors import BadRequestError, NotFoundError
 from enigma.evaluation import text_metrics
+from enigma.evaluation.fewshot import FEWSHOT_SEED, fewshot_prefix, sample_fewshot
 
 
 @attrs.frozen
@@ -25,11 +27,28 @@ class GenerationExample:
     references: tuple[str, ...]
 
 
+def with_fewshot(examples: Sequence[GenerationExample], k: int, *, pool: Sequence[GenerationExample] | None = None,
+                 same_split: bool | None = None, seed: int = FEWSHOT_SEED) -> list[GenerationExample]:
+    """``examples`` whose prompts lead with ``k`` answered examples (prompt, first reference), drawn as
+    lm-eval draws them (see :func:`enigma.evaluation.fewshot.sample_fewshot`)."""
+    drawn = sample_fewshot(examples, k, pool=pool, same_split=same_split, seed=seed)
+    return [attrs.evolve(example, prompt=fewshot_prefix([(e.prompt, e.references[0]) for e in shots]) + example.prompt)
+            for example, shots in zip(examples, drawn)]
+
+
 @attrs.frozen
 class GenerationResult:
     count: int
     metrics: dict[str, float]
     predictions: tuple[str, ...]
+    prompts: tuple[str, ...] = ()
+    references: tuple[tuple[str, ...], ...] = ()
+
+    def records(self) -> list[dict[str, Any]]:
+        """One record per example: the prompt as sent, the answer, the references."""
+        return [{"index": i, "prompt": prompt, "prediction": prediction, "references": list(references)}
+                for i, (prompt, prediction, references) in enumerate(zip(self.prompts, self.predictions,
+                                                                           self.references))]
 
 
 def read_generation(path: str | Path, *, limit: int | None = None) -> list[GenerationExample]:
@@ -71,4 +90,5 @@ def evaluate_generation(llm: Any, examples: Sequence[GenerationExample], *, max_
                **text_metrics.rouge(predictions, references),
                "exact_match": text_metrics.exact_match(predictions, references),
                "f1": text_metrics.token_f1(predictions, references)}
-    return GenerationResult(len(examples), metrics, tuple(predictions))
+    return GenerationResult(len(examples), metrics, tuple(predictions), tuple(e.prompt for e in examples),
+                            tuple(references))

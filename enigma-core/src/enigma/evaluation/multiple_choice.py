@@ -4,7 +4,7 @@ Each document becomes a context and its choices; each choice is scored as
 the continuation ``" " + choice`` (lm-eval's target delimiter). ``acc`` is
 how often the most likely choice is the gold one; ``acc_norm`` divides each
 choice's log-likelihood by its length in characters first. The prompts are
-lm-eval's zero-shot ones for each shape:
+lm-eval's for each shape (:func:`with_fewshot` adds its few-shot examples):
 
 ``hellaswag``  ``{"activity_label", "ctx_a", "ctx_b", "endings", "label"}`` (its preprocessing included)
 ``arc``        ``{"question", "choices": {"text", "label"}, "answerKey"}`` — "Question: ...\\nAnswer:"
@@ -16,13 +16,14 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
 import attrs
 
 from enigma.errors import BadRequestError, NotFoundError
+from enigma.evaluation.fewshot import FEWSHOT_SEED, fewshot_prefix, sample_fewshot
 from enigma.evaluation.loglikelihood import loglikelihoods
 
 SHAPES = ("hellaswag", "arc", "mmlu", "mc")
@@ -30,9 +31,30 @@ SHAPES = ("hellaswag", "arc", "mmlu", "mc")
 
 @attrs.frozen
 class Question:
-    context: str
+    text: str
+    """The question as a few-shot example shows it."""
     choices: tuple[str, ...]
     gold: int
+    description: str = ""
+    """What leads the whole prompt, once (MMLU's "The following are multiple choice questions...")."""
+    examples: str = ""
+    """The few-shot examples between the description and the question (see :func:`with_fewshot`)."""
+
+    @property
+    def context(self) -> str:
+        """What the choices continue: description, examples, question."""
+        return self.description + self.examples + self.text
+
+
+def with_fewshot(questions: Sequence[Question], k: int, *, pool: Sequence[Question] | None = None,
+                 same_split: bool | None = None, seed: int = FEWSHOT_SEED) -> list[Question]:
+    """``questions`` with ``k`` answered examples each, drawn as lm-eval draws them from ``pool``
+    (default: ``questions``, each less itself; see :func:`enigma.evaluation.fewshot.sample_fewshot`)."""
+    drawn = sample_fewshot([attrs.evolve(q, examples="") for q in questions], k,
+                           pool=None if pool is None else [attrs.evolve(q, examples="") for q in pool],
+                           same_split=same_split, seed=seed)
+    return [attrs.evolve(q, examples=fewshot_prefix([(e.text, e.choices[e.gold]) for e in examples]))
+            for q, examples in zip(questions, drawn)]
 
 
 @attrs.frozen
@@ -43,6 +65,18 @@ class MultipleChoiceResult:
     acc_norm: float
     predictions: tuple[int, ...]
     """The chosen index per question (by raw log-likelihood)."""
+    predictions_norm: tuple[int, ...] = ()
+    """The chosen index per question by log-likelihood per character (``acc_norm``'s choice)."""
+    loglikelihoods: tuple[tuple[float, ...], ...] = ()
+    """Each question's choices' log-likelihoods."""
+    golds: tuple[int, ...] = ()
+
+    def records(self) -> list[dict[str, Any]]:
+        """One record per question (lm-eval's ``--log_samples``): gold, choices' log-likelihoods, picks."""
+        return [{"index": i, "gold": gold, "prediction": p, "prediction_norm": pn, "loglikelihoods": list(lls),
+                 "acc": float(p == gold), "acc_norm": float(pn == gold)}
+                for i, (gold, p, pn, lls) in enumerate(zip(self.golds, self.predictions, self.predictions_norm,
+                                                             self.loglikelihoods))]
 
 
 def _hellaswag_text(text: str) -> str:
@@ -65,8 +99,8 @@ def _question(shape: str, doc: dict[str, Any]) -> Question:
         subject = doc.get("subject")
         about = (f"The following are multiple choice questions (with answers) about "
                  f"{subject.replace('_', ' ')}.\n\n") if subject else ""
-        return Question(f"{about}{doc['question'].strip()}{options}\nAnswer:", ("A", "B", "C", "D"),
-                        int(doc["answer"]))
+        return Question(f"{doc['question'].strip()}{options}\nAnswer:", ("A", "B", "C", "D"), int(doc["answer"]),
+                        description=about)
     context = next(doc[key] for key in ("query", "question", "context") if key in doc)
     gold = next(doc[key] for key in ("label", "gold", "answer") if key in doc)
     return Question(context, tuple(doc["choices"]), int(gold))
@@ -109,14 +143,15 @@ def evaluate_multiple_choice(llm: Any, questions: Iterable[Question], *, task: s
         raise BadRequestError("no questions to evaluate")
     pairs = [(q.context, " " + choice) for q in questions for choice in q.choices]
     scores = iter(score for score, _ in loglikelihoods(llm, pairs, add_special_tokens=add_special_tokens))
-    correct = correct_norm = 0
-    predictions = []
+    predictions, predictions_norm, all_lls = [], [], []
     for question in questions:
-        lls = [next(scores) for _ in question.choices]
-        best = max(range(len(lls)), key=lambda i: lls[i])
-        best_norm = max(range(len(lls)), key=lambda i: lls[i] / len(question.choices[i]))
-        predictions.append(best)
-        correct += best == question.gold
-        correct_norm += best_norm == question.gold
+        lls = tuple(next(scores) for _ in question.choices)
+        predictions.append(max(range(len(lls)), key=lambda i: lls[i]))
+        predictions_norm.append(max(range(len(lls)), key=lambda i: lls[i] / len(question.choices[i])))
+        all_lls.append(lls)
+    golds = [q.gold for q in questions]
     count = len(questions)
-    return MultipleChoiceResult(task, count, correct / count, correct_norm / count, tuple(predictions))
+    correct = sum(p == g for p, g in zip(predictions, golds))
+    correct_norm = sum(p == g for p, g in zip(predictions_norm, golds))
+    return MultipleChoiceResult(task, count, correct / count, correct_norm / count, tuple(predictions),
+                                tuple(predictions_norm), tuple(all_lls), tuple(golds))

@@ -2,7 +2,7 @@
 
 ``Evaluator(model).evaluate_all(test_texts)`` and
 ``BenchmarkRunner(model).run_hellaswag("data/hellaswag.jsonl")`` (also
-``run_arc``, ``run_mmlu``): ``model`` is an :class:`enigma.LLM` or anything
+``run_arc``, ``run_mmlu``, each with ``limit`` and ``num_fewshot``): ``model`` is an :class:`enigma.LLM` or anything
 ``LLM`` opens (a store name, a packaged model, a folder).
 """
 
@@ -13,7 +13,12 @@ from pathlib import Path
 from typing import Any
 
 from enigma.evaluation.generation import GenerationExample, evaluate_generation
-from enigma.evaluation.multiple_choice import MultipleChoiceResult, evaluate_multiple_choice, read_multiple_choice
+from enigma.evaluation.multiple_choice import (
+    MultipleChoiceResult,
+    evaluate_multiple_choice,
+    read_multiple_choice,
+    with_fewshot,
+)
 from enigma.evaluation.perplexity import perplexity
 
 
@@ -52,14 +57,19 @@ class BenchmarkRunner:
     def __init__(self, model: Any) -> None:
         self.llm = _llm(model)
 
-    def _run(self, path: str | Path, shape: str, limit: int | None) -> MultipleChoiceResult:
-        return evaluate_multiple_choice(self.llm, read_multiple_choice(path, shape, limit=limit), task=shape)
+    def _run(self, path: str | Path, shape: str, limit: int | None, num_fewshot: int) -> MultipleChoiceResult:
+        questions = read_multiple_choice(path, shape)
+        if num_fewshot:
+            questions = with_fewshot(questions[:limit], num_fewshot, pool=questions, same_split=True)
+        return evaluate_multiple_choice(self.llm, questions[:limit], task=shape)
 
-    def run_hellaswag(self, path: str | Path, *, limit: int | None = None) -> MultipleChoiceResult:
-        return self._run(path, "hellaswag", limit)
+    def run_hellaswag(self, path: str | Path, *, limit: int | None = None, num_fewshot: int = 0,
+                      ) -> MultipleChoiceResult:
+        return self._run(path, "hellaswag", limit, num_fewshot)
 
-    def run_arc(self, path: str | Path, *, limit: int | None = None) -> MultipleChoiceResult:
-        return self._run(path, "arc", limit)
+    def run_arc(self, path: str | Path, *, limit: int | None = None, num_fewshot: int = 0) -> MultipleChoiceResult:
+        return self._run(path, "arc", limit, num_fewshot)
 
-    def run_mmlu(self, path: str | Path, *, limit: int | None = None) -> MultipleChoiceResult:
-        return self._run(path, "mmlu", limit)
+    def run_mmlu(self, path: str | Path, *, limit: int | None = None, num_fewshot: int = 0) -> MultipleChoiceResult:
+        """MMLU-shaped questions; the usual setting is ``num_fewshot=5``."""
+        return self._run(path, "mmlu", limit, num_fewshot)
