@@ -131,7 +131,11 @@ def test_enigma_eval_against_a_server_equals_in_process(lone_server, tmp_path):
     data.write_text("".join(json.dumps(row) + "\n" for row in items(8)))
     remote, local = RemoteModel(base, "tiny"), LLM(folder)
     questions = read_multiple_choice(data)
-    assert evaluate_multiple_choice(remote, questions) == evaluate_multiple_choice(local, questions)
+    served, in_process = evaluate_multiple_choice(remote, questions), evaluate_multiple_choice(local, questions)
+    assert (served.acc, served.acc_norm, served.predictions, served.predictions_norm) == (
+        in_process.acc, in_process.acc_norm, in_process.predictions, in_process.predictions_norm)
+    for theirs, ours in zip(served.loglikelihoods, in_process.loglikelihoods):
+        assert theirs == pytest.approx(ours, rel=1e-5, abs=1e-5)
     text = " ".join(row["question"] for row in items(12))
     assert perplexity(remote, [text], window=32, stride=16).perplexity == pytest.approx(
         perplexity(local, [text], window=32, stride=16).perplexity, rel=1e-5)
