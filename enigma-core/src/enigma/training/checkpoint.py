@@ -1,7 +1,9 @@
 """Training checkpoints: written atomically, found again to resume.
 
 A checkpoint is a folder ``<out>/checkpoints/step-<N>/`` holding the model's
-weights (``model.safetensors``) and the optimizer, scheduler and RNG state
+trained weights (``model.safetensors``: the parameters that require gradients
+— all of them in full fine-tuning, an adapter's alone in LoRA; the frozen
+rest is the base model's, loaded again on resume) and the optimizer, scheduler and RNG state
 (``state.pt``, read back with ``torch.load(weights_only=True)``, which loads
 tensors and plain containers only). It is written under a temporary name and
 renamed into place, then ``<out>/checkpoints/latest`` is updated: a run killed
@@ -29,7 +31,7 @@ def checkpoints_dir(out: Path) -> Path:
 
 def save_checkpoint(out: Path, step: int, model: torch.nn.Module, state: dict[str, Any], *, keep: int = 1) -> Path:
     """Write the checkpoint of ``step``; keep only the newest ``keep`` ones."""
-    from safetensors.torch import save_model
+    from safetensors.torch import save_file
 
     root = checkpoints_dir(out)
     root.mkdir(parents=True, exist_ok=True)
@@ -37,7 +39,8 @@ def save_checkpoint(out: Path, step: int, model: torch.nn.Module, state: dict[st
     staging = Path(tempfile.mkdtemp(prefix=f".step-{step:07d}.", dir=root))
     staging.chmod(default_dir_mode())
     try:
-        save_model(model, str(staging / "model.safetensors"))
+        save_file({name: p.detach().contiguous() for name, p in trained_parameters(model).items()},
+                  str(staging / "model.safetensors"))
         torch.save(state, staging / "state.pt")
         if final.exists():
             shutil.rmtree(final)
@@ -51,6 +54,11 @@ def save_checkpoint(out: Path, step: int, model: torch.nn.Module, state: dict[st
     return final
 
 
+def trained_parameters(model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
+    """The parameters that train (require gradients), by name; a tied parameter once."""
+    return {name: p for name, p in model.named_parameters() if p.requires_grad}
+
+
 def latest_checkpoint(out: Path) -> Path | None:
     """The newest complete checkpoint of a run, or None."""
     pointer = checkpoints_dir(out) / LATEST
@@ -62,10 +70,18 @@ def latest_checkpoint(out: Path) -> Path | None:
 
 def load_checkpoint(folder: Path, model: torch.nn.Module) -> dict[str, Any]:
     """Load the weights into ``model``; return the rest of the state."""
-    from safetensors.torch import load_model
+    from safetensors.torch import load_file
 
     try:
-        load_model(model, str(folder / "model.safetensors"))
+        saved = load_file(str(folder / "model.safetensors"))
+        expected = trained_parameters(model)
+        if set(saved) != set(expected):
+            missing, extra = sorted(set(expected) - set(saved)), sorted(set(saved) - set(expected))
+            raise RuntimeError(f"it trained other parameters than this run does (missing {missing[:3]}, "
+                               f"unexpected {extra[:3]})")
+        with torch.no_grad():
+            for name, tensor in saved.items():
+                expected[name].copy_(tensor)
         return torch.load(folder / "state.pt", weights_only=True)
     except (OSError, RuntimeError) as exc:
         raise ConfigError(f"checkpoint {folder} cannot be read ({exc}); delete it to resume from "

@@ -132,13 +132,21 @@ class SFTTrainer:
     """Supervised training of a causal LM on text, instruction or chat data.
 
     A trainer plugin can subclass it and change what trains by overriding
-    :meth:`prepare_model` (freeze parts, wrap Linears with adapters); the
-    optimizer takes the parameters that still require gradients.
+    :meth:`prepare_model` (freeze parts, wrap Linears with adapters) and what
+    it writes by overriding :meth:`save_result`; the optimizer and the
+    checkpoints take the parameters that still require gradients.
     """
 
     def prepare_model(self, model: torch.nn.Module, config: TrainConfig) -> torch.nn.Module:
         """The model to train, given the one built or loaded (before the optimizer and any resume)."""
         return model
+
+    def save_result(self, model: torch.nn.Module, hf_config: dict[str, Any], out: Path, *, tokenizer_folder: Path,
+                    dtype: torch.dtype | None, generation_config: dict[str, Any]) -> None:
+        """Write what training made into ``out``: here the whole model as a Hugging Face folder; an adapter
+        trainer writes its adapter instead."""
+        save_model_folder(model, hf_config, out, tokenizer_folder=tokenizer_folder, dtype=dtype,
+                          generation_config=generation_config)
 
     def train(self, config: TrainConfig, *, progress: ProgressCallback | None = None) -> Path:
         report = progress or (lambda event: None)
@@ -229,9 +237,8 @@ class SFTTrainer:
                 report(TrainProgress(event="save", step=step, total_steps=total_steps, path=str(path)))
 
         save_dtype = None if config.save_dtype == "auto" else torch_dtype(config.save_dtype)
-        save_model_folder(model, hf_config, out, tokenizer_folder=tokenizer_folder, dtype=save_dtype,
-                          generation_config=generation_config_for(tokenizer, hf_config,
-                                                                  base_folder=model_folder))
+        self.save_result(model, hf_config, out, tokenizer_folder=tokenizer_folder, dtype=save_dtype,
+                         generation_config=generation_config_for(tokenizer, hf_config, base_folder=model_folder))
         record = {"config": config.to_dict(), "steps": step, "tokens": step * tokens_per_step,
                   "val_loss": val_loss, "val_perplexity": None if val_loss is None else math.exp(val_loss)}
         atomic_write_text(out / RUN_RECORD, json.dumps(record, indent=2) + "\n")
