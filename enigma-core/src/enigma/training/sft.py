@@ -193,8 +193,11 @@ class SFTTrainer:
             report(TrainProgress(event="start", step=step, total_steps=total_steps,
                                  message=f"resuming from {checkpoint}"))
         else:
+            parameters = list(dict.fromkeys(model.parameters()))
+            total, trained = sum(p.numel() for p in parameters), sum(p.numel() for p in parameters if p.requires_grad)
             report(TrainProgress(event="start", step=0, total_steps=total_steps,
-                                 message=f"{sum(p.numel() for p in dict.fromkeys(model.parameters())):,} parameters"))
+                                 message=f"{total:,} parameters" if trained == total else
+                                 f"{trained:,} of {total:,} parameters train ({100 * trained / total:.2f}%)"))
 
         autocast = (torch.autocast("cpu", dtype=torch.bfloat16) if config.dtype == "bf16"
                     else contextlib.nullcontext())
