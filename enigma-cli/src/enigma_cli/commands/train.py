@@ -134,6 +134,7 @@ class ProgressReporter:
             self._line(f"{event.message or 'starting'}; {event.total_steps} steps")
         elif event.event == "step":
             stats = f"loss {event.loss:.4f}  lr {event.lr:.2e}  {event.tokens_per_s:,.0f} tok/s"
+            stats += "".join(f"  {name} {value:.4f}" for name, value in event.metrics.items())
             if self.progress is not None:
                 self.progress.update(self.task, completed=event.step, stats=stats)
             else:

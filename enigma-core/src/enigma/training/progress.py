@@ -24,6 +24,8 @@ class TrainProgress:
     path: str | None = None
     """The checkpoint (``save``) or final model folder (``done``)."""
     message: str | None = None
+    metrics: dict[str, float] = attrs.field(factory=dict)
+    """A trainer's further numbers since the previous ``step`` report (DPO's ``rewards/margins``...)."""
 
     @property
     def val_perplexity(self) -> float | None:

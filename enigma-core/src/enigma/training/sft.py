@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import attrs
 import torch
 
 from enigma.datasets import DataOptions, load_blocks
@@ -128,6 +129,20 @@ def generation_config_for(tokenizer: Tokenizer, hf_config: dict[str, Any], *,
     return config
 
 
+@attrs.frozen
+class StepLoss:
+    """One micro-batch's loss and what the loop reports about it."""
+
+    loss: torch.Tensor
+    """The mean loss to back-propagate."""
+    weight: int
+    """What the loss is a mean over (target tokens, pairs): validation averages by it."""
+    tokens: int
+    """Tokens the forward pass processed (for tokens/s)."""
+    metrics: dict[str, float] = attrs.field(factory=dict)
+    """Further numbers to log (``rewards/margins``), averaged over the logging window."""
+
+
 class SFTTrainer:
     """Supervised training of a causal LM on text, instruction or chat data.
 
@@ -140,6 +155,22 @@ class SFTTrainer:
     def prepare_model(self, model: torch.nn.Module, config: TrainConfig) -> torch.nn.Module:
         """The model to train, given the one built or loaded (before the optimizer and any resume)."""
         return model
+
+    def load_data(self, config: TrainConfig, tokenizer: Tokenizer, model: torch.nn.Module) -> Any:
+        """The training data: an object with ``batches_per_epoch(batch_size)``, ``train_batches(batch_size,
+        seed=, start=)`` (endless, resumable at batch ``start``) and ``val_batches(batch_size)``; here
+        token blocks of text, instruction or chat records. Called after :meth:`prepare_model`, before
+        any checkpoint is restored (so ``model`` is the starting model)."""
+        options = DataOptions(seq_len=config.seq_len, packing=config.packing, format=config.format,
+                              val_fraction=config.val_fraction)
+        return load_blocks(config.data, tokenizer, options, streaming=config.streaming,
+                           shuffle_buffer=config.shuffle_buffer)
+
+    def compute_loss(self, model: torch.nn.Module, batch: Any) -> StepLoss:
+        """The loss of one batch from :meth:`load_data`: here next-token cross-entropy over its targets."""
+        input_ids, labels = batch
+        loss, targets = causal_lm_loss(model, input_ids, labels)
+        return StepLoss(loss, targets, int(input_ids[:, :-1].numel()))
 
     def save_result(self, model: torch.nn.Module, hf_config: dict[str, Any], out: Path, *, tokenizer_folder: Path,
                     dtype: torch.dtype | None, generation_config: dict[str, Any]) -> None:
@@ -171,10 +202,7 @@ class SFTTrainer:
         model.checkpointed_layers = config.checkpointed_layers(model.num_layers)
         model = self.prepare_model(model, config)
 
-        options = DataOptions(seq_len=config.seq_len, packing=config.packing, format=config.format,
-                              val_fraction=config.val_fraction)
-        data = load_blocks(config.data, tokenizer, options, streaming=config.streaming,
-                           shuffle_buffer=config.shuffle_buffer)
+        data = self.load_data(config, tokenizer, model)
         total_steps = config.max_steps or max(1, math.ceil(
             config.epochs * data.batches_per_epoch(config.batch_size) / config.grad_accum))
 
@@ -202,17 +230,20 @@ class SFTTrainer:
         autocast = (torch.autocast("cpu", dtype=torch.bfloat16) if config.dtype == "bf16"
                     else contextlib.nullcontext())
         batches = data.train_batches(config.batch_size, seed=config.seed, start=step * config.grad_accum)
-        tokens_per_step = config.batch_size * config.seq_len * config.grad_accum
-        window_loss, window_steps, window_start = 0.0, 0, time.perf_counter()
+        window_loss, window_steps, window_start, window_tokens = 0.0, 0, time.perf_counter(), 0
+        window_metrics: dict[str, float] = {}
+        total_tokens = 0
         run_start, steps_this_run = time.perf_counter(), 0
         val_loss = None
         while step < total_steps:
             for _ in range(config.grad_accum):
-                input_ids, labels = next(batches)
                 with autocast:
-                    loss, _ = causal_lm_loss(model, input_ids, labels)
-                (loss / config.grad_accum).backward()
-                window_loss += loss.item() / config.grad_accum
+                    result = self.compute_loss(model, next(batches))
+                (result.loss / config.grad_accum).backward()
+                window_loss += result.loss.item() / config.grad_accum
+                window_tokens += result.tokens
+                for name, value in result.metrics.items():
+                    window_metrics[name] = window_metrics.get(name, 0.0) + value / config.grad_accum
             if config.grad_clip:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
             optimizer.step()
@@ -226,9 +257,11 @@ class SFTTrainer:
                 per_step = (time.perf_counter() - run_start) / steps_this_run
                 report(TrainProgress(event="step", step=step, total_steps=total_steps,
                                      loss=window_loss / window_steps, lr=scheduler.get_last_lr()[0],
-                                     tokens_per_s=tokens_per_step * window_steps / elapsed,
-                                     eta_s=per_step * (total_steps - step)))
-                window_loss, window_steps, window_start = 0.0, 0, time.perf_counter()
+                                     tokens_per_s=window_tokens / elapsed, eta_s=per_step * (total_steps - step),
+                                     metrics={k: v / window_steps for k, v in window_metrics.items()}))
+                total_tokens += window_tokens
+                window_loss, window_steps, window_start, window_tokens = 0.0, 0, time.perf_counter(), 0
+                window_metrics = {}
             if step % config.eval_interval == 0 or step == total_steps:
                 val_loss = self.evaluate(model, data, config, autocast)
                 if val_loss is not None:
@@ -242,21 +275,22 @@ class SFTTrainer:
         save_dtype = None if config.save_dtype == "auto" else torch_dtype(config.save_dtype)
         self.save_result(model, hf_config, out, tokenizer_folder=tokenizer_folder, dtype=save_dtype,
                          generation_config=generation_config_for(tokenizer, hf_config, base_folder=model_folder))
-        record = {"config": config.to_dict(), "steps": step, "tokens": step * tokens_per_step,
+        tokens = round(total_tokens / max(steps_this_run, 1) * step)  # a resumed run: at this run's rate
+        record = {"config": config.to_dict(), "steps": step, "tokens": tokens,
                   "val_loss": val_loss, "val_perplexity": None if val_loss is None else math.exp(val_loss)}
         atomic_write_text(out / RUN_RECORD, json.dumps(record, indent=2) + "\n")
         report(TrainProgress(event="done", step=step, total_steps=total_steps, val_loss=val_loss, path=str(out)))
         return out
 
-    @staticmethod
-    def evaluate(model: torch.nn.Module, data: Any, config: TrainConfig, autocast: Any) -> float | None:
-        """Mean validation loss per target token over up to ``eval_batches`` batches."""
+    def evaluate(self, model: torch.nn.Module, data: Any, config: TrainConfig, autocast: Any) -> float | None:
+        """Mean validation loss (per target token, per pair: per :attr:`StepLoss.weight`) over up to
+        ``eval_batches`` batches."""
         total, count = 0.0, 0
         with torch.no_grad(), autocast:
-            for index, (input_ids, labels) in enumerate(data.val_batches(config.batch_size)):
+            for index, batch in enumerate(data.val_batches(config.batch_size)):
                 if index >= config.eval_batches:
                     break
-                loss, targets = causal_lm_loss(model, input_ids, labels)
-                total += loss.item() * targets
-                count += targets
+                result = self.compute_loss(model, batch)
+                total += result.loss.item() * result.weight
+                count += result.weight
         return total / count if count else None
