@@ -56,7 +56,7 @@ def test_peft_loads_enigmas_adapter(base: Path, tmp_path: Path) -> None:
     reference = peft.PeftModel.from_pretrained(transformers.AutoModelForCausalLM.from_pretrained(base),
                                                tmp_path / "adapter")
     torch.testing.assert_close(enigma_logits(model), hf_logits(reference), rtol=1e-4, atol=1e-4)
-    trainable, total = trainable_parameters(model)
+    trainable, _ = trainable_parameters(model)
     assert trainable == sum(p.numel() for n, p in reference.named_parameters() if "lora_" in n)
 
 
