@@ -152,6 +152,11 @@ class SFTTrainer:
     checkpoints take the parameters that still require gradients.
     """
 
+    def build(self, config: TrainConfig) -> tuple[torch.nn.Module, dict[str, Any], Path]:
+        """The model to start from (loaded in float32, or freshly initialized), its config.json and
+        folder; a trainer that holds the base differently (QLoRA's 4-bit) loads it its own way."""
+        return build_model(config.model, seed=config.seed)
+
     def prepare_model(self, model: torch.nn.Module, config: TrainConfig) -> torch.nn.Module:
         """The model to train, given the one built or loaded (before the optimizer and any resume)."""
         return model
@@ -192,7 +197,7 @@ class SFTTrainer:
             raise ConfigError(f"{out} already holds a run's checkpoints; pass --resume to continue it, "
                               "or choose another --out")
 
-        model, hf_config, model_folder = build_model(config.model, seed=config.seed)
+        model, hf_config, model_folder = self.build(config)
         tokenizer_folder = Path(config.tokenizer).expanduser() if config.tokenizer else model_folder
         tokenizer = Tokenizer(tokenizer_folder)
         vocab = hf_config.get("vocab_size", 0)

@@ -27,8 +27,11 @@ OUTPUT_HEADS = ("lm_head",)
 def apply_lora(model: nn.Module, config: LoRAConfig, *, freeze_base: bool = True) -> list[str]:
     """Wrap every Linear of ``model`` that ``config`` targets in a :class:`LoRALinear`; with
     ``freeze_base`` only the adapters train. Returns the wrapped modules' names."""
+    from enigma_lora.nf4 import NF4Linear
+
     linears = {name: module for name, module in model.named_modules()
-               if isinstance(module, nn.Linear) and not isinstance(module, LoRALinear)}
+               if (isinstance(module, nn.Linear) and not isinstance(module, LoRALinear))
+               or isinstance(module, NF4Linear)}
     chosen = [name for name in linears if config.matches(name, is_output_head=name.split(".")[-1] in OUTPUT_HEADS)]
     if not chosen:
         suffixes = sorted({name.split(".")[-1] for name in linears})
@@ -133,10 +136,12 @@ def merge_lora(model: nn.Module) -> int:
     count = 0
     with torch.no_grad():
         for name, module in lora_modules(model).items():
-            module.weight += module.delta_weight().to(module.weight.dtype)
-            linear = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None,
-                               device="meta")
-            linear.weight, linear.bias = module.weight, module.bias
+            base = module.base_weight()
+            merged = nn.Parameter((base.float() + module.delta_weight().float()).to(base.dtype),
+                                  requires_grad=False)
+            bias = module.bias if module.base_layer is None else module.base_layer.bias
+            linear = nn.Linear(module.in_features, module.out_features, bias=bias is not None, device="meta")
+            linear.weight, linear.bias = merged, bias
             parent, _, attribute = name.rpartition(".")
             setattr(model.get_submodule(parent) if parent else model, attribute, linear)
             count += 1

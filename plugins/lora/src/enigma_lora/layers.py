@@ -1,11 +1,12 @@
 """``LoRALinear``: a frozen Linear plus a trainable low-rank update, ``y = W x + b + s · B A x``.
 
-It keeps the base Linear's ``weight`` and ``bias`` as its own parameters, so
-the model's base checkpoint names do not change (``...q_proj.weight``), and
-adds ``lora_A`` (rank x in, Kaiming-uniform) and ``lora_B`` (out x rank,
-zeros: training starts from the base model) as PEFT lays them out. Being a
-subclass of ``nn.Linear`` but not an ``nn.Linear`` exactly, a backend leaves
-it unfused.
+It keeps a plain base Linear's ``weight`` and ``bias`` as its own
+parameters, so the model's base checkpoint names do not change
+(``...q_proj.weight``); any other base (QLoRA's :class:`~enigma_lora.nf4.NF4Linear`)
+is kept whole as ``base_layer``. It adds ``lora_A`` (rank x in,
+Kaiming-uniform) and ``lora_B`` (out x rank, zeros: training starts from the
+base model) as PEFT lays them out. Being a subclass of ``nn.Linear`` but not
+an ``nn.Linear`` exactly, a backend leaves it unfused.
 """
 
 from __future__ import annotations
@@ -20,18 +21,24 @@ from torch import nn
 class LoRALinear(nn.Linear):
     """``base`` with a LoRA update of ``rank`` scaled by ``scaling``."""
 
-    def __init__(self, base: nn.Linear, *, rank: int, scaling: float, dropout: float = 0.0) -> None:
+    def __init__(self, base: nn.Module, *, rank: int, scaling: float, dropout: float = 0.0) -> None:
         nn.Module.__init__(self)
         self.in_features, self.out_features = base.in_features, base.out_features
-        self.weight = base.weight
-        self.bias = base.bias
-        factory = {"device": base.weight.device, "dtype": base.weight.dtype}
+        if type(base) is nn.Linear:
+            self.weight, self.bias = base.weight, base.bias
+            self.base_layer = None
+            factory = {"device": base.weight.device, "dtype": base.weight.dtype}
+        else:  # a quantized base: the adapter trains in float32 beside it
+            self.register_parameter("weight", None)
+            self.register_parameter("bias", None)
+            self.base_layer = base
+            factory = {"device": next(iter(base.buffers())).device, "dtype": torch.float32}
         self.lora_A = nn.Linear(base.in_features, rank, bias=False, **factory)
         self.lora_B = nn.Linear(rank, base.out_features, bias=False, **factory)
         self.scaling = scaling
         self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.merged = False
-        if base.weight.device.type != "meta":
+        if factory["device"].type != "meta":
             self.reset_lora_parameters()
 
     @property
@@ -47,8 +54,12 @@ class LoRALinear(nn.Linear):
         """The update to ``weight`` that merging adds: ``scaling · B @ A``."""
         return (self.lora_B.weight @ self.lora_A.weight) * self.scaling
 
+    def base_weight(self) -> torch.Tensor:
+        """The base's weight as a float tensor (dequantized for a quantized base)."""
+        return self.weight if self.base_layer is None else self.base_layer.dequantized(torch.float32)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        result = F.linear(x, self.weight, self.bias)
+        result = F.linear(x, self.weight, self.bias) if self.base_layer is None else self.base_layer(x)
         if self.merged:
             return result
         update = self.lora_B(self.lora_A(self.lora_dropout(x.to(self.lora_A.weight.dtype))))

@@ -10,7 +10,7 @@ import torch
 
 from enigma.config import setting
 from enigma.training.sft import SFTTrainer
-from enigma_lora.adapter import apply_lora, merge_lora, save_adapter, trainable_parameters
+from enigma_lora.adapter import apply_lora, merge_adapter, save_adapter, trainable_parameters
 from enigma_lora.config import LoRAConfig, parse_targets
 
 
@@ -38,7 +38,11 @@ class LoRAOptions:
     rslora: bool = setting(False, allowed="true or false", check=lambda v: isinstance(v, bool),
                            doc="scale by alpha / sqrt(r) (rank-stabilized LoRA)")
     merge: bool = setting(False, allowed="true or false", check=lambda v: isinstance(v, bool),
-                          doc="also write the base with the adapter merged in, to <out>/merged")
+                          doc="also write the base with the adapter merged in, to <out>/merged (in the base's "
+                              "dtype)")
+    qlora: bool = setting(False, allowed="true or false", check=lambda v: isinstance(v, bool),
+                          doc="hold the frozen base in 4-bit NF4 with double quantization, bfloat16 elsewhere "
+                              "(QLoRA)")
 
     def lora_config(self, base: str | None = None) -> LoRAConfig:
         return LoRAConfig(rank=self.rank, alpha=self.alpha, dropout=self.dropout,
@@ -48,6 +52,24 @@ class LoRAOptions:
 
 class LoRATrainer(SFTTrainer):
     """Fine-tune LoRA adapters; the base model's weights stay as they are."""
+
+    def build(self, config: Any) -> tuple[torch.nn.Module, dict[str, Any], Path]:
+        if not self._options(config).qlora:
+            return super().build(config)
+        from enigma.errors import ConfigError
+        from enigma.loader import load_model
+        from enigma_lora.nf4 import quantize_linears
+
+        folder = Path(config.model).expanduser()
+        if not folder.is_dir() or not any(folder.glob("*.safetensors")):
+            raise ConfigError(f"--qlora fine-tunes a trained model; {config.model} is not a model folder with "
+                              "weights")
+        loaded = load_model(folder, dtype=torch.bfloat16)
+        model = loaded.model
+        for parameter in model.parameters():
+            parameter.requires_grad_(False)
+        self.quantized = quantize_linears(model)
+        return model.train(), loaded.hf_config, folder
 
     def prepare_model(self, model: torch.nn.Module, config: Any) -> torch.nn.Module:
         options = self._options(config)
@@ -62,16 +84,14 @@ class LoRATrainer(SFTTrainer):
         import shutil
 
         from enigma.merging import COPIED_FILES
-        from enigma.saving import save_model_folder
 
         save_adapter(model, out, self.lora, dtype=dtype)
         for file_name in COPIED_FILES:
             if (tokenizer_folder / file_name).exists() and file_name != "generation_config.json":
                 shutil.copyfile(tokenizer_folder / file_name, out / file_name)
-        if self.merge:
-            merge_lora(model)
-            save_model_folder(model, hf_config, out / "merged", tokenizer_folder=tokenizer_folder, dtype=dtype,
-                              generation_config=generation_config)
+        if self.merge:  # from the base's own files, so a QLoRA run merges into the unquantized weights
+            shutil.rmtree(out / "merged", ignore_errors=True)  # a resumed run's earlier result
+            merge_adapter(self.lora.base_model_name_or_path, out, output=out / "merged")
 
     @staticmethod
     def _options(config: Any) -> LoRAOptions:
