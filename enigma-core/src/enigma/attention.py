@@ -10,7 +10,9 @@ table), and slot ``block * block_size + offset`` holds one token.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+import contextvars
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import attrs
@@ -84,6 +86,9 @@ class ForwardContext:
     metadata: AttentionMetadata
     kv_caches: Sequence[Any]
     """One paged cache tensor per layer."""
+    adapters: Sequence[str | None] = ()
+    """Per chunk of the batch, the adapter (a LoRA's name) its tokens run with, or None for the base
+    model; empty when no chunk has one. Adapter layers read it through :func:`current_forward_context`."""
     _by_window: dict[int | None, AttentionMetadata] = attrs.field(factory=dict, init=False)
 
     def metadata_for(self, sliding_window: int | None) -> AttentionMetadata:
@@ -93,3 +98,23 @@ class ForwardContext:
         if sliding_window not in self._by_window:
             self._by_window[sliding_window] = attrs.evolve(self.metadata, sliding_window=sliding_window)
         return self._by_window[sliding_window]
+
+
+_CURRENT: contextvars.ContextVar[ForwardContext | None] = contextvars.ContextVar("enigma_forward_context",
+                                                                              default=None)
+
+
+def current_forward_context() -> ForwardContext | None:
+    """The context of the forward pass running now (set by the runner), for layers that need more than
+    their input: per-request adapters. None outside a forward pass."""
+    return _CURRENT.get()
+
+
+@contextlib.contextmanager
+def forward_context(context: ForwardContext) -> Iterator[ForwardContext]:
+    """Make ``context`` the :func:`current_forward_context` for the duration."""
+    token = _CURRENT.set(context)
+    try:
+        yield context
+    finally:
+        _CURRENT.reset(token)

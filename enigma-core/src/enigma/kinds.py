@@ -213,8 +213,12 @@ class Cache(Protocol):
     ``max_model_len`` and ``enable_prefix_caching``. Only the scheduler calls it.
     """
 
-    def lookup_prefix(self, request_id: str, token_ids: Sequence[int]) -> int:
-        """Give a new request the cached blocks of its longest cached prefix; return its length in tokens."""
+    def lookup_prefix(self, request_id: str, token_ids: Sequence[int], *, salt: str | None = None) -> int:
+        """Give a new request the cached blocks of its longest cached prefix; return its length in tokens.
+
+        ``salt`` (given only when set: a request's LoRA adapter) separates requests whose keys and
+        values differ for the same tokens; blocks are shared only under the same salt, and the
+        request's blocks are committed under it."""
 
     def allocate(self, request_id: str, num_tokens: int) -> bool:
         """Make the request's blocks cover ``num_tokens`` tokens in all; False when there is no room

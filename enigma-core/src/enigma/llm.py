@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from enigma.errors import BadRequestError, NotFoundError
+from enigma.errors import BadRequestError, NotAvailableError, NotFoundError
 from enigma.outputs import EmbeddingOutput, EmbeddingRequestOutput, RequestOutput
 from enigma.sampling import SamplingParams
 
@@ -73,14 +73,20 @@ class LLM:
                  device: str | None = None, block_size: int = 16, kv_cache_memory: int | float | None = None,
                  num_kv_blocks: int | None = None, max_num_seqs: int = 64, max_num_batched_tokens: int = 512,
                  enable_prefix_caching: bool = True, cache: str = "auto", scheduler: str = "auto",
-                 served_model_name: str | None = None, load_options: dict[str, Any] | None = None) -> None:
+                 served_model_name: str | None = None, load_options: dict[str, Any] | None = None,
+                 adapters: dict[str, str | Path] | None = None, max_loras: int = 4) -> None:
         from enigma.loader import load_model
         from enigma.plugins import get_host
         from enigma.tokenizer import Tokenizer
 
         folder = resolve_model_path(model)
         self.backend = get_host().create("backend", backend, device=device)
+        if adapters:
+            load_options = {**(load_options or {}), "lora_adapters": {n: str(p) for n, p in adapters.items()},
+                            "max_loras": max_loras}
         self.loaded = load_model(folder, dtype=dtype, device=self.backend.device, options=load_options)
+        if adapters and getattr(self.loaded.model, "adapters", None) is None:
+            raise NotAvailableError("serving LoRA adapters needs enigma-plugin-lora: pip install enigma-plugin-lora")
         self.tokenizer = Tokenizer(folder)
         self.model_name = served_model_name or str(model)  # the name events and errors use
         self._ids = itertools.count()
@@ -125,19 +131,23 @@ class LLM:
     # ------------------------------------------------------------ generation
 
     def generate(self, prompts: Prompt | SequenceOf[Prompt],
-                 sampling_params: SamplingParams | SequenceOf[SamplingParams] | None = None) -> list[RequestOutput]:
-        """Complete each prompt (text or token ids); one :class:`RequestOutput` per prompt, in order."""
+                 sampling_params: SamplingParams | SequenceOf[SamplingParams] | None = None, *,
+                 adapter: str | SequenceOf[str | None] | None = None) -> list[RequestOutput]:
+        """Complete each prompt (text or token ids); one :class:`RequestOutput` per prompt, in order.
+        ``adapter`` names the LoRA adapter (one of ``LLM(..., adapters=)``) for all prompts, or one per
+        prompt (None: the base model); prompts of different adapters run in one batch."""
         self._require_generator("generate")
         if isinstance(prompts, str) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], int)):
             prompts = [prompts]
         prompts = list(prompts)
         params_list = self._params_for(len(prompts), sampling_params)
+        adapter_list = self._adapters_for(len(prompts), adapter)
         requests = []
-        for prompt, params in zip(prompts, params_list):
+        for prompt, params, name in zip(prompts, params_list, adapter_list):
             if isinstance(prompt, str):
-                requests.append((prompt, self.tokenizer.encode(prompt), params))
+                requests.append((prompt, self.tokenizer.encode(prompt), params, name))
             else:
-                requests.append((None, list(prompt), params))
+                requests.append((None, list(prompt), params, name))
         return self._run(requests)
 
     def chat(self, messages: list[Message] | SequenceOf[list[Message]],
@@ -152,11 +162,11 @@ class LLM:
         for conversation, params in zip(conversations, params_list):
             text = self.tokenizer.apply_chat_template(conversation, add_generation_prompt=add_generation_prompt,
                                                       chat_template=chat_template, **template_kwargs)
-            requests.append((text, self.tokenizer.encode(text, add_special_tokens=False), params))
+            requests.append((text, self.tokenizer.encode(text, add_special_tokens=False), params, None))
         return self._run(requests)
 
     def stream(self, prompt: Prompt, sampling_params: SamplingParams | None = None, *,
-               prompt_text: str | None = None) -> Iterator[RequestOutput]:
+               prompt_text: str | None = None, adapter: str | None = None) -> Iterator[RequestOutput]:
         """Generate for one prompt, yielding each step's new text and tokens as they come
         (``outputs[i].text`` holds only the delta). Closing the iterator early, or an
         exception such as Ctrl-C while it runs, aborts the request and frees its KV blocks."""
@@ -167,7 +177,7 @@ class LLM:
         else:
             token_ids = list(prompt)
         engine = self.engine
-        request_id = engine.add_request(None, token_ids, params, prompt_text=prompt_text)
+        request_id = engine.add_request(None, token_ids, params, prompt_text=prompt_text, adapter=adapter)
         finished = False
         try:
             while not finished:
@@ -189,13 +199,22 @@ class LLM:
             raise BadRequestError(f"got {len(params)} SamplingParams for {count} prompts; pass one, or one per prompt")
         return params
 
-    def _run(self, requests: list[tuple[str | None, list[int], SamplingParams]]) -> list[RequestOutput]:
+    @staticmethod
+    def _adapters_for(count: int, adapter: str | SequenceOf[str | None] | None) -> list[str | None]:
+        if adapter is None or isinstance(adapter, str):
+            return [adapter] * count
+        adapter = list(adapter)
+        if len(adapter) != count:
+            raise BadRequestError(f"got {len(adapter)} adapters for {count} prompts; pass one, or one per prompt")
+        return adapter
+
+    def _run(self, requests: list[tuple[str | None, list[int], SamplingParams, str | None]]) -> list[RequestOutput]:
         """Submit every prompt to the engine at once; step until all are done."""
         engine = self.engine
         ids: list[str] = []
         try:
-            for text, token_ids, params in requests:
-                ids.append(engine.add_request(None, token_ids, params, prompt_text=text))
+            for text, token_ids, params, adapter in requests:
+                ids.append(engine.add_request(None, token_ids, params, prompt_text=text, adapter=adapter))
         except BaseException:
             for request_id in ids:
                 engine.abort(request_id)

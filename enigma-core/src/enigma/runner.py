@@ -14,7 +14,7 @@ from collections.abc import Sequence
 import attrs
 import torch
 
-from enigma.attention import AttentionMetadata, ForwardContext
+from enigma.attention import AttentionMetadata, ForwardContext, forward_context
 from enigma.loader import LoadedModel
 
 
@@ -29,6 +29,8 @@ class SequenceChunk:
     """The sequence's KV blocks, covering positions ``0 .. start + len(token_ids) - 1``."""
     all_logits: bool = False
     """Return logits for every token (prompt logprobs), not only the last."""
+    adapter: str | None = None
+    """The adapter (LoRA) these tokens run with; None: the base model."""
 
 
 @attrs.frozen
@@ -98,9 +100,11 @@ class ModelRunner:
                                  device=self.device)
         positions = torch.cat([torch.arange(chunk.start, chunk.start + len(chunk.token_ids))
                                for chunk in chunks]).to(self.device)
-        context = ForwardContext(backend=self.backend, metadata=self.metadata(chunks),
-                                 kv_caches=self.kv_caches)
-        hidden = self.model(input_ids, positions, context)
+        adapters = tuple(chunk.adapter for chunk in chunks)
+        context = ForwardContext(backend=self.backend, metadata=self.metadata(chunks), kv_caches=self.kv_caches,
+                                 adapters=adapters if any(adapters) else ())
+        with forward_context(context):
+            hidden = self.model(input_ids, positions, context)
         ends = torch.tensor(context.metadata.query_lens, device=self.device).cumsum(0) - 1
         full: dict[int, torch.Tensor] = {}
         start = 0

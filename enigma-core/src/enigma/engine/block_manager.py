@@ -55,6 +55,7 @@ class PagedCache:
         self._by_hash: dict[int, Block] = {}
         self._tables: dict[str, list[Block]] = {}
         self._hashed: dict[str, int] = {}  # request -> how many of its blocks are hashed
+        self._roots: dict[str, int | None] = {}  # request -> the hash its chain starts from (its salt)
         self.prefix_queries = 0
         self.prefix_hits = 0
         self._last_lookup: dict[str, tuple[int, int]] = {}
@@ -157,20 +158,24 @@ class PagedCache:
 
     # ------------------------------------------------------------ requests
 
-    def lookup_prefix(self, request_id: str, token_ids: Sequence[int]) -> int:
+    def lookup_prefix(self, request_id: str, token_ids: Sequence[int], *, salt: str | None = None) -> int:
         """Give a new request the cached blocks of its longest cached prefix.
 
         Only full blocks count, and at least one token is always left to
         compute (its logits are needed). Returns the number of tokens found.
+        Requests with different ``salt`` (their LoRA adapter) never share
+        blocks: their keys and values differ for the same tokens.
         """
         assert request_id not in self._tables, "lookup_prefix is for requests without blocks"
         table: list[Block] = []
         self._tables[request_id] = table
         self._hashed[request_id] = 0
+        root = None if salt is None else hash(("salt", salt))
+        self._roots[request_id] = root
         if not self.enable_prefix_caching:
             return 0
         full_blocks = (len(token_ids) - 1) // self.block_size
-        parent = None
+        parent = root
         self.prefix_queries += len(token_ids)
         for index in range(full_blocks):
             parent = chain_hash(parent, token_ids[index * self.block_size:(index + 1) * self.block_size])
@@ -223,7 +228,7 @@ class PagedCache:
         table = self._tables[request_id]
         done = self._hashed[request_id]
         full = min(len(token_ids) // self.block_size, len(table))
-        parent = table[done - 1].block_hash if done else None
+        parent = table[done - 1].block_hash if done else self._roots.get(request_id)
         for index in range(done, full):
             block = table[index]
             parent = chain_hash(parent, token_ids[index * self.block_size:(index + 1) * self.block_size])
@@ -238,6 +243,7 @@ class PagedCache:
         self._release_claim(request_id)
         self._expected.pop(request_id, None)
         self._hashed.pop(request_id, None)
+        self._roots.pop(request_id, None)
         self._last_lookup.pop(request_id, None)
 
     def block_table(self, request_id: str) -> list[int]:

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from enigma.engine.request import Request, RequestStatus
-from enigma.errors import BadRequestError, PluginError
+from enigma.errors import BadRequestError, NotFoundError, PluginError
 from enigma.events import RequestFinished, RequestStarted
 from enigma.kinds import ModelRunnerOutput, ScheduledRequest, SchedulerOutput
 from enigma.outputs import CompletionOutput, RequestOutput
@@ -85,9 +85,12 @@ class Engine:
 
     def add_request(self, request_id: str | None, prompt: str | list[int], params: SamplingParams | None = None,
                     *, priority: int = 0, arrival_time: float | None = None,
-                    prompt_text: str | None = None) -> str:
-        """Queue a prompt (text, or token ids with optional ``prompt_text``); returns its id."""
+                    prompt_text: str | None = None, adapter: str | None = None) -> str:
+        """Queue a prompt (text, or token ids with optional ``prompt_text``); returns its id. ``adapter``
+        names a LoRA adapter the model was loaded with (``LLM(..., adapters={name: path})``)."""
         params = params or SamplingParams()
+        if adapter is not None:
+            self._check_adapter(adapter)
         request_id = str(next(self._ids)) if request_id is None else str(request_id)
         if request_id in self._groups:
             raise BadRequestError(f"request id {request_id!r} is already in use; ids must be unique")
@@ -103,7 +106,7 @@ class Engine:
                                 eos_token_ids=self.eos_token_ids, max_model_len=self.max_model_len,
                                 device=self.runner.device)
             request = Request(f"{request_id}#{index}" if params.n > 1 else request_id, request_id, sequence,
-                              priority=priority, arrival_time=arrival,
+                              priority=priority, arrival_time=arrival, adapter=adapter,
                               prefix_cache_limit=(None if params.prompt_logprobs is None
                                                   else max(0, params.prompt_logprobs_start - 1)))
             group.requests.append(request)
@@ -113,6 +116,13 @@ class Engine:
         self._host.broadcast("enigma_request_started", event=RequestStarted(
             request_id=request_id, model=self.model_name, prompt_tokens=len(token_ids), arrival_time=arrival))
         return request_id
+
+    def _check_adapter(self, adapter: str) -> None:
+        registry = getattr(self.runner.model, "adapters", None)
+        names = list(registry.names()) if registry is not None else []
+        if adapter not in names:
+            known = ", ".join(names) if names else "none: load the model with adapters={name: folder}"
+            raise NotFoundError(f"adapter {adapter!r} is not loaded with this model; its adapters: {known}")
 
     def _check_prompt(self, token_ids: list[int]) -> None:
         vocab = self.runner.vocab_size
@@ -171,7 +181,8 @@ class Engine:
                                      and item.start < len(request.prompt_token_ids)
                                      and item.start + item.num_tokens >= group.params.prompt_logprobs_start)
             chunks.append(SequenceChunk(tokens[item.start:item.start + item.num_tokens], item.start,
-                                        item.block_table, all_logits=wants_prompt_logprobs))
+                                        item.block_table, all_logits=wants_prompt_logprobs,
+                                        adapter=request.adapter))
         logits = self.runner.execute(chunks)
 
         to_sample: list[int] = []

@@ -44,6 +44,9 @@ class Request:
     cached_prompt_tokens: int = 0
     order: int = attrs.field(factory=lambda: next(_ORDER))
     """Unique and increasing: breaks ties between equal arrivals (the ``n`` of one prompt)."""
+    adapter: str | None = None
+    """The adapter (LoRA) it runs with; None: the base model. Its KV blocks are shared only with
+    requests of the same adapter (it is the prefix cache's salt)."""
     prefix_cache_limit: int | None = None
     """At most this many leading tokens may come from the prefix cache (None: any; 0: compute the whole
     prompt, as when its prompt logprobs are wanted from the start)."""

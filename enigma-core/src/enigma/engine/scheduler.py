@@ -67,7 +67,10 @@ class Scheduler:
             tokens = request.all_token_ids()
             if request.prefix_cache_limit is not None:
                 tokens = tokens[: request.prefix_cache_limit]
-            cached = self.cache.lookup_prefix(request.request_id, tokens)
+            if request.adapter is None:
+                cached = self.cache.lookup_prefix(request.request_id, tokens)
+            else:
+                cached = self.cache.lookup_prefix(request.request_id, tokens, salt=request.adapter)
             num_new = min(request.num_tokens - cached, budget)
             self._expect(request)
             if not self.cache.allocate(request.request_id, cached + num_new):

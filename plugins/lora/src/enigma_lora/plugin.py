@@ -29,3 +29,15 @@ def enigma_commands(cli):
         if (name is None) == (output is None):
             raise click.UsageError("give exactly one of --name (the store) and --out (a new folder)")
         click.echo(f"wrote {merge_adapter(base, adapter, output=output, name=name)}")
+
+
+@hookimpl
+def enigma_transform_model(model, context):
+    """``LLM(base, adapters={name: folder})``: wrap the Linears the adapters adapt, before the weights load."""
+    folders = context.options.get("lora_adapters")
+    if not folders:
+        return
+    from enigma_lora.serving import wrap_for_serving
+
+    wrap_for_serving(model, folders, max_loras=int(context.options.get("max_loras", 4)), device=context.device,
+                     dtype=context.dtype)
