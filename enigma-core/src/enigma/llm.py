@@ -74,7 +74,8 @@ class LLM:
                  num_kv_blocks: int | None = None, max_num_seqs: int = 64, max_num_batched_tokens: int = 512,
                  enable_prefix_caching: bool = True, cache: str = "auto", scheduler: str = "auto",
                  served_model_name: str | None = None, load_options: dict[str, Any] | None = None,
-                 adapters: dict[str, str | Path] | None = None, max_loras: int = 4) -> None:
+                 adapters: dict[str, str | Path] | None = None, max_loras: int = 4,
+                 default_adapter: str | None = None) -> None:
         from enigma.loader import load_model
         from enigma.plugins import get_host
         from enigma.tokenizer import Tokenizer
@@ -109,6 +110,8 @@ class LLM:
                                  max_num_batched_tokens=max_num_batched_tokens,
                                  enable_prefix_caching=enable_prefix_caching)
             self.max_model_len = self.engine.max_model_len
+            if default_adapter is not None:
+                self.engine.default_adapter = default_adapter
         self.eos_token_ids = self.tokenizer.eos_token_ids
 
     GENERATION_DEFAULTS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")

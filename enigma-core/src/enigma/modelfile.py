@@ -23,6 +23,9 @@ import attrs
 
 from enigma.errors import BadRequestError
 
+ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
+ADAPTER_DIR = "adapter"
+"""Where a Modelfile's ADAPTER is copied inside the model's store folder (the manifest's ``adapter``)."""
 INSTRUCTIONS = ("FROM", "SYSTEM", "TEMPLATE", "PARAMETER", "ADAPTER", "LICENSE")
 PARAMETERS: dict[str, tuple[str, type]] = {
     # Modelfile name: (SamplingParams field, type)
@@ -129,7 +132,7 @@ def read_modelfile(path: str | Path) -> Modelfile:
 
 def create_from_modelfile(name: str, path: str | Path, *, store: Any = None) -> Any:
     """Build the store model ``name`` that a Modelfile describes; return its manifest."""
-    from enigma.errors import NotAvailableError
+    from enigma.errors import NotAvailableError, NotFoundError
     from enigma.llm import resolve_model_path
     from enigma.plugins import get_host
     from enigma.pull import needed
@@ -160,11 +163,19 @@ def create_from_modelfile(name: str, path: str | Path, *, store: Any = None) -> 
     defaults = {**inherited.get("defaults", {}), **spec.parameters}
     files = sorted(str(p.relative_to(folder)) for p in folder.rglob("*")
                    if p.is_file() and needed(str(p.relative_to(folder))))
+    extra = {}
+    if spec.adapter:
+        adapter_folder = (Path(path).parent / spec.adapter).expanduser()
+        missing = [n for n in ADAPTER_FILES if not (adapter_folder / n).is_file()]
+        if missing:
+            raise NotFoundError(f"{spec.source}: ADAPTER {spec.adapter} is not a LoRA adapter folder in PEFT's "
+                                f"format (it lacks {', '.join(missing)})")
+        extra = {f"{ADAPTER_DIR}/{n}": adapter_folder / n for n in ADAPTER_FILES}
     return store.add_folder(
-        target, folder, files, source=f"modelfile:{base}",
+        target, folder, files, source=f"modelfile:{base}", extra_files=extra,
         system=spec.system if spec.system is not None else inherited.get("system"),
         template=spec.template if spec.template is not None else inherited.get("template"),
-        defaults=defaults, adapter=spec.adapter,
+        defaults=defaults, adapter=ADAPTER_DIR if spec.adapter else None,
         **({"license": spec.license or inherited.get("license")} if (spec.license or inherited.get("license"))
            else {}))
 

@@ -28,8 +28,12 @@ class OpenedModel:
     """Sampling defaults: generation_config.json, then the Modelfile's PARAMETERs."""
     system: str | None
     template: str | None
+    adapter: str | None = None
+    """The adapter requests run with by default: its Modelfile's ADAPTER (copied into the model's folder)."""
 
 
+MODELFILE_ADAPTER = "modelfile-adapter"
+"""The name a Modelfile's ADAPTER is served under inside its model."""
 ENGINE_KEYS = ("dtype", "backend", "scheduler", "cache", "device")
 
 
@@ -51,6 +55,12 @@ def open_model(name: str, **llm_options: Any) -> OpenedModel:
     folder = resolve_model_path(name)
     store = Store()
     manifest = store.manifest_for(name, folder)
+    adapter = None
+    if manifest is not None and manifest.adapter:
+        adapter = MODELFILE_ADAPTER
+        llm_options = {**llm_options, "adapters": {**llm_options.get("adapters", {}),
+                                                   adapter: str(folder / manifest.adapter)},
+                       "default_adapter": adapter}
     try:
         llm = LLM(folder, served_model_name=name, **llm_options)
     except Exception as exc:
@@ -67,4 +77,4 @@ def open_model(name: str, **llm_options: Any) -> OpenedModel:
         defaults.update(manifest.defaults)
     return OpenedModel(name=name, llm=llm, manifest=manifest, defaults=defaults,
                        system=manifest.system if manifest else None,
-                       template=manifest.template if manifest else None)
+                       template=manifest.template if manifest else None, adapter=adapter)

@@ -23,7 +23,7 @@ import re
 import shutil
 import tempfile
 import uuid
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -304,18 +304,22 @@ class Store:
         return manifest
 
     def add_folder(self, model: str | ModelName, source_folder: Path, files: Iterable[str], *, source: str,
-                   progress: Callable[[str, int], None] | None = None, **fields: Any) -> Manifest:
-        """Copy ``files`` (relative paths) of ``source_folder`` into the store as ``model``."""
+                   progress: Callable[[str, int], None] | None = None,
+                   extra_files: Mapping[str, Path] | None = None, **fields: Any) -> Manifest:
+        """Copy ``files`` (relative paths) of ``source_folder`` into the store as ``model``, and
+        ``extra_files`` (relative path in the model -> a file anywhere) beside them."""
         name = model if isinstance(model, ModelName) else ModelName.parse(model)
+        sources = [(relative, source_folder / relative) for relative in files]
+        sources += [(relative, Path(path)) for relative, path in (extra_files or {}).items()]
         with self.lock(name), self.staging(name) as staged:
             entries = []
-            for relative in files:
+            for relative, origin in sources:
                 target = staged / relative
                 target.parent.mkdir(parents=True, exist_ok=True)
                 try:
-                    digest = _copy_hashing(source_folder / relative, target)
+                    digest = _copy_hashing(origin, target)
                 except OSError as exc:
-                    raise _io_error(exc, source_folder / relative) from exc
+                    raise _io_error(exc, origin) from exc
                 entries.append(FileEntry(relative, target.stat().st_size, digest))
                 if progress:
                     progress(relative, target.stat().st_size)

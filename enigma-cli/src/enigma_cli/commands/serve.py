@@ -15,6 +15,7 @@ Examples:
   enigma serve                                  the default model on 127.0.0.1:11500
   enigma serve enigma-tiny qwen:0.5b --port 8000
   ENIGMA_SERVER__HOST=0.0.0.0 enigma serve mine:v1
+  enigma serve ./base --lora sql=./sql-adapter --lora chat=./chat-adapter
 
 \b
 Then, with the openai SDK:
@@ -29,9 +30,15 @@ Then, with the openai SDK:
 @click.option("--no-auth", is_flag=True, help="Serve without API keys even if some exist (local use).")
 @click.option("--graceful-timeout", type=float, default=30.0, show_default=True,
               help="Seconds in-flight requests get to finish on shutdown (Ctrl-C, SIGTERM).")
+@click.option("--lora", "loras", multiple=True, metavar="NAME=PATH",
+              help="Serve a LoRA adapter (PEFT's format) on the first model as the model NAME; repeatable. "
+                   "Requests of several adapters share one batch (needs enigma-plugin-lora).")
+@click.option("--max-loras", type=click.IntRange(min=1), default=4, show_default=True,
+              help="Adapters held in memory at once (the least recently used is dropped, read again on use).")
 @engine_flags
 def serve(models: tuple[str, ...], host: str | None, port: int | None, max_body_mb: float, no_auth: bool,
-          graceful_timeout: float, backend: str | None, scheduler: str | None, cache: str | None) -> None:
+          graceful_timeout: float, loras: tuple[str, ...], max_loras: int, backend: str | None,
+          scheduler: str | None, cache: str | None) -> None:
     """Serve models over HTTP: the OpenAI API (/v1/...), health routes, and installed transports.
 
     One process serves every request: its engine batches them continuously,
@@ -51,6 +58,19 @@ def serve(models: tuple[str, ...], host: str | None, port: int | None, max_body_
 
     for name in names:  # an unknown name fails now, not after the server is up
         resolve_model_path(name)
+    adapters = {}
+    for entry in loras:
+        adapter_name, sep, path = entry.partition("=")
+        if not sep or not adapter_name or not path:
+            raise click.BadParameter(f"{entry!r} is not NAME=PATH", param_hint="--lora")
+        from pathlib import Path
+
+        if not (Path(path).expanduser() / "adapter_config.json").is_file():
+            raise click.BadParameter(f"{path} is not a LoRA adapter folder (no adapter_config.json)",
+                                     param_hint="--lora")
+        if adapter_name in names or adapter_name in adapters:
+            raise click.BadParameter(f"the name {adapter_name!r} is already served", param_hint="--lora")
+        adapters[adapter_name] = str(Path(path).expanduser())
     host = host or config.get("server.host")
     port = port or config.get("server.port")
     access = logging.getLogger("enigma.server")
@@ -66,7 +86,9 @@ def serve(models: tuple[str, ...], host: str | None, port: int | None, max_body_
                             ip_rate_limit=config.get("server.ip_rate_limit"),
                             token_rate_limit=config.get("server.token_rate_limit"),
                             ip_token_rate_limit=config.get("server.ip_token_rate_limit"),
-                            llm_options=engine_options(config, backend=backend, scheduler=scheduler,
-                                                       cache=cache))
-    click.echo(f"enigma serving {', '.join(names)} on http://{host}:{port} (OpenAI API at /v1)", err=True)
+                            llm_options={**engine_options(config, backend=backend, scheduler=scheduler,
+                                                          cache=cache), "max_loras": max_loras},
+                            adapters=adapters)
+    served = ", ".join(names + list(adapters))
+    click.echo(f"enigma serving {served} on http://{host}:{port} (OpenAI API at /v1)", err=True)
     asyncio.run(serve_async(context, host, port, graceful_timeout=graceful_timeout))

@@ -44,8 +44,8 @@ class AsyncEngine:
         return self._thread.is_alive() and self.error is None
 
     async def generate(self, prompt: str | list[int], params: SamplingParams | None = None,
-                       request_id: str | None = None, *, priority: int = 0,
-                       prompt_text: str | None = None) -> AsyncIterator[RequestOutput]:
+                       request_id: str | None = None, *, priority: int = 0, prompt_text: str | None = None,
+                       adapter: str | None = None) -> AsyncIterator[RequestOutput]:
         """Stream a prompt's outputs as deltas: each holds only the tokens and text new
         since the previous one; the last has ``finished`` set and the finish reason."""
         if self.error is not None:
@@ -58,7 +58,7 @@ class AsyncEngine:
 
                 raise BadRequestError(f"request id {request_id!r} is already streaming; ids must be unique")
             self._streams[request_id] = (asyncio.get_running_loop(), queue)
-            self._pending.append((request_id, prompt, params or SamplingParams(), priority, prompt_text))
+            self._pending.append((request_id, prompt, params or SamplingParams(), priority, prompt_text, adapter))
             self._wake.notify()
         finished = False
         try:
@@ -117,10 +117,10 @@ class AsyncEngine:
                     aborts, self._aborts = self._aborts, []
                     for request_id in aborts:
                         engine.abort(request_id)
-                    for request_id, prompt, params, priority, prompt_text in pending:
+                    for request_id, prompt, params, priority, prompt_text, adapter in pending:
                         try:
                             engine.add_request(request_id, prompt, params, priority=priority,
-                                               prompt_text=prompt_text)
+                                               prompt_text=prompt_text, adapter=adapter)
                         except Exception as exc:  # bad input: that request fails, the loop goes on
                             self._deliver(request_id, exc)
                 outputs = engine.step(delta=True) if engine.has_unfinished() else []

@@ -78,6 +78,8 @@ class Engine:
         self.eos_token_ids = tuple(tokenizer.eos_token_ids)
         self._groups: dict[str, _Group] = {}
         self._ids = itertools.count()
+        self.default_adapter: str | None = None
+        """The adapter requests that name none run with (a Modelfile's ADAPTER)."""
         self._generated: deque[tuple[float, int]] = deque()  # (time, tokens) of recent steps
         self._host.broadcast("enigma_engine_started", engine=self)
 
@@ -89,6 +91,7 @@ class Engine:
         """Queue a prompt (text, or token ids with optional ``prompt_text``); returns its id. ``adapter``
         names a LoRA adapter the model was loaded with (``LLM(..., adapters={name: path})``)."""
         params = params or SamplingParams()
+        adapter = adapter if adapter is not None else self.default_adapter
         if adapter is not None:
             self._check_adapter(adapter)
         request_id = str(next(self._ids)) if request_id is None else str(request_id)

@@ -31,6 +31,9 @@ class ServedModel:
     """Sampling defaults: the model's generation_config.json, then its Modelfile PARAMETERs."""
     system: str | None = None
     template: str | None = None
+    adapter: str | None = None
+    """The LoRA adapter its requests run with (a ``--lora NAME=PATH`` of the model it shares an engine
+    with, or its Modelfile's ADAPTER); None: the model's own weights."""
     embed_lock: threading.Lock = attrs.field(factory=threading.Lock)
 
     @property
@@ -51,7 +54,7 @@ def load_served_model(name: str, **llm_options: Any) -> ServedModel:
     llm = opened.llm
     engine = None if llm.loaded.is_embedding_model else AsyncEngine(llm.engine)
     return ServedModel(name=name, llm=llm, engine=engine, created=int(time.time()), defaults=opened.defaults,
-                       system=opened.system, template=opened.template)
+                       system=opened.system, template=opened.template, adapter=opened.adapter)
 
 
 class ServerContext:
@@ -60,8 +63,10 @@ class ServerContext:
     def __init__(self, model_names: Sequence[str], *, llm_options: dict[str, Any] | None = None,
                  max_body_bytes: int = 4 * 2**20, auth: bool = True, rate_limit: int = 0, ip_rate_limit: int = 0,
                  token_rate_limit: int = 0, ip_token_rate_limit: int = 0,
-                 keys_path: Any = None) -> None:
+                 keys_path: Any = None, adapters: dict[str, str] | None = None) -> None:
         self.model_names = list(model_names)
+        self.adapters = dict(adapters or {})
+        """LoRA adapters (name -> folder) served on the first model: each is a model of its own name."""
         self.llm_options = llm_options or {}
         self.max_body_bytes = max_body_bytes
         self.auth = auth
@@ -80,8 +85,16 @@ class ServerContext:
     def load(self) -> None:
         """Load every model (blocking); the server answers health checks meanwhile."""
         try:
-            for name in self.model_names:
-                self.models[name] = load_served_model(name, **self.llm_options)
+            for index, name in enumerate(self.model_names):
+                options = dict(self.llm_options)
+                if index == 0 and self.adapters:
+                    options["adapters"] = self.adapters
+                self.models[name] = load_served_model(name, **options)
+            if self.adapters:
+                base = self.models[self.model_names[0]]
+                for adapter in self.adapters:
+                    self.models[adapter] = attrs.evolve(base, name=adapter, adapter=adapter,
+                                                        embed_lock=threading.Lock())
             self.state = "ready"
         except BaseException as exc:
             self.load_error = exc

@@ -168,7 +168,8 @@ def start(prepared: Prepared, index: int, request_id: str) -> AsyncIterator[Any]
     if prepared.answer is not None:
         return answer_outputs(prepared.answer, request_id=request_id, params=params,
                               tokenizer=prepared.served.llm.tokenizer, prompt=text, prompt_token_ids=token_ids)
-    stream = prepared.served.engine.generate(token_ids, params, request_id, prompt_text=text)
+    stream = prepared.served.engine.generate(token_ids, params, request_id, prompt_text=text,
+                                             adapter=prepared.served.adapter)
     return observe_outputs(stream, prepared.request) if len(prepared.prompts) == 1 else stream
 
 
