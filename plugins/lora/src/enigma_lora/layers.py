@@ -63,6 +63,8 @@ class LoRALinear(nn.Linear):
         if self.merged:
             return result
         update = self.lora_B(self.lora_A(self.lora_dropout(x.to(self.lora_A.weight.dtype))))
+        if update.dtype == result.dtype:
+            return result.add_(update, alpha=self.scaling)  # the base's output is not kept for backward
         return result + (update * self.scaling).to(result.dtype)
 
     def extra_repr(self) -> str:
