@@ -149,3 +149,13 @@ def test_the_seeds_python_call(folder: Path, tmp_path: Path) -> None:
     assert (Path(out) / "model.safetensors").exists()
     record = json.loads((Path(out) / "enigma_training.json").read_text())
     assert record["steps"] == 2 and record["config"]["options"]["loss"] == "hinge"
+
+
+def test_precomputed_reference_logps_are_used(folder: Path) -> None:
+    tokenizer = Tokenizer(folder)
+    record = {**RECORDS[0], "ref_chosen_logps": -12.5, "ref_rejected_logps": -30.0}
+    pair = tokenize_pair(record, tokenizer, where="x")
+    DPOTrainer.score_reference(load_model(folder, dtype=torch.float32).model, [pair], 0, batch_size=2)
+    assert (pair.ref_chosen_logps, pair.ref_rejected_logps) == (-12.5, -30.0)
+    with pytest.raises(BadRequestError, match="give both ref_chosen_logps and ref_rejected_logps"):
+        tokenize_pair({**RECORDS[0], "ref_chosen_logps": -1.0}, tokenizer, where="x")

@@ -10,7 +10,9 @@ Records come from JSON Lines or JSON array files, in either of TRL's forms:
   with the generation prompt); or ``chosen``/``rejected`` whole conversations
   whose shared leading turns are the prompt.
 
-Only completion tokens carry loss. A pair longer than ``max_length`` tokens
+Records may carry ``ref_chosen_logps`` and ``ref_rejected_logps`` (TRL's
+names): the reference model's log-probabilities, computed elsewhere; the
+trainer then does not score those pairs. Only completion tokens carry loss. A pair longer than ``max_length`` tokens
 is cut at its end; one whose prompt alone fills it is dropped, with a warning.
 """
 
@@ -82,7 +84,14 @@ def tokenize_pair(record: dict[str, Any], tokenizer: Any, *, where: str) -> Pref
         raise BadRequestError(f"{where}: prompt, chosen and rejected must be strings, or lists of messages "
                               "({'role', 'content'})")
     start = min(_common_prefix(prompt_ids, with_chosen), _common_prefix(prompt_ids, with_rejected))
-    return PreferencePair(prompt_ids[:start], with_chosen[start:], with_rejected[start:])
+    pair = PreferencePair(prompt_ids[:start], with_chosen[start:], with_rejected[start:])
+    given = [record.get("ref_chosen_logps"), record.get("ref_rejected_logps")]
+    if any(v is not None for v in given):
+        if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in given):
+            raise BadRequestError(f"{where}: give both ref_chosen_logps and ref_rejected_logps as numbers (the "
+                                  "reference model's summed log-probabilities of the completions), or neither")
+        pair.ref_chosen_logps, pair.ref_rejected_logps = float(given[0]), float(given[1])
+    return pair
 
 
 def read_preferences(files: Sequence[Path], tokenizer: Any, *, max_length: int) -> list[PreferencePair]:

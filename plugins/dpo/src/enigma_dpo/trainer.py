@@ -72,13 +72,14 @@ class DPOTrainer(SFTTrainer):
         files = expand_sources(config.data)
         pairs = read_preferences(files, tokenizer, max_length=config.seq_len)
         pad_id = next(iter(tokenizer.eos_token_ids), 0)
-        if self.options.reference:
+        if self.options.reference and any(pair.ref_chosen_logps is None for pair in pairs):
             from enigma.loader import load_model
 
             reference = load_model(Path(self.options.reference).expanduser(), dtype=torch.float32).model
         else:
             reference = model
-        self.score_reference(reference, pairs, pad_id, batch_size=config.batch_size)
+        if any(pair.ref_chosen_logps is None for pair in pairs):
+            self.score_reference(reference, pairs, pad_id, batch_size=config.batch_size)
         if reference is not model:
             del reference
         return PreferenceData(pairs, pad_id=pad_id, val_fraction=config.val_fraction)
@@ -86,6 +87,7 @@ class DPOTrainer(SFTTrainer):
     @staticmethod
     def score_reference(model: torch.nn.Module, pairs: list, pad_id: int, *, batch_size: int) -> None:
         """Fill each pair's reference log-probabilities (no gradients, dropout off)."""
+        pairs = [pair for pair in pairs if pair.ref_chosen_logps is None]  # the others came with theirs
         was_training = model.training
         model.eval()
         with torch.no_grad():
