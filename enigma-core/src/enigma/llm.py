@@ -75,18 +75,18 @@ class LLM:
                  enable_prefix_caching: bool = True, cache: str = "auto", scheduler: str = "auto",
                  served_model_name: str | None = None, load_options: dict[str, Any] | None = None,
                  adapters: dict[str, str | Path] | None = None, max_loras: int = 4,
-                 default_adapter: str | None = None) -> None:
+                 default_adapter: str | None = None, enable_lora: bool = False) -> None:
         from enigma.loader import load_model
         from enigma.plugins import get_host
         from enigma.tokenizer import Tokenizer
 
         folder = resolve_model_path(model)
         self.backend = get_host().create("backend", backend, device=device)
-        if adapters:
-            load_options = {**(load_options or {}), "lora_adapters": {n: str(p) for n, p in adapters.items()},
-                            "max_loras": max_loras}
+        if adapters or enable_lora:
+            load_options = {**(load_options or {}), "lora_adapters": {n: str(p) for n, p in (adapters or {}).items()},
+                            "max_loras": max_loras, "lora_all_linear": enable_lora}
         self.loaded = load_model(folder, dtype=dtype, device=self.backend.device, options=load_options)
-        if adapters and getattr(self.loaded.model, "adapters", None) is None:
+        if (adapters or enable_lora) and getattr(self.loaded.model, "adapters", None) is None:
             raise NotAvailableError("serving LoRA adapters needs enigma-plugin-lora: pip install enigma-plugin-lora")
         self.tokenizer = Tokenizer(folder)
         self.model_name = served_model_name or str(model)  # the name events and errors use
@@ -113,6 +113,16 @@ class LLM:
             if default_adapter is not None:
                 self.engine.default_adapter = default_adapter
         self.eos_token_ids = self.tokenizer.eos_token_ids
+
+    def add_adapter(self, name: str, folder: str | Path) -> None:
+        """Serve one more LoRA adapter (PEFT's format) as ``name``, from the next request on; needs
+        ``LLM(..., enable_lora=True)`` (every Linear ready for adapters) unless it adapts only modules
+        the adapters given at load adapt."""
+        registry = getattr(self.loaded.model, "adapters", None)
+        if registry is None:
+            raise NotAvailableError("this model was loaded without adapters; load it with enable_lora=True "
+                                    "(needs enigma-plugin-lora)")
+        registry.add(name, folder)
 
     GENERATION_DEFAULTS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")
     """generation_config.json keys that :meth:`sampling_defaults` reads."""

@@ -8,30 +8,17 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from serving import ENIGMA, launch, stop
+from tiny_models import make_random_adapter
 
 from enigma import LLM, SamplingParams
-from enigma.loader import load_model
 from enigma.testing import make_tiny_llama
-from enigma_lora import LoRAConfig, apply_lora, merge_adapter, save_adapter
+from enigma_lora import merge_adapter
 
 pytestmark = pytest.mark.slow
-
-
-def make_adapter(base: Path, folder: Path, seed: int, targets: list[str]) -> Path:
-    model = load_model(base, dtype=torch.float32).model
-    config = LoRAConfig(rank=4, alpha=8, target_modules=targets)
-    apply_lora(model, config)
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, parameter in model.named_parameters():
-            if "lora_" in name:
-                parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.3)
-    return save_adapter(model, folder, config)
 
 
 def greedy_text(folder: Path, prompt: str) -> str:
@@ -43,8 +30,8 @@ def greedy_text(folder: Path, prompt: str) -> str:
 def served(tmp_path_factory: pytest.TempPathFactory):
     root = tmp_path_factory.mktemp("serve-lora")
     base = make_tiny_llama(root / "base", seed=11)
-    adapters = {"sql": make_adapter(base, root / "sql", 1, ["q_proj", "v_proj"]),
-                "chat": make_adapter(base, root / "chat", 2, ["o_proj", "up_proj"])}
+    adapters = {"sql": make_random_adapter(base, root / "sql", seed=1, targets=["q_proj", "v_proj"]),
+                "chat": make_random_adapter(base, root / "chat", seed=2, targets=["o_proj", "up_proj"])}
     env = {**os.environ, "ENIGMA_HOME": str(root / "home")}
     process, url = launch(env, str(base), "--lora", f"sql={adapters['sql']}", "--lora",
                           f"chat={adapters['chat']}", "--no-auth",
@@ -75,7 +62,7 @@ def test_the_openai_sdk_picks_adapters_by_model_name(served) -> None:
 def test_modelfile_adapter(tmp_path: Path) -> None:
     env = {**os.environ, "ENIGMA_HOME": str(tmp_path / "home")}
     base = make_tiny_llama(tmp_path / "base", seed=12)
-    adapter = make_adapter(base, tmp_path / "lora", 3, ["q_proj", "down_proj"])
+    adapter = make_random_adapter(base, tmp_path / "lora", seed=3, targets=["q_proj", "down_proj"])
     (tmp_path / "Modelfile").write_text(f"FROM {base}\nADAPTER ./lora\n")
     created = subprocess.run([str(ENIGMA), "create", "tuned", "-f", str(tmp_path / "Modelfile")], env=env,
                              capture_output=True, text=True)

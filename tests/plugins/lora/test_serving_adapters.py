@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import pytest
-import torch
 
 from enigma import LLM, SamplingParams
-from enigma.errors import NotFoundError
-from enigma.loader import load_model
+from enigma.errors import BadRequestError, NotFoundError
 from enigma.testing import make_tiny_llama
-from enigma_lora import LoRAConfig, apply_lora, merge_adapter, save_adapter
+from enigma_lora import merge_adapter
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+from tiny_models import make_random_adapter
 
 PROMPTS = [[256, 72, 101, 108, 108, 111], [256, 87, 111, 114, 108, 100, 33], [256, 65, 66], [256, 120, 121, 122, 32]]
 GREEDY = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
@@ -21,18 +24,10 @@ GREEDY = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
 def setup(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, Path]]:
     root = tmp_path_factory.mktemp("multi-lora")
     base = make_tiny_llama(root / "base", seed=5)
-    adapters = {}
-    for index, targets in enumerate((["q_proj", "v_proj"], ["o_proj", "down_proj"], ["k_proj", "gate_proj",
-                                                                                        "up_proj"])):
-        model = load_model(base, dtype=torch.float32).model
-        config = LoRAConfig(rank=2 + 2 * index, alpha=8, target_modules=targets)
-        apply_lora(model, config)
-        generator = torch.Generator().manual_seed(index)
-        with torch.no_grad():
-            for name, parameter in model.named_parameters():
-                if "lora_" in name:
-                    parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.3)
-        adapters[f"tuned{index}"] = save_adapter(model, root / f"adapter{index}", config)
+    targets = (["q_proj", "v_proj"], ["o_proj", "down_proj"], ["k_proj", "gate_proj", "up_proj"])
+    adapters = {f"tuned{index}": make_random_adapter(base, root / f"adapter{index}", targets=names, rank=2 + 2 * index,
+                                                     seed=index)
+                for index, names in enumerate(targets)}
     return base, adapters
 
 
@@ -93,3 +88,18 @@ def test_the_prefix_cache_keeps_adapters_apart(setup, tmp_path: Path) -> None:
     for name in ("tuned0", None, "tuned1", "tuned0"):
         assert llm.generate(long_prompt, GREEDY, adapter=name)[0].outputs[0].token_ids == expected[name], name
     assert llm.engine.stats()["prefix_cache_hit_rate"] > 0  # the last run did reuse its own adapter's blocks
+
+
+def test_enable_lora_takes_adapters_later(setup, tmp_path: Path) -> None:
+    base, adapters = setup
+    llm = LLM(base, dtype="float32", enable_lora=True)
+    llm.add_adapter("late", adapters["tuned2"])
+    expected = LLM(merge_adapter(base, adapters["tuned2"], output=tmp_path / "m"), dtype="float32")
+    assert llm.generate(PROMPTS[1], GREEDY, adapter="late")[0].outputs[0].token_ids == \
+        expected.generate(PROMPTS[1], GREEDY)[0].outputs[0].token_ids
+    narrow = LLM(base, dtype="float32", adapters={"tuned0": adapters["tuned0"]})
+    with pytest.raises(BadRequestError, match=r"adapts model\.layers\.0\.(self_attn\.o|mlp\.down)_proj, which this "
+                                              r"model cannot adapt .* enable_lora=True"):
+        narrow.add_adapter("other", adapters["tuned1"])
+    with pytest.raises(BadRequestError, match="already served"):
+        llm.add_adapter("late", adapters["tuned0"])

@@ -33,11 +33,12 @@ def enigma_commands(cli):
 
 @hookimpl
 def enigma_transform_model(model, context):
-    """``LLM(base, adapters={name: folder})``: wrap the Linears the adapters adapt, before the weights load."""
+    """``LLM(base, adapters={name: folder})`` (or ``enable_lora=True``): wrap the Linears adapters may adapt,
+    before the weights load."""
     folders = context.options.get("lora_adapters")
-    if not folders:
+    if folders is None:
         return
     from enigma_lora.serving import wrap_for_serving
 
     wrap_for_serving(model, folders, max_loras=int(context.options.get("max_loras", 4)), device=context.device,
-                     dtype=context.dtype)
+                     dtype=context.dtype, all_linear=bool(context.options.get("lora_all_linear")))

@@ -40,10 +40,39 @@ class AdapterRegistry:
         """How many times an adapter's weights were read (a measure of eviction churn)."""
         self.device: torch.device | None = None
         self.dtype: torch.dtype | None = None
+        self.shapes: dict[str, tuple[int, int]] = {}
+        """The adaptable modules: name -> (in_features, out_features)."""
         self._groups: tuple[ForwardContext, list[tuple[str, torch.Tensor]]] | None = None
 
     def names(self) -> list[str]:
         return list(self.folders)
+
+    def add(self, name: str, folder: str | Path) -> None:
+        """Serve another adapter; it must adapt only modules this model was wrapped for."""
+        if name in self.folders:
+            raise BadRequestError(f"an adapter named {name!r} is already served ({self.folders[name]})")
+        self.check(name, Path(folder), self.shapes)
+        self.folders[name] = Path(folder)
+
+    @staticmethod
+    def check(name: str, folder: Path, shapes: Mapping[str, tuple[int, int]]) -> set[str]:
+        """The modules the adapter in ``folder`` adapts, each checked against ``shapes``."""
+        _, tensors = read_adapter(folder)
+        modules = set()
+        for key, tensor in tensors.items():
+            module_name, _, part = key.rpartition(".")
+            if module_name not in shapes:
+                raise BadRequestError(f"adapter {name!r} ({folder}) adapts {module_name}, which this model cannot "
+                                      "adapt (not one of its Linears, or not prepared for adapters: load the "
+                                      "model with enable_lora=True); it may be for another base model")
+            in_features, out_features = shapes[module_name]
+            rank = tensor.shape[0] if part == "lora_A" else tensor.shape[1]
+            expected = (rank, in_features) if part == "lora_A" else (out_features, rank)
+            if tuple(tensor.shape) != expected:
+                raise BadRequestError(f"adapter {name!r}: {key}.weight is {list(tensor.shape)} but this model's "
+                                      f"{module_name} needs {list(expected)}; it was trained for another base model")
+            modules.add(module_name)
+        return modules
 
     def weights(self, name: str, *, keep: set[str]) -> dict[str, tuple[torch.Tensor, torch.Tensor, float]]:
         """An adapter's ``{module: (A, B, scaling)}`` on the model's device, read now if it is not loaded;
@@ -109,30 +138,23 @@ class MultiLoRALinear(nn.Linear):
 
 
 def wrap_for_serving(model: nn.Module, folders: Mapping[str, Any], *, max_loras: int, device: torch.device,
-                     dtype: torch.dtype) -> AdapterRegistry:
-    """Make the Linears the adapters adapt :class:`MultiLoRALinear` (on the meta device, before the weights
-    load) and give the model its registry; errors name the adapter tensor that does not fit the model."""
+                     dtype: torch.dtype, all_linear: bool = False) -> AdapterRegistry:
+    """Make the Linears the adapters adapt — every Linear but the output head with ``all_linear`` —
+    :class:`MultiLoRALinear` (on the meta device, before the weights load) and give the model its
+    registry; errors name the adapter tensor that does not fit the model."""
     registry = AdapterRegistry(folders, max_loras=max_loras)
     registry.device, registry.dtype = device, dtype
     linears = {name: module for name, module in model.named_modules() if type(module) is nn.Linear}
+    shapes = {name: (m.in_features, m.out_features) for name, m in linears.items()}
     wanted: set[str] = set()
-    for name in registry.names():
-        _, tensors = read_adapter(registry.folders[name])
-        for key, tensor in tensors.items():
-            module_name, _, part = key.rpartition(".")
-            linear = linears.get(module_name)
-            if linear is None:
-                raise BadRequestError(f"adapter {name!r} ({registry.folders[name]}) adapts {module_name}, which "
-                                      "this model does not have as a Linear; it was trained for another base model")
-            rank = tensor.shape[0] if part == "lora_A" else tensor.shape[1]
-            expected = (rank, linear.in_features) if part == "lora_A" else (linear.out_features, rank)
-            if tuple(tensor.shape) != expected:
-                raise BadRequestError(f"adapter {name!r}: {key}.weight is {list(tensor.shape)} but this model's "
-                                      f"{module_name} needs {list(expected)}; it was trained for another base model")
-            wanted.add(module_name)
+    for name, folder in registry.folders.items():
+        wanted |= registry.check(name, folder, shapes)
+    if all_linear:
+        wanted |= {name for name in linears if name.split(".")[-1] != "lm_head"}
     for module_name in sorted(wanted):
         parent, _, attribute = module_name.rpartition(".")
         owner = model.get_submodule(parent) if parent else model
         setattr(owner, attribute, MultiLoRALinear(linears[module_name], module_name, registry))
+    registry.shapes = {name: shapes[name] for name in wanted}
     model.adapters = registry
     return registry
