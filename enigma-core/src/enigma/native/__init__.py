@@ -152,12 +152,12 @@ def compiler() -> list[str]:
     return shlex.split(os.environ.get("CC") or "cc")
 
 
-def compile_commands(source: Path, target: Path) -> list[list[str]]:
+def compile_commands(source: Path, target: Path, flags: tuple[str, ...] = ()) -> list[list[str]]:
     """Commands to try in order: for this CPU with OpenMP threads; then, for a
     compiler without OpenMP (such as Apple's clang), single-threaded; then, for
-    one that does not know this CPU, for the architecture's baseline."""
+    one that does not know this CPU, for the architecture's baseline. ``flags`` go into each."""
     arch = "-march=native" if platform.machine().lower() in ("x86_64", "amd64", "i386", "i686") else "-mcpu=native"
-    base = [*compiler(), "-O3", "-shared", "-fPIC", str(source), "-o", str(target)]
+    base = [*compiler(), "-O3", *flags, "-shared", "-fPIC", str(source), "-o", str(target)]
     return [[*base, arch, "-fopenmp", "-lm"], [*base, arch, "-fopenmp-simd", "-lm"], [*base, "-fopenmp", "-lm"]]
 
 
@@ -172,32 +172,35 @@ def cpu_signature() -> str:
         return f"{platform.machine()} {platform.processor()}"
 
 
-def build(cache_dir: Path) -> Path:
+def build(cache_dir: Path, *, package: str = __package__, source_name: str = SOURCE, name: str = "enigma-kernels",
+          flags: tuple[str, ...] = ()) -> Path:
     """The compiled library in ``cache_dir``: compiled there first if absent.
 
-    The library is written under a temporary name and renamed into place, so
-    concurrent builds never load a half-written file.
+    ``package``'s ``source_name`` (a plugin's own C file too) is compiled with
+    :func:`compile_commands` and ``flags``. The library is written under a
+    temporary name and renamed into place, so concurrent builds never load a
+    half-written file.
     """
-    source = resources.files(__package__).joinpath(SOURCE).read_bytes()
+    source = resources.files(package).joinpath(source_name).read_bytes()
     if shutil.which(compiler()[0]) is None:
         raise NativeBuildError(f"no C compiler: {compiler()[0]!r} is not on PATH (install gcc or clang, or set CC)")
     digest = hashlib.sha256()
-    for part in (source, repr(compile_commands(Path("x.c"), Path("x.so"))).encode(), cpu_signature().encode()):
+    for part in (source, repr(compile_commands(Path("x.c"), Path("x.so"), flags)).encode(), cpu_signature().encode()):
         digest.update(part)
-    target = cache_dir / f"enigma-kernels-{digest.hexdigest()[:20]}.so"
+    target = cache_dir / f"{name}-{digest.hexdigest()[:20]}.so"
     if target.exists():
         return target
     try:
         cache_dir.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=cache_dir, prefix=".build-") as scratch:
-            source_file, built = Path(scratch) / SOURCE, Path(scratch) / target.name
+            source_file, built = Path(scratch) / source_name, Path(scratch) / target.name
             source_file.write_bytes(source)
             errors = []
-            for command in compile_commands(source_file, built):
+            for command in compile_commands(source_file, built, flags):
                 result = subprocess.run(command, capture_output=True, text=True, timeout=COMPILE_TIMEOUT_S)
                 if result.returncode == 0:
                     os.replace(built, target)
-                    log.info("compiled native CPU kernels: %s", shlex.join(command))
+                    log.info("compiled %s: %s", name, shlex.join(command))
                     return target
                 errors.append(f"`{shlex.join(command)}` failed: {result.stderr.strip()[-500:]}")
     except (OSError, subprocess.SubprocessError) as error:
