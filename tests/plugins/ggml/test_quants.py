@@ -8,7 +8,7 @@ from enigma_ggml import BLOCKS, dequantize, quantize, row_bytes
 
 from enigma.errors import BadRequestError
 
-GGML_TYPE = {"Q8_0": 8, "Q4_K": 12, "Q5_K": 13, "Q6_K": 14}
+GGML_TYPE = {"Q8_0": 8, "Q5_0": 6, "Q5_1": 7, "Q4_K": 12, "Q5_K": 13, "Q6_K": 14}
 
 
 def samples() -> dict[str, np.ndarray]:
@@ -55,5 +55,5 @@ def test_round_trip_error_shrinks_with_bits(type_name: str) -> None:
 def test_bad_rows_are_refused() -> None:
     with pytest.raises(BadRequestError, match="Q4_K packs rows in blocks of 256 values; a row of 300"):
         quantize(np.zeros((2, 300), np.float32), "Q4_K")
-    with pytest.raises(BadRequestError, match="unknown ggml type 'Q4_X'; known: F32, F16, Q8_0, Q4_K"):
+    with pytest.raises(BadRequestError, match="unknown ggml type 'Q4_X'; known: F32, F16, Q8_0, Q5_0"):
         quantize(np.zeros((2, 256), np.float32), "Q4_X")

@@ -1,12 +1,18 @@
 """enigma-plugin-ggml: llama.cpp's quantization formats.
 
-Today: the block codecs (:mod:`enigma_ggml.quants`) — Q4_K, Q5_K and Q6_K
-quantized by enigma's own native code to the same bytes as llama.cpp's
-reference quantizers, Q8_0/F16/F32 through the ``gguf`` package, and every
-type dequantized by ``gguf.quants``. The GGUF writer and weight source, the
-``Q4_K_M``-style type mixes and ``enigma quantize`` build on them (issue #14).
+- :mod:`enigma_ggml.quants`: the block codecs. Q4_K, Q5_K and Q6_K quantized
+  by the plugin's own C code to the same bytes as llama.cpp's reference
+  quantizers; Q8_0, Q5_0, Q5_1 through the ``gguf`` package (llama.cpp's bytes
+  too); dequantizing through ``gguf.quants``.
+- :mod:`enigma_ggml.recipe`: llama.cpp's per-tensor type choice for a file type.
+- :mod:`enigma_ggml.export`: a Llama/Mistral/Qwen2 folder as a GGUF file llama.cpp
+  loads; ``ggml_quantize(model, quant_type="Q4_K_M", output="x.gguf")``.
+- The ``ggml`` quantizer: ``enigma quantize MODEL --type Q4_K_M`` (or ``--bits 4``).
+
+Not yet: running GGUF files in enigma (the weight source and its kernels).
 """
 
+from enigma_ggml.export import ggml_quantize, write_gguf
 from enigma_ggml.quants import BLOCKS, dequantize, quantize, row_bytes
 
-__all__ = ["BLOCKS", "dequantize", "quantize", "row_bytes"]
+__all__ = ["BLOCKS", "dequantize", "ggml_quantize", "quantize", "row_bytes", "write_gguf"]

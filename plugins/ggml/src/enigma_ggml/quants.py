@@ -17,8 +17,8 @@ import numpy as np
 
 from enigma.errors import BadRequestError, NotAvailableError
 
-BLOCKS = {"F32": (1, 4), "F16": (1, 2), "Q8_0": (32, 34), "Q4_K": (256, 144), "Q5_K": (256, 176),
-          "Q6_K": (256, 210)}
+BLOCKS = {"F32": (1, 4), "F16": (1, 2), "Q8_0": (32, 34), "Q5_0": (32, 22), "Q5_1": (32, 24),
+          "Q4_K": (256, 144), "Q5_K": (256, 176), "Q6_K": (256, 210)}
 """Each type's (values per block, bytes per block), as ggml lays them out."""
 K_BITS = {"Q4_K": 4, "Q5_K": 5, "Q6_K": 6}
 FLOATS = {"F32": np.float32, "F16": np.float16}
