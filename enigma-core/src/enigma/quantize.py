@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import json
 import logging
-import shutil
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -31,8 +30,6 @@ logger = logging.getLogger("enigma.quantize")
 
 SUGGESTED_PLUGINS = ("enigma-plugin-ggml (llama.cpp k-quants: Q4_K_M, Q5_K_M, Q6_K, Q8_0)",
                      "enigma-plugin-exl2 (EXL2 mixed-bit GPTQ)")
-COPIED_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
-                "generation_config.json")
 
 
 def quantization_type(hf_config: Mapping[str, Any]) -> str | None:
@@ -165,9 +162,9 @@ def quantize(source: str | Path, type_name: str, *, name: str | None = None, out
     def write(staged: Path) -> None:
         quantizer.quantize(model, type=chosen.name, output=staged, options=dict(options or {}), progress=progress)
         _check_artifact(staged, chosen)
-        for file_name in COPIED_FILES:
-            if (folder / file_name).exists() and not (staged / file_name).exists():
-                shutil.copyfile(folder / file_name, staged / file_name)
+        from enigma.saving import SIDE_FILES, copy_side_files
+
+        copy_side_files(folder, staged, tuple(n for n in SIDE_FILES if not (staged / n).exists()))
 
     from enigma.artifacts import write_model
 

@@ -22,7 +22,23 @@ import torch
 from enigma.dtypes import dtype_name
 from enigma.fsutil import atomic_write_text, default_file_mode
 
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
+                   "tokenizer.model")
+SIDE_FILES = (*TOKENIZER_FILES, "generation_config.json")
+"""What travels with a model's weights when a command makes a new model from it (quantize, merge)."""
+
+
+def copy_side_files(source: str | Path, target: str | Path, names: tuple[str, ...] = SIDE_FILES) -> None:
+    """Copy the files of ``names`` that ``source`` has into ``target``, each atomically."""
+    source, target = Path(source), Path(target)
+    if source.resolve() == target.resolve():
+        return
+    for name in names:
+        if (source / name).is_file():
+            with tempfile.NamedTemporaryFile(dir=target, prefix=f".{name}.", delete=False) as tmp:
+                shutil.copyfile(source / name, tmp.name)
+            os.chmod(tmp.name, default_file_mode())
+            os.replace(tmp.name, target / name)
 
 
 def save_safetensors(tensors: dict[str, torch.Tensor], path: Path, *, metadata: dict[str, str] | None = None) -> None:
@@ -63,14 +79,8 @@ def save_model_folder(model: Any, hf_config: dict[str, Any], out: str | Path, *,
     config = {**hf_config, "torch_dtype": dtype_name(stored) if stored.is_floating_point else "float32"}
     config.pop("dtype", None)
     atomic_write_text(out / "config.json", json.dumps(config, indent=2, sort_keys=True) + "\n")
-    if tokenizer_folder is not None and Path(tokenizer_folder).resolve() != out.resolve():
-        for name in TOKENIZER_FILES:
-            source = Path(tokenizer_folder) / name
-            if source.exists():
-                with tempfile.NamedTemporaryFile(dir=out, prefix=f".{name}.", delete=False) as tmp:
-                    shutil.copyfile(source, tmp.name)
-                os.chmod(tmp.name, default_file_mode())
-                os.replace(tmp.name, out / name)
+    if tokenizer_folder is not None:
+        copy_side_files(tokenizer_folder, out, TOKENIZER_FILES)
     if generation_config is not None:
         atomic_write_text(out / "generation_config.json", json.dumps(generation_config, indent=2) + "\n")
     return out

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import shutil
 from collections.abc import Callable, Mapping, Sequence
 from contextlib import ExitStack
 from pathlib import Path
@@ -31,8 +30,6 @@ from enigma.merging.plan import MergePlan, OpenModel, TensorTask, plan_merge
 
 __all__ = ["METHODS", "MergeConfig", "MergeMethod", "MergePlan", "merge", "merge_models", "tensor_seed"]
 
-COPIED_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
-                "tokenizer.model", "generation_config.json")
 DEFAULT_MAX_SHARD_BYTES = 5 * 2**30
 
 
@@ -56,6 +53,7 @@ def merge(config: MergeConfig | str | Path, *, output: str | Path | None = None,
     from enigma.artifacts import write_model
     from enigma.llm import resolve_model_path
     from enigma.loader import read_hf_config
+    from enigma.saving import copy_side_files
     from enigma.store import ModelName
     from enigma.weights import SafetensorsWeights
 
@@ -83,9 +81,7 @@ def merge(config: MergeConfig | str | Path, *, output: str | Path | None = None,
         def make(staged: Path) -> None:
             _write_tensors(plan, method, staged, seed=seed, max_shard_bytes=max_shard_bytes, progress=progress)
             _write_config(plan, config, staged)
-            for file_name in COPIED_FILES:
-                if (tokenizer_folder / file_name).exists():
-                    shutil.copyfile(tokenizer_folder / file_name, staged / file_name)
+            copy_side_files(tokenizer_folder, staged)
             if config.raw is not None:
                 import yaml
 

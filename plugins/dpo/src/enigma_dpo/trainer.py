@@ -113,15 +113,9 @@ class DPOTrainer(SFTTrainer):
         if self.lora is None:
             return super().save_result(model, hf_config, out, tokenizer_folder=tokenizer_folder, dtype=dtype,
                                        generation_config=generation_config)
-        import shutil
-
-        from enigma.merging import COPIED_FILES
         from enigma_lora import save_adapter
 
-        save_adapter(model, out, self.lora, dtype=dtype)
-        for file_name in COPIED_FILES:
-            if (tokenizer_folder / file_name).exists() and file_name != "generation_config.json":
-                shutil.copyfile(tokenizer_folder / file_name, out / file_name)
+        save_adapter(model, out, self.lora, dtype=dtype, tokenizer_folder=tokenizer_folder)
 
 
 def sequence_logps(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:

@@ -63,9 +63,10 @@ def adapter_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
     return tensors
 
 
-def save_adapter(model: nn.Module, folder: str | Path, config: LoRAConfig, *,
-                 dtype: torch.dtype | None = None) -> Path:
-    """Write the model's adapter as a PEFT adapter folder (``peft.PeftModel.from_pretrained`` loads it)."""
+def save_adapter(model: nn.Module, folder: str | Path, config: LoRAConfig, *, dtype: torch.dtype | None = None,
+                 tokenizer_folder: str | Path | None = None) -> Path:
+    """Write the model's adapter as a PEFT adapter folder (``peft.PeftModel.from_pretrained`` loads it), with
+    the tokenizer files of ``tokenizer_folder`` beside it when given (as PEFT's trainers save them)."""
     from enigma.fsutil import atomic_write_text
     from enigma.saving import save_safetensors
 
@@ -77,6 +78,10 @@ def save_adapter(model: nn.Module, folder: str | Path, config: LoRAConfig, *,
         tensors = {key: t.to(dtype) for key, t in tensors.items()}
     save_safetensors({key: t.contiguous() for key, t in tensors.items()}, folder / ADAPTER_WEIGHTS)
     atomic_write_text(folder / ADAPTER_CONFIG, json.dumps(config.to_peft(), indent=2) + "\n")
+    if tokenizer_folder is not None:
+        from enigma.saving import TOKENIZER_FILES, copy_side_files
+
+        copy_side_files(tokenizer_folder, folder, TOKENIZER_FILES)
     return folder
 
 
@@ -156,8 +161,7 @@ def merge_adapter(base: str | Path, adapter: str | Path, *, output: str | Path |
     from enigma.artifacts import write_model
     from enigma.llm import resolve_model_path
     from enigma.loader import read_hf_config
-    from enigma.merging import COPIED_FILES
-    from enigma.saving import StreamingSafetensorsWriter, TensorLayout
+    from enigma.saving import StreamingSafetensorsWriter, TensorLayout, copy_side_files
     from enigma.store import ModelName
     from enigma.weights import SafetensorsWeights
 
@@ -171,7 +175,6 @@ def merge_adapter(base: str | Path, adapter: str | Path, *, output: str | Path |
     modules = sorted({key.rsplit(".", 1)[0] for key in tensors})
 
     def make(staged: Path) -> None:
-        import shutil
 
         from enigma.fsutil import atomic_write_text
 
@@ -200,9 +203,7 @@ def merge_adapter(base: str | Path, adapter: str | Path, *, output: str | Path |
                     if progress is not None:
                         progress(done, len(names))
         atomic_write_text(staged / "config.json", json.dumps(hf_config, indent=2, sort_keys=True) + "\n")
-        for file_name in COPIED_FILES:
-            if (folder / file_name).exists():
-                shutil.copyfile(folder / file_name, staged / file_name)
+        copy_side_files(folder, staged)
 
     store_name = ModelName.parse(name) if name is not None else None
     return write_model(make, output=output, name=store_name, source=f"merge-adapter:{base}+{adapter}")

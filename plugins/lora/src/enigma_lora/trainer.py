@@ -83,12 +83,7 @@ class LoRATrainer(SFTTrainer):
                     dtype: torch.dtype | None, generation_config: dict[str, Any]) -> None:
         import shutil
 
-        from enigma.merging import COPIED_FILES
-
-        save_adapter(model, out, self.lora, dtype=dtype)
-        for file_name in COPIED_FILES:
-            if (tokenizer_folder / file_name).exists() and file_name != "generation_config.json":
-                shutil.copyfile(tokenizer_folder / file_name, out / file_name)
+        save_adapter(model, out, self.lora, dtype=dtype, tokenizer_folder=tokenizer_folder)
         if self.merge:  # from the base's own files, so a QLoRA run merges into the unquantized weights
             shutil.rmtree(out / "merged", ignore_errors=True)  # a resumed run's earlier result
             merge_adapter(self.lora.base_model_name_or_path, out, output=out / "merged")
