@@ -63,7 +63,7 @@ def test_nf4_round_trip_is_the_tables() -> None:
     assert quantize_nf4(torch.randn(256, 256)).nbytes * 8 / 65536 < 4.14  # double quantization
 
 
-def test_nf4_linears_hold_an_eighth(tmp_path: Path) -> None:
+def test_nf4_linears_hold_about_an_eighth(tmp_path: Path) -> None:
     model = load_model(make_model(tmp_path / "m", "llama-gqa"), dtype=torch.float32).model
     linears = {n: m.weight.numel() * 4 for n, m in model.named_modules()
                if type(m) is torch.nn.Linear and not n.endswith("lm_head")}
@@ -72,7 +72,7 @@ def test_nf4_linears_hold_an_eighth(tmp_path: Path) -> None:
     assert quantize_linears(model) == len(linears)
     quantized = {n: m for n, m in model.named_modules() if isinstance(m, NF4Linear)}
     stored = sum(m.quantized().nbytes for m in quantized.values())
-    assert stored <= 0.3 * sum(linears.values())
+    assert stored <= 0.135 * sum(linears.values())  # ~4.1-4.5 bits of 32 (small tensors pay more for maxima)
     out = quantized["model.layers.0.self_attn.q_proj"](x)
     assert (out - reference).abs().mean() < 0.1 * reference.abs().mean()
 

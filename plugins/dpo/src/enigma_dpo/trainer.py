@@ -58,13 +58,13 @@ class DPOTrainer(SFTTrainer):
         self.lora = None
         if self.options.lora:
             try:
-                from enigma_lora import LoRAConfig, apply_lora
-                from enigma_lora.config import parse_targets
+                from enigma_lora import apply_lora
+                from enigma_lora.trainer import LoRAOptions
             except ImportError:
                 raise ConfigError("--lora needs enigma-plugin-lora: pip install enigma-plugin-lora") from None
-            self.lora = LoRAConfig(rank=self.options.lora_rank, alpha=self.options.lora_alpha,
-                                   dropout=self.options.lora_dropout, target_modules=parse_targets(self.options.target),
-                                   base_model_name_or_path=str(Path(config.model).expanduser().resolve()))
+            options = LoRAOptions(rank=self.options.lora_rank, alpha=self.options.lora_alpha,
+                                  dropout=self.options.lora_dropout, target=self.options.target)
+            self.lora = options.lora_config(str(Path(config.model).expanduser().resolve()))
             apply_lora(model, self.lora)
         return model
 

@@ -68,7 +68,7 @@ class LoRATrainer(SFTTrainer):
         model = loaded.model
         for parameter in model.parameters():
             parameter.requires_grad_(False)
-        self.quantized = quantize_linears(model)
+        quantize_linears(model)
         return model.train(), loaded.hf_config, folder
 
     def prepare_model(self, model: torch.nn.Module, config: Any) -> torch.nn.Module:
