@@ -24,7 +24,7 @@ from pathlib import Path
 from urllib.parse import unquote, urlparse
 
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
-LFS_SUFFIXES = (".safetensors",)
+LFS_SUFFIXES = (".safetensors", ".gguf")
 
 
 def git_blob_id(data: bytes) -> str:

@@ -39,6 +39,8 @@ from typing import TYPE_CHECKING, Any
 import pluggy
 
 if TYPE_CHECKING:  # for type checkers only: importing these here would slow every start
+    from pathlib import Path
+
     import click
     import torch
 
@@ -223,6 +225,23 @@ def enigma_register_weight_sources(register: Register) -> None:
     :class:`enigma.kinds.WeightSource`; the loader opens a folder with the
     highest-priority source whose ``matches(folder)`` is true.
     Today: ``safetensors`` (enigma-core).
+    """
+
+
+@hookspec(firstresult=True)
+def enigma_import_model_file(path: Path, folder: Path) -> bool | None:
+    """Make a model folder from a single-file model (``x.gguf``): ``enigma pull x.gguf``, ``FROM x.gguf``,
+    ``LLM("x.gguf")``.
+
+    ``path`` is the file (absolute), ``folder`` an empty folder to fill with what
+    the loader reads: config.json (with ``quantization_config`` naming the
+    quantizer whose ``transform`` runs it), the tokenizer files, and the model
+    file itself, which may be a symbolic link to ``path`` (callers that keep
+    the folder copy it). Return True when handled, None for a file the plugin
+    does not read (the next plugin is asked). Raise an
+    :class:`enigma.errors.EnigmaError` naming the file for one it reads but
+    refuses (truncated, unsupported architecture).
+    Today: ``.gguf`` (enigma-plugin-ggml).
     """
 
 

@@ -43,11 +43,16 @@ def kv_blocks_for(runner: Any, kv_cache_memory: int | float | None, max_num_seqs
 
 
 def resolve_model_path(model: str | Path) -> Path:
-    """The folder of ``model``: a path to a Hugging Face model folder, a model in
-    the store (``name[:tag]``), or a model an installed package ships (``enigma-tiny``)."""
+    """The folder of ``model``: a path to a Hugging Face model folder or a model file
+    (``x.gguf``, through the plugin that reads it), a model in the store
+    (``name[:tag]``), or a model an installed package ships (``enigma-tiny``)."""
     path = Path(model).expanduser()
     if path.is_dir():
         return path
+    if path.is_file():
+        from enigma.model_files import model_file_folder
+
+        return model_file_folder(path)
     from enigma.plugins import get_host
     from enigma.store import ModelName, Store
 

@@ -132,10 +132,9 @@ def read_modelfile(path: str | Path) -> Modelfile:
 
 def create_from_modelfile(name: str, path: str | Path, *, store: Any = None) -> Any:
     """Build the store model ``name`` that a Modelfile describes; return its manifest."""
-    from enigma.errors import NotAvailableError, NotFoundError
+    from enigma.errors import NotFoundError
     from enigma.llm import resolve_model_path
     from enigma.plugins import get_host
-    from enigma.pull import needed
     from enigma.store import ModelName, Store
 
     spec = read_modelfile(path)
@@ -145,14 +144,27 @@ def create_from_modelfile(name: str, path: str | Path, *, store: Any = None) -> 
     base = spec.from_
     assert base is not None
     local = (Path(path).parent / base).expanduser()
-    if base.lower().endswith(".gguf"):
-        if not any(impl.name == "ggml" for impl in registry.implementations()):
-            raise NotAvailableError(f"{spec.source}: FROM {base} is a GGUF file, which needs the ggml plugin "
-                                    "(pip install enigma-plugin-ggml)")
-        raise NotAvailableError(f"{spec.source}: the installed ggml plugin does not import GGUF files yet")
+    if local.is_file() or base.lower().endswith(".gguf"):
+        if not local.is_file():
+            raise NotFoundError(f"{spec.source}: FROM {base}: there is no file {local}")
+        import tempfile
+
+        from enigma.model_files import import_model_file
+
+        with tempfile.TemporaryDirectory(prefix="enigma-import-") as scratch:
+            import_model_file(local, scratch)
+            return _create(spec, Path(path), target, Path(scratch), store, registry, base=str(local.resolve()))
+    folder = resolve_model_path(local if local.is_dir() else base)
+    return _create(spec, Path(path), target, folder, store, registry, base=base)
+
+
+def _create(spec: Modelfile, path: Path, target: Any, folder: Path, store: Any, registry: Any, *,
+            base: str) -> Any:
+    from enigma.errors import NotAvailableError, NotFoundError
+    from enigma.pull import needed
+
     if spec.adapter and not any(impl.name == "lora" for impl in registry.implementations()):
         raise NotAvailableError(f"{spec.source}: ADAPTER needs the lora plugin (pip install enigma-plugin-lora)")
-    folder = resolve_model_path(local if local.is_dir() else base)
     inherited: dict[str, Any] = {}
     original = store.manifest_for(base, folder)
     if original is not None:
@@ -162,7 +174,7 @@ def create_from_modelfile(name: str, path: str | Path, *, store: Any = None) -> 
         _check_template(spec.template, spec.source)
     defaults = {**inherited.get("defaults", {}), **spec.parameters}
     files = sorted(str(p.relative_to(folder)) for p in folder.rglob("*")
-                   if p.is_file() and needed(str(p.relative_to(folder))))
+                   if p.is_file() and needed(str(p.relative_to(folder)), local=True))
     extra = {}
     if spec.adapter:
         adapter_folder = (Path(path).parent / spec.adapter).expanduser()

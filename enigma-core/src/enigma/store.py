@@ -157,6 +157,8 @@ def describe_folder(folder: Path) -> dict[str, Any]:
 
         info["quantization"] = quantization_type(config)
     info["parameters"] = _count_parameters(folder)
+    if info["parameters"] is None and config_path.exists():  # weights a plugin reads (GGUF) count themselves
+        info["parameters"] = (config.get("quantization_config") or {}).get("parameters")
     info["license"] = _license_of(folder)
     return info
 

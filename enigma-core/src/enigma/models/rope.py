@@ -1,7 +1,8 @@
 """Rotary position embeddings (RoPE), with the scalings Llama-family configs use.
 
 References: Su et al. 2021 (RoFormer); transformers' ``modeling_rope_utils``
-for the ``linear`` and ``llama3`` frequency rescalings.
+for the ``linear`` and ``llama3`` frequency rescalings; ``freq_factors`` is
+llama.cpp's form of Llama 3's (a divisor per frequency, GGUF's ``rope_freqs``).
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import torch
 
 from enigma.errors import ConfigError
 
-SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
+SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "freq_factors")
 
 
 def inverse_frequencies(head_dim: int, theta: float, scaling: dict[str, Any] | None) -> torch.Tensor:
@@ -24,6 +25,12 @@ def inverse_frequencies(head_dim: int, theta: float, scaling: dict[str, Any] | N
         return inv_freq
     if rope_type == "linear":
         return inv_freq / float(scaling["factor"])
+    if rope_type == "freq_factors":  # one divisor per frequency, as GGUF files carry Llama 3's (rope_freqs)
+        factors = torch.tensor([float(f) for f in scaling["factors"]], dtype=torch.float32)
+        if factors.shape != inv_freq.shape:
+            raise ConfigError(f"rope_scaling freq_factors has {factors.numel()} factors; head_dim {head_dim} needs "
+                              f"{inv_freq.numel()}")
+        return inv_freq / factors
     if rope_type == "llama3":
         factor = float(scaling["factor"])
         low_freq_factor = float(scaling["low_freq_factor"])

@@ -21,38 +21,11 @@ from typing import Any
 import numpy as np
 
 from enigma.errors import BadRequestError, NotAvailableError
+from enigma_ggml.names import ROPE_FREQS, gguf_name, permute_for_rope
 from enigma_ggml.quants import quantize, row_bytes
 from enigma_ggml.recipe import FILE_TYPES, TensorInfo, tensor_types
 
 ARCHITECTURES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2"}
-LAYER_NAMES = {"input_layernorm.weight": "attn_norm.weight", "post_attention_layernorm.weight": "ffn_norm.weight",
-               "self_attn.q_proj.weight": "attn_q.weight", "self_attn.k_proj.weight": "attn_k.weight",
-               "self_attn.v_proj.weight": "attn_v.weight", "self_attn.o_proj.weight": "attn_output.weight",
-               "self_attn.q_proj.bias": "attn_q.bias", "self_attn.k_proj.bias": "attn_k.bias",
-               "self_attn.v_proj.bias": "attn_v.bias", "mlp.gate_proj.weight": "ffn_gate.weight",
-               "mlp.up_proj.weight": "ffn_up.weight", "mlp.down_proj.weight": "ffn_down.weight"}
-TOP_NAMES = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
-             "lm_head.weight": "output.weight"}
-TOKEN_NORMAL, TOKEN_CONTROL, TOKEN_USER_DEFINED = 1, 3, 4
-
-
-def gguf_name(hf_name: str) -> str | None:
-    """llama.cpp's name of an HF tensor; None for tensors llama.cpp does not read (rotary buffers)."""
-    if hf_name in TOP_NAMES:
-        return TOP_NAMES[hf_name]
-    match = re.fullmatch(r"model\.layers\.(\d+)\.(.+)", hf_name)
-    if match and match[2] in LAYER_NAMES:
-        return f"blk.{match[1]}.{LAYER_NAMES[match[2]]}"
-    if hf_name.endswith("rotary_emb.inv_freq"):
-        return None
-    raise BadRequestError(f"tensor {hf_name!r} has no GGUF name for llama/qwen2; this model is not one llama.cpp's "
-                          "llama or qwen2 architecture reads")
-
-
-def permute_for_rope(weight: np.ndarray, heads: int) -> np.ndarray:
-    """Rows of q or k (or their bias) from HF's rotate-half layout to llama.cpp's adjacent pairs, per head."""
-    rows = weight.shape[0]
-    return (weight.reshape(heads, 2, rows // heads // 2, *weight.shape[1:]).swapaxes(1, 2).reshape(weight.shape))
 
 
 def write_gguf(folder: Path, target: Path, file_type: str, *, name: str | None = None,
@@ -72,8 +45,9 @@ def write_gguf(folder: Path, target: Path, file_type: str, *, name: str | None =
                                 f"yet; supported: {', '.join(ARCHITECTURES)}")
     scaling = config.get("rope_scaling") or {}
     rope_type = scaling.get("rope_type", scaling.get("type"))
-    if rope_type not in (None, "default", "linear"):
-        raise NotAvailableError(f"{folder}: rope_scaling {rope_type!r} is not written to GGUF yet (linear is)")
+    if rope_type not in (None, "default", "linear", "llama3"):
+        raise NotAvailableError(f"{folder}: rope_scaling {rope_type!r} is not written to GGUF yet (linear and "
+                                "llama3 are)")
     heads, kv_heads = config["num_attention_heads"], config.get("num_key_value_heads", config["num_attention_heads"])
     head_dim = config.get("head_dim") or config["hidden_size"] // heads
     tied = bool(config.get("tie_word_embeddings", False))
@@ -102,6 +76,9 @@ def write_gguf(folder: Path, target: Path, file_type: str, *, name: str | None =
         order = sorted(names, key=lambda item: _file_order(item[1]))
         infos = [TensorInfo(g, tuple(weights.shape(hf))) for hf, g in order]
         types = tensor_types(file_type, infos, tied_embeddings=tied)
+        rope_freqs = _rope_freqs(config, head_dim) if rope_type == "llama3" else None
+        if rope_freqs is not None:  # llama.cpp reads Llama 3's rescaling as a tensor of divisors
+            writer.add_tensor_info(ROPE_FREQS, rope_freqs.shape, rope_freqs.dtype, rope_freqs.nbytes)
         for info in infos:
             kind = types[info.name]
             columns = info.shape[-1]
@@ -113,6 +90,8 @@ def write_gguf(folder: Path, target: Path, file_type: str, *, name: str | None =
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
         writer.write_ti_data_to_file()
+        if rope_freqs is not None:
+            writer.write_tensor_data(rope_freqs)
         for done, (hf, g) in enumerate(order, start=1):
             tensor = weights.get(hf).float().numpy()
             if architecture == "llama" and (".attn_q." in g or ".attn_k." in g):
@@ -126,6 +105,16 @@ def write_gguf(folder: Path, target: Path, file_type: str, *, name: str | None =
     return types
 
 
+def _rope_freqs(config: dict[str, Any], head_dim: int) -> np.ndarray:
+    """Llama 3's rope rescaling as llama.cpp's per-frequency divisors: plain over rescaled frequencies."""
+    from enigma.models.rope import inverse_frequencies
+
+    theta = float(config.get("rope_theta", 10000.0))
+    plain = inverse_frequencies(head_dim, theta, None)
+    scaled = inverse_frequencies(head_dim, theta, config["rope_scaling"])
+    return (plain / scaled).numpy().astype(np.float32)
+
+
 def _file_order(name: str) -> tuple[int, int, str]:
     """convert_hf_to_gguf's order: the embedding, the layers in order, then the final norm and head."""
     match = re.match(r"blk\.(\d+)\.", name)
@@ -137,46 +126,27 @@ def _file_order(name: str) -> tuple[int, int, str]:
 def _add_tokenizer(writer: Any, folder: Path, config: dict[str, Any]) -> None:
     import gguf
 
+    from enigma_ggml.tokenizer import vocabulary_from_tokenizer_json
+
     path = folder / "tokenizer.json"
     if not path.is_file():
         raise NotAvailableError(f"{folder} has no tokenizer.json; GGUF export needs the model's tokenizer")
-    data = json.loads(path.read_text(encoding="utf-8"))
-    model = data.get("model", {})
-    if model.get("type") != "BPE" or not _byte_level(data):
-        raise NotAvailableError(f"{path}: only byte-level BPE tokenizers (GPT-2, Llama 3, Qwen2 style) are written "
-                                f"to GGUF yet; this one is {model.get('type')}")
-    vocab: dict[str, int] = dict(model.get("vocab", {}))
-    added = {token["content"]: token for token in data.get("added_tokens", [])}
-    for content, token in added.items():
-        vocab[content] = token["id"]
-    size = max(config["vocab_size"], max(vocab.values()) + 1)
-    tokens = [f"[PAD{i}]" for i in range(size)]
-    types = [5] * size  # UNUSED until seen
-    for content, index in vocab.items():
-        tokens[index] = content
-        if content in added:
-            types[index] = TOKEN_CONTROL if added[content].get("special") else TOKEN_USER_DEFINED
-        else:
-            types[index] = TOKEN_NORMAL
-    writer.add_tokenizer_model("gpt2")
-    writer.add_tokenizer_pre("default")
-    writer.add_token_list(tokens)
-    writer.add_token_types(types)
-    gguf.SpecialVocab(folder, load_merges=True, n_vocab=size).add_to_gguf(writer, quiet=True)
+    vocabulary = vocabulary_from_tokenizer_json(json.loads(path.read_text(encoding="utf-8")), config["vocab_size"],
+                                                source=str(path))
+    writer.add_tokenizer_model(vocabulary.model)
+    if vocabulary.pre is not None:
+        writer.add_tokenizer_pre(vocabulary.pre)
+    writer.add_token_list(vocabulary.tokens)
+    if vocabulary.scores is not None:
+        writer.add_token_scores(vocabulary.scores)
+    writer.add_token_types(vocabulary.types)
+    if vocabulary.add_space_prefix is not None:
+        writer.add_add_space_prefix(vocabulary.add_space_prefix)
+    gguf.SpecialVocab(folder, load_merges=vocabulary.model == "gpt2", n_vocab=len(vocabulary.tokens)).add_to_gguf(
+        writer, quiet=True)
     template = folder / "chat_template.jinja"
     if template.is_file():
         writer.add_chat_template(template.read_text(encoding="utf-8"))
-
-
-def _byte_level(data: dict[str, Any]) -> bool:
-    def has(node: Any) -> bool:
-        if isinstance(node, dict):
-            return node.get("type") == "ByteLevel" or any(has(v) for v in node.values())
-        if isinstance(node, list):
-            return any(has(v) for v in node)
-        return False
-
-    return has(data.get("pre_tokenizer")) or has(data.get("decoder"))
 
 
 def ggml_quantize(model: Any, quant_type: str = "Q4_K_M", *, output: str | Path,

@@ -9,8 +9,8 @@ from typing import Any
 
 from enigma.errors import BadRequestError, NotAvailableError
 from enigma_ggml.recipe import FILE_TYPES
+from enigma_ggml.weights import GGUF_FILE
 
-GGUF_FILE = "model.gguf"
 DESCRIPTIONS = {
     "Q4_K_M": "llama.cpp's best balance: 4-bit k-quants, Q6_K for the head and some attn_v/ffn_down (~4.9 bpw)",
     "Q4_K_S": "4-bit k-quants, a few early attn_v/ffn_down at Q5_K (~4.6 bpw)",
@@ -46,6 +46,6 @@ class GGMLQuantizer:
         (output / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
     def transform(self, model: Any, *, context: Any) -> None:
-        raise NotAvailableError(f"{context.folder} is a GGUF file ({GGUF_FILE}); running GGUF files in enigma is not "
-                                "built yet (llama.cpp, Ollama and LM Studio run it); quantize to another format or "
-                                "use the original weights")
+        from enigma_ggml.loading import swap_packed_modules
+
+        swap_packed_modules(model, context)
