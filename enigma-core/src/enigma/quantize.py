@@ -28,6 +28,10 @@ from enigma.errors import BadRequestError, ConfigError, NotFoundError
 
 logger = logging.getLogger("enigma.quantize")
 
+FLOAT_TYPES = ("F32", "F16", "BF16")
+"""Type names of float weights in a quantizer's container (a GGUF at F16): made again without loss."""
+MODEL_FILE_SUFFIXES = (".gguf",)
+"""Single-file model formats: ``--output x.gguf`` writes just that file."""
 SUGGESTED_PLUGINS = ("enigma-plugin-ggml (llama.cpp k-quants: Q4_K_M, Q5_K_M, Q6_K, Q8_0)",
                      "enigma-plugin-exl2 (EXL2 mixed-bit GPTQ)")
 
@@ -141,11 +145,12 @@ def _split_type(type_name: str, host: Any) -> tuple[Any, QuantType]:
 def quantize(source: str | Path, type_name: str, *, name: str | None = None, output: str | Path | None = None,
              options: Mapping[str, Any] | None = None, progress: Callable[[int, int], None] | None = None,
              host: Any = None) -> Path:
-    """Quantize ``source`` (a store name, packaged model or HF folder) as ``type_name``.
+    """Quantize ``source`` (a store name, packaged model, HF folder or model file) as ``type_name``.
 
-    The result goes to the folder ``output`` (which must not exist yet), or into
-    the store as ``name`` (default ``<source name>:<type, lower-case>``). Returns
-    the folder written.
+    The result goes to the folder ``output`` (which must not exist yet) — or, when
+    ``output`` names a single-file format (``x.gguf``), to that one file —, or
+    into the store as ``name`` (default ``<source name>:<type, lower-case>``).
+    Returns the folder (or file) written.
     """
     from enigma.llm import resolve_model_path
     from enigma.loader import read_hf_config
@@ -155,7 +160,7 @@ def quantize(source: str | Path, type_name: str, *, name: str | None = None, out
     quantizer, chosen = _split_type(type_name, host)
     folder = resolve_model_path(source)
     model = QuantizationSource(folder=folder, hf_config=read_hf_config(folder), host=host)
-    if model.quantization is not None:
+    if model.quantization is not None and model.quantization.upper() not in FLOAT_TYPES:
         logger.warning("%s is already quantized (%s); quantizing it again compounds the error — start from "
                        "the original weights where you can", source, model.quantization)
 
@@ -168,11 +173,32 @@ def quantize(source: str | Path, type_name: str, *, name: str | None = None, out
 
     from enigma.artifacts import write_model
 
+    if output is not None and Path(output).suffix.lower() in MODEL_FILE_SUFFIXES:
+        return _write_model_file(write, Path(output), chosen)
     base = None
     if output is None:
         base = ModelName.parse(name) if name else ModelName(_base_name(source, folder), chosen.name.lower())
     return write_model(write, output=output, name=base, source=f"quantize:{source}@{chosen.quantizer}",
                        quantization=chosen.name)
+
+
+def _write_model_file(write: Callable[[Path], None], output: Path, chosen: QuantType) -> Path:
+    """Make the artifact in a scratch folder beside ``output`` and move its one model file there."""
+    import os
+    import tempfile
+
+    if output.exists():
+        raise BadRequestError(f"output {output} exists; choose a new file name or remove it first")
+    output.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=f".{output.name}.", dir=output.parent) as scratch:
+        write(Path(scratch))
+        config = json.loads((Path(scratch) / "config.json").read_text(encoding="utf-8"))
+        file = (config.get("quantization_config") or {}).get("file")
+        if not file or Path(file).suffix.lower() != output.suffix.lower():
+            raise BadRequestError(f"type {chosen.name} ({chosen.quantizer}) makes a model folder, not one "
+                                  f"{output.suffix} file; give --output a folder")
+        os.replace(Path(scratch) / file, output)
+    return output
 
 
 def _check_artifact(folder: Path, chosen: QuantType) -> None:

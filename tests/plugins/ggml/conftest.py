@@ -60,3 +60,69 @@ def libggml() -> ctypes.CDLL:
     library.ggml_quantize_chunk.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64,
                                             ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p]
     return library
+
+
+def _cpu_flags() -> set[str]:
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return set()
+    return set(next((line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), []))
+
+
+LLAMA_CPP_FLAGS = ("GGML_NATIVE=OFF", "GGML_AVX=ON", "GGML_AVX2=ON", "GGML_FMA=ON", "GGML_F16C=ON", "GGML_BMI2=ON",
+                   *(("GGML_AVX512=ON", "GGML_AVX512_VBMI=ON", "GGML_AVX512_VNNI=ON", "GGML_AVX512_BF16=ON",
+                      "GGML_AVX_VNNI=ON") if {"avx512f", "avx512_vnni", "avx512_bf16"} <= _cpu_flags() else ()),
+                   "LLAVA_BUILD=OFF", "LLAMA_BUILD_TOOLS=OFF", "LLAMA_BUILD_EXAMPLES=OFF", "LLAMA_BUILD_TESTS=OFF",
+                   "LLAMA_CURL=OFF")
+"""The CPU's vector extensions named one by one rather than -march=native: a native build here also
+turns on ggml's AMX kernels, whose Q8_0 path crashes in this sandbox (no AMX tile permission)."""
+
+
+def llama_cpp_site(cache: Path) -> Path:
+    """llama-cpp-python LLAMA_CPP_PYTHON (llama.cpp itself, as a library) built from its sdist once and unpacked
+    into the cache: about 4 minutes here with llama.cpp's tools and examples left out."""
+    site = cache / f"llama-cpp-python-{LLAMA_CPP_PYTHON}" / "site"
+    if (site / "llama_cpp" / "__init__.py").exists():
+        return site
+    wheels = cache / "wheels"
+    wheel = next(wheels.glob(f"llama_cpp_python-{LLAMA_CPP_PYTHON}-*.whl"), None)
+    if wheel is None:
+        wheels.mkdir(parents=True, exist_ok=True)
+        flags = " ".join(f"-D{flag}" for flag in LLAMA_CPP_FLAGS)
+        subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-cache-dir", "--no-deps", "--no-binary", ":all:",
+                        "-q",
+                        f"llama-cpp-python=={LLAMA_CPP_PYTHON}", "-w", str(wheels)], check=True, capture_output=True,
+                       timeout=2400, env={**os.environ, "CMAKE_ARGS": flags,
+                                          "CMAKE_BUILD_PARALLEL_LEVEL": str(os.cpu_count() or 2)})
+        wheel = next(wheels.glob(f"llama_cpp_python-{LLAMA_CPP_PYTHON}-*.whl"))
+    import zipfile
+
+    staged = site.with_name("site.tmp")
+    shutil.rmtree(staged, ignore_errors=True)
+    with zipfile.ZipFile(wheel) as archive:
+        archive.extractall(staged)
+    shutil.rmtree(site, ignore_errors=True)
+    os.replace(staged, site)
+    return site
+
+
+@pytest.fixture(scope="session")
+def llama_cpp():
+    """The ``llama_cpp`` module (llama.cpp through llama-cpp-python's ctypes binding): the installed one, else one
+    built into the cache. The tests skip, saying why, if it cannot be built."""
+    try:
+        import llama_cpp as installed
+
+        return installed
+    except ImportError:
+        pass
+    try:
+        site = llama_cpp_site(CACHE)
+    except (RuntimeError, OSError, subprocess.SubprocessError, StopIteration) as exc:
+        detail = getattr(exc, "stderr", b"") or b""
+        pytest.skip(f"llama.cpp (the oracle) could not be built: {exc} {detail[-300:]!r}")
+    sys.path.insert(0, str(site))
+    import llama_cpp as built
+
+    return built

@@ -155,3 +155,24 @@ def test_the_seeds_python_call(folder: Path, tmp_path: Path) -> None:
     reader = gguf.GGUFReader(str(path))
     assert reader.get_field("general.file_type").contents() == 18
     assert sorted(p.name for p in path.parent.iterdir()) == ["tiny.gguf"]  # nothing else left behind
+
+
+def test_requantizing_a_gguf_into_one_file(enigma, folder: Path, tmp_path: Path) -> None:
+    f32 = tmp_path / "m-f32.gguf"
+    write_gguf(folder, f32, "F32")
+    done = enigma("quantize", str(f32), "--type", "Q4_K_M", "--output", str(tmp_path / "m-q4.gguf"))
+    assert done.returncode == 0, done.stderr
+    assert "compounds" not in done.stderr  # F32 in, nothing lost
+    write_gguf(folder, tmp_path / "direct.gguf", "Q4_K_M")
+    again, direct = gguf.GGUFReader(str(tmp_path / "m-q4.gguf")), gguf.GGUFReader(str(tmp_path / "direct.gguf"))
+    assert [(t.name, t.tensor_type) for t in again.tensors] == [(t.name, t.tensor_type) for t in direct.tensors]
+    assert all(np.array_equal(a.data, b.data) for a, b in zip(again.tensors, direct.tensors))  # the same bytes
+    assert {k: again.get_field(k).contents() for k in again.fields if not k.startswith("GGUF.")} == {
+        k: direct.get_field(k).contents() for k in direct.fields if not k.startswith("GGUF.")}
+    assert sorted(p.name for p in tmp_path.glob("*gguf*")) == ["direct.gguf", "m-f32.gguf", "m-q4.gguf"]
+
+    lossy = enigma("quantize", str(tmp_path / "m-q4.gguf"), "--type", "Q8_0", "--name", "m:q8")
+    assert lossy.returncode == 0 and "compounds the error" in lossy.stderr
+    assert "Q8_0" in enigma("list").stdout
+    taken = enigma("quantize", str(f32), "--type", "Q6_K", "--output", str(tmp_path / "m-q4.gguf"))
+    assert taken.returncode == 1 and "exists" in taken.stderr

@@ -16,6 +16,8 @@ Examples:
   enigma quantize llama3:8b --type Q4_K_M      into the store as llama3:q4_k_m
   enigma quantize ./my-llama --bits 4 --name mine:q4
   enigma quantize ./my-llama --type INT8 --output ./my-llama-int8
+  enigma quantize ./my-llama --type Q5_K_M --output my-llama.Q5_K_M.gguf    one GGUF file, for llama.cpp
+  enigma quantize ./model.Q8_0.gguf --type Q4_K_M      requantize a GGUF (quality compounds: a warning says so)
 """
 
 
@@ -24,11 +26,11 @@ Examples:
 @click.option("--type", "type_name", help="Quantization type (see --list); QUANTIZER:TYPE when two make it.")
 @click.option("--bits", type=click.Choice(["4", "5", "6", "8"]), help="Shorthand: 4 Q4_K_M, 5 Q5_K_M, 6 Q6_K, 8 Q8_0.")
 @click.option("--name", help="Store name for the result [<model>:<type>].")
-@click.option("--output", type=click.Path(file_okay=False), help="Write a folder here instead of the store.")
+@click.option("--output", type=click.Path(), help="Write a folder (or one FILE.gguf) here instead of the store.")
 @click.option("--list", "list_types", is_flag=True, help="List the types the installed quantizers make.")
 def quantize(model: str | None, type_name: str | None, bits: str | None, name: str | None, output: str | None,
              list_types: bool) -> None:
-    """Quantize MODEL (a store name, packaged model or folder) to fewer bits per weight."""
+    """Quantize MODEL (a store name, packaged model, folder or GGUF file) to fewer bits per weight."""
     from enigma.quantize import SUGGESTED_PLUGINS, installed_types
     from enigma.quantize import quantize as run_quantize
 
@@ -46,7 +48,7 @@ def quantize(model: str | None, type_name: str | None, bits: str | None, name: s
     if (type_name is None) == (bits is None):
         raise click.UsageError("give exactly one of --type and --bits")
     if name is not None and output is not None:
-        raise click.UsageError("--name (the store) and --output (a folder) exclude each other")
+        raise click.UsageError("--name (the store) and --output (a folder or file) exclude each other")
     type_name = type_name or BITS[int(bits)]
     with ProgressBar("quantizing") as bar:
         folder = run_quantize(model, type_name, name=name, output=output, progress=bar.update)

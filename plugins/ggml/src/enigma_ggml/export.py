@@ -79,14 +79,7 @@ def write_gguf(folder: Path, target: Path, file_type: str, *, name: str | None =
         rope_freqs = _rope_freqs(config, head_dim) if rope_type == "llama3" else None
         if rope_freqs is not None:  # llama.cpp reads Llama 3's rescaling as a tensor of divisors
             writer.add_tensor_info(ROPE_FREQS, rope_freqs.shape, rope_freqs.dtype, rope_freqs.nbytes)
-        for info in infos:
-            kind = types[info.name]
-            columns = info.shape[-1]
-            rows = int(np.prod(info.shape[:-1])) if len(info.shape) > 1 else 1
-            dtype = {"F32": np.float32, "F16": np.float16}.get(kind, np.uint8)
-            shape = info.shape if kind in ("F32", "F16") else (*info.shape[:-1], row_bytes(kind, columns))
-            writer.add_tensor_info(info.name, shape, np.dtype(dtype), rows * row_bytes(kind, columns),
-                                   raw_dtype=None if kind in ("F32", "F16") else gguf.GGMLQuantizationType[kind])
+        add_tensor_infos(writer, infos, types)
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
         writer.write_ti_data_to_file()
@@ -96,13 +89,32 @@ def write_gguf(folder: Path, target: Path, file_type: str, *, name: str | None =
             tensor = weights.get(hf).float().numpy()
             if architecture == "llama" and (".attn_q." in g or ".attn_k." in g):
                 tensor = permute_for_rope(tensor, heads if ".attn_q." in g else kv_heads)
-            writer.write_tensor_data(np.ascontiguousarray(quantize(tensor, types[g]) if types[g] not in ("F32", "F16")
-                                                          else tensor.astype(np.float16 if types[g] == "F16"
-                                                                             else np.float32)))
+            writer.write_tensor_data(encode(tensor, types[g]))
             if progress is not None:
                 progress(done, len(order))
     writer.close()
     return types
+
+
+def add_tensor_infos(writer: Any, infos: list[TensorInfo], types: dict[str, str]) -> None:
+    """Describe each tensor at its chosen type, in order (the data follows in the same order)."""
+    import gguf
+
+    for info in infos:
+        kind = types[info.name]
+        columns = info.shape[-1]
+        rows = int(np.prod(info.shape[:-1])) if len(info.shape) > 1 else 1
+        dtype = {"F32": np.float32, "F16": np.float16}.get(kind, np.uint8)
+        shape = info.shape if kind in ("F32", "F16") else (*info.shape[:-1], row_bytes(kind, columns))
+        writer.add_tensor_info(info.name, shape, np.dtype(dtype), rows * row_bytes(kind, columns),
+                               raw_dtype=None if kind in ("F32", "F16") else gguf.GGMLQuantizationType[kind])
+
+
+def encode(values: np.ndarray, kind: str) -> np.ndarray:
+    """float32 values as a tensor's data in ``kind``: block bytes, or F16/F32 values."""
+    if kind in ("F32", "F16"):
+        return np.ascontiguousarray(values.astype(np.float16 if kind == "F16" else np.float32))
+    return np.ascontiguousarray(quantize(values, kind))
 
 
 def _rope_freqs(config: dict[str, Any], head_dim: int) -> np.ndarray:

@@ -32,17 +32,26 @@ class GGMLQuantizer:
     def quantize(self, model: Any, *, type: str, output: Path, options: Mapping[str, Any],
                  progress: Callable[[int, int], None] | None = None) -> None:
         from enigma_ggml.export import write_gguf
+        from enigma_ggml.requantize import requantize_gguf
+        from enigma_ggml.weights import gguf_path
 
         if type not in FILE_TYPES:
             raise BadRequestError(f"ggml makes no type {type!r}; it makes {', '.join(FILE_TYPES)}")
-        if model.quantization is not None:
-            raise NotAvailableError(f"{model.folder} is quantized ({model.quantization}); requantizing a GGUF is "
-                                    "not built yet: quantize from the original weights")
-        types = write_gguf(model.folder, output / GGUF_FILE, type, name=str(options.get("name") or model.folder.name),
-                           progress=progress)
-        config = {**model.hf_config, "quantization_config": {"quant_method": "ggml", "type": type,
-                                                             "file": GGUF_FILE,
-                                                             "tensor_types": sorted(set(types.values()))}}
+        method = (model.hf_config.get("quantization_config") or {}).get("quant_method")
+        source_config = dict(model.hf_config)
+        if method == "ggml":  # a GGUF: requantized as llama-quantize does (the caller warned)
+            types = requantize_gguf(gguf_path(model.folder), output / GGUF_FILE, type, progress=progress)
+            parameters = source_config.pop("quantization_config").get("parameters")
+        elif model.quantization is not None:
+            raise NotAvailableError(f"{model.folder} is quantized with {method!r}; GGUF files are made from float "
+                                    "weights or from another GGUF")
+        else:
+            types = write_gguf(model.folder, output / GGUF_FILE, type,
+                               name=str(options.get("name") or model.folder.name), progress=progress)
+            parameters = None
+        config = {**source_config, "quantization_config": {"quant_method": "ggml", "type": type, "file": GGUF_FILE,
+                                                           "tensor_types": sorted(set(types.values())),
+                                                           **({"parameters": parameters} if parameters else {})}}
         (output / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
     def transform(self, model: Any, *, context: Any) -> None:
