@@ -176,6 +176,48 @@ def test_pull_run_and_create_from_a_gguf_file(enigma, tiny_q4: Path, tmp_path: P
     assert shown["system"] == "You answer briefly." and shown["quantization"] == "Q4_K_M"
 
 
+def test_serve_a_gguf_to_the_openai_client(enigma, enigma_home: Path, tiny_q4: Path) -> None:
+    import os
+
+    import openai
+    from serving import launch, stop
+
+    assert enigma("pull", str(tiny_q4), "--name", "tiny-q4").returncode == 0
+    process, base = launch({**os.environ, "ENIGMA_HOME": str(enigma_home)}, "tiny-q4",
+                           log_path=enigma_home / "server.log")
+    try:
+        client = openai.OpenAI(base_url=f"{base}/v1", api_key="unused")
+        reply = client.chat.completions.create(model="tiny-q4", max_tokens=12, temperature=0,
+                                               messages=[{"role": "user", "content": "What does os.path.join do?"}])
+        assert reply.choices[0].message.content.strip()
+        assert reply.usage.completion_tokens <= 12 and reply.usage.prompt_tokens > 5
+    finally:
+        stop(process)
+
+
+def test_llama3_rope_rescaling_travels_as_rope_freqs(tmp_path: Path) -> None:
+    from enigma.models.llama import LlamaForCausalLM
+    from enigma.saving import save_model_folder
+    from enigma.training.sft import init_weights
+
+    base = make_tiny_llama(tmp_path / "base", hidden_size=256)
+    config = {**json.loads((base / "config.json").read_text()), "rope_theta": 500000.0, "rope_scaling": {
+        "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 64}}
+    torch.manual_seed(1)
+    model = LlamaForCausalLM.from_hf_config(config)
+    init_weights(model, std=0.2)
+    folder = save_model_folder(model, config, tmp_path / "llama3", tokenizer_folder=base)
+    write_gguf(folder, tmp_path / "llama3.gguf", "F32")
+    reader = gguf.GGUFReader(str(tmp_path / "llama3.gguf"))
+    factors = next(t for t in reader.tensors if t.name == "rope_freqs.weight").data
+    assert factors.shape == (32,) and factors[0] == 1.0 and factors[-1] == pytest.approx(8.0)
+    imported = resolve_model_path(tmp_path / "llama3.gguf")
+    assert json.loads((imported / "config.json").read_text())["rope_scaling"]["rope_type"] == "freq_factors"
+    long_ids = IDS * 8  # past the original 64 positions, where the rescaling matters
+    torch.testing.assert_close(logits(imported, long_ids), logits(folder, long_ids), atol=1e-4, rtol=1e-4)
+
+
 def test_pull_one_file_of_a_hub_repository(enigma, tiny_q4: Path, tmp_path: Path) -> None:
     from hub_server import FakeHub
 
@@ -239,13 +281,21 @@ def test_bad_files_are_refused_by_name_and_nothing_is_stored(enigma, tmp_path: P
     wrong_magic.write_bytes(b"GGML" + good.read_bytes()[4:])
     with pytest.raises(BadRequestError, match=r"magic.gguf is not a GGUF file \(it starts with b'GGML'"):
         resolve_model_path(wrong_magic)
+    unknown = tmp_path / "unknown-type.gguf"
+    data = bytearray(good.read_bytes())
+    name = b"blk.0.ffn_down.weight"
+    at = data.index(name) + len(name) + 4 + 2 * 8  # after the name: n_dims (u32), two dims (u64), then the type
+    data[at:at + 4] = (99).to_bytes(4, "little")
+    unknown.write_bytes(bytes(data))
+    with pytest.raises(BadRequestError, match=r"unknown-type.gguf: a tensor has ggml type 99, which"):
+        resolve_model_path(unknown)
     with pytest.raises(NotAvailableError, match=r"gpt2.gguf: architecture 'gpt2' is not supported"):
         resolve_model_path(write_file(tmp_path / "gpt2.gguf", "gpt2"))
     shapes = {**TOP, "output.weight": (5, 8)}
     with pytest.raises(BadRequestError, match=r"shape.gguf: tensor output.weight has shape \[5, 8\] but the "
                                               r"metadata \(llama.\*\) implies \[4, 8\]"):
         resolve_model_path(write_file(tmp_path / "shape.gguf", shapes=shapes))
-    for bad in ("truncated.gguf", "magic.gguf", "gpt2.gguf", "shape.gguf"):
+    for bad in ("truncated.gguf", "magic.gguf", "unknown-type.gguf", "gpt2.gguf", "shape.gguf"):
         result = enigma("pull", str(tmp_path / bad))
         assert result.returncode == 1 and bad in result.stderr
     assert json.loads(enigma("list", "--json").stdout) == []

@@ -11,6 +11,7 @@ under its HF name with its logical shape and ggml type.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -58,13 +59,29 @@ def open_reader(path: Path) -> Any:
                               "model file, or a Hugging Face model folder")
     try:
         reader = gguf.GGUFReader(path)
-    except (ValueError, IndexError, KeyError, OverflowError, MemoryError) as exc:
+    except ValueError as exc:
+        unknown = re.search(r"(\d+)\)? is not a valid GGMLQuantizationType", str(exc))
+        if unknown:
+            raise BadRequestError(f"{path}: a tensor has ggml type {unknown[1]}, which the gguf package "
+                                  f"{_gguf_version()} does not know; the file is damaged, or newer than this "
+                                  "install reads (pip install -U gguf)") from None
+        raise BadRequestError(f"{path} is truncated or damaged ({exc}); download it again") from None
+    except (IndexError, KeyError, OverflowError, MemoryError) as exc:
         raise BadRequestError(f"{path} is truncated or damaged ({exc}); download it again") from None
     end = max((int(t.data_offset) + int(t.n_bytes) for t in reader.tensors), default=0)
     if end > path.stat().st_size:
         raise BadRequestError(f"{path} is truncated: its tensors need {end} bytes, the file has "
                               f"{path.stat().st_size}; download it again")
     return reader
+
+
+def _gguf_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("gguf")
+    except PackageNotFoundError:
+        return "(version unknown)"
 
 
 class GGUFModelFile:
