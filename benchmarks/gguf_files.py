@@ -8,7 +8,8 @@
 2. File size and bits per weight of each type (enigma-tiny's, and the 125M model's below).
 3. Quantization time of a 125M-parameter GQA Llama (random weights, the shape of
    ``../shared/anchors``' llama100m) to Q4_K_M from its F32 GGUF: llama.cpp's ``llama_model_quantize``
-   (2 threads) vs enigma's requantization of the same file, and enigma from the HF folder.
+   (2 threads) vs enigma's requantization of the same file, and enigma from the HF folder; then the
+   resident memory of ``LLM("...Q4_K_M.gguf")`` next to the file's size.
 
 llama.cpp comes from the oracle cache the tests fill (``tests/plugins/ggml/conftest.py``; about 4 minutes
 to build the first time). The docs come from Debian's python3.11-doc (fetched with apt-get download).
@@ -71,6 +72,31 @@ def llama_cpp_nll(llama_cpp, path: Path, windows: list[list[int]]) -> tuple[floa
     return total, count
 
 
+MEMORY_CHILD = r"""
+import gc, sys
+def rss():
+    return next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmRSS")) / 1024
+import torch, enigma_ggml
+from enigma import LLM
+gc.collect()
+before = rss()
+llm = LLM(sys.argv[1], num_kv_blocks=64)
+gc.collect()
+print(rss() - before, llm._runner.bytes_per_block * 64 / 2**20)
+"""
+
+
+def resident_memory(path: Path) -> None:
+    """RSS growth of a fresh process when ``LLM(path)`` loads (64 KV blocks), next to the file's size."""
+    import subprocess
+
+    grown, kv = map(float, subprocess.run([sys.executable, "-c", MEMORY_CHILD, str(path)], check=True,
+                                          capture_output=True, text=True).stdout.split())
+    size = path.stat().st_size / 2**20
+    print(f"  LLM({path.name}): resident memory grows {grown:.1f} MiB = file {size:.1f} MiB + KV {kv:.1f} MiB "
+          f"+ {grown - size - kv:.1f} MiB (tokenizer, engine)")
+
+
 def quantization_times(llama_cpp, work: Path) -> dict[str, float]:
     sys.path.insert(0, str(ROOT / "benchmarks"))
     from common import make_bench_model
@@ -110,7 +136,12 @@ def quantization_times(llama_cpp, work: Path) -> dict[str, float]:
         write_gguf(folder, target, file_type)
         size = target.stat().st_size
         print(f"| {file_type} | {size / 2**20:.1f} MiB | {size * 8 / parameters:.2f} |", flush=True)
-        target.unlink()
+        if file_type == "Q4_K_M":
+            kept = target
+        else:
+            target.unlink()
+    print("\nMemory (weights stay in their blocks):")
+    resident_memory(kept)
     return best
 
 
