@@ -112,3 +112,49 @@ def test_transformed_projections_stay_unfused(installed_plugins, tiny_model, tmp
     llm = LLM(quantize(tiny_model("llama-gqa"), "INT8", output=tmp_path / "int8"))
     layer = llm.loaded.model.model.layers[0]
     assert layer.self_attn.qkv_proj is None and layer.mlp.gate_up_proj is None
+
+
+def test_hook_enigma_import_model_file(make_plugin_host, tiny_model, tmp_path, monkeypatch):
+    """A plugin that reads one-file models (here a tar of a model folder) makes LLM(file) and pull work."""
+    import tarfile
+
+    from enigma.errors import NotAvailableError
+    from enigma.pull import pull
+    from enigma.store import Store
+
+    original = tiny_model("llama-gqa")
+    archive = tmp_path / "model.tar"
+    with tarfile.open(archive, "w") as tar:
+        for path in sorted(original.iterdir()):
+            tar.add(path, arcname=path.name)
+    calls = []
+
+    @hookimpl
+    def enigma_import_model_file(path, folder):
+        calls.append((path, sorted(folder.iterdir())))
+        if path.suffix != ".tar":
+            return None
+        with tarfile.open(path) as tar:
+            tar.extractall(folder, filter="data")
+        return True
+
+    plugin = types.ModuleType("tar_models")
+    plugin.enigma_import_model_file = enigma_import_model_file
+    monkeypatch.setattr(enigma.plugins, "_host", make_plugin_host(plugin))
+    expected = LLM(original).generate("Hello", GREEDY)[0].outputs[0].token_ids
+    assert LLM(str(archive)).generate("Hello", GREEDY)[0].outputs[0].token_ids == expected
+    assert calls == [(archive.resolve(), [])]  # an absolute path and an empty folder
+    LLM(str(archive))
+    assert len(calls) == 1  # the imported folder is cached while the file is unchanged
+    manifest = pull(str(archive), name="from-tar")
+    assert manifest.source == f"file:{archive.resolve()}"
+    assert {e.path for e in manifest.files} >= {"config.json", "model.safetensors"}
+    assert Store().exists("from-tar")
+
+    (tmp_path / "model.bin").write_bytes(b"pickle?")
+    with pytest.raises(NotAvailableError, match=r"model.bin: no installed plugin reads .bin model files"):
+        LLM(str(tmp_path / "model.bin"))
+    monkeypatch.setattr(enigma.plugins, "_host", make_plugin_host())  # builtins only
+    (tmp_path / "x.gguf").write_bytes(b"GGUF")
+    with pytest.raises(NotAvailableError, match=r"install enigma-plugin-ggml"):
+        LLM(str(tmp_path / "x.gguf"))

@@ -4,16 +4,16 @@
   by the plugin's own C code to the same bytes as llama.cpp's reference
   quantizers; Q8_0, Q5_0, Q5_1 through the ``gguf`` package (llama.cpp's bytes
   too); dequantizing through ``gguf.quants``.
-- :mod:`enigma_ggml.kernels`: the same types dequantized in torch (bit-equal to
-  ``gguf.quants``) and ``GGMLLinear``, a Linear whose weight stays in its bytes.
-- :mod:`enigma_ggml.tokenizer`: a GGUF's byte-level BPE tokenizer rebuilt from its metadata.
+- :mod:`enigma_ggml.kernels`: every ggml type dequantized in torch (bit-equal to
+  ``gguf.quants``); ``GGMLLinear``/``GGMLEmbedding``, modules whose weight stays in its bytes.
+- :mod:`enigma_ggml.tokenizer`: tokenizers between GGUF metadata and ``tokenizers``, both ways.
 - :mod:`enigma_ggml.recipe`: llama.cpp's per-tensor type choice for a file type.
-- :mod:`enigma_ggml.export`: a Llama/Mistral/Qwen2 folder as a GGUF file llama.cpp
-  loads; ``ggml_quantize(model, quant_type="Q4_K_M", output="x.gguf")``.
+- :mod:`enigma_ggml.names`: tensor names and the q/k row order, HF <-> llama.cpp.
+- :mod:`enigma_ggml.export`, :mod:`enigma_ggml.requantize`: GGUF files llama.cpp loads, from a
+  Llama/Mistral/Qwen2 folder or another GGUF; ``ggml_quantize(model, quant_type="Q4_K_M", output="x.gguf")``.
+- :mod:`enigma_ggml.reading`, :mod:`enigma_ggml.importing`, :mod:`enigma_ggml.weights`,
+  :mod:`enigma_ggml.loading`: GGUF files run in enigma (``LLM("x.gguf")``, ``enigma pull x.gguf``).
 - The ``ggml`` quantizer: ``enigma quantize MODEL --type Q4_K_M`` (or ``--bits 4``).
-
-Not yet: running GGUF files in enigma (the weight source and loading through
-``GGMLLinear``).
 """
 
 from enigma_ggml.export import ggml_quantize, write_gguf

@@ -5,9 +5,10 @@ metadata and every tensor's description go first, then each tensor is read
 from the folder (memory-mapped), renamed to llama.cpp's names, permuted where
 llama.cpp's rotary layout needs it (q and k of arch ``llama``: HF rotates
 halves, llama.cpp adjacent pairs), quantized to the type :mod:`enigma_ggml.recipe`
-picks, and appended. The tokenizer goes in as llama.cpp reads it: a
-byte-level BPE (``tokenizer.ggml.model = gpt2``) with its tokens, token types
-and merges, special token ids, ``add_bos`` and the chat template.
+picks, and appended. The tokenizer goes in as llama.cpp reads it
+(:mod:`enigma_ggml.tokenizer`): byte-level BPE (``gpt2``, with the name of
+its pre-tokenizer) or SentencePiece (``llama``, scores from the merge ranks),
+with token types, special token ids, ``add_bos`` and the chat template.
 """
 
 from __future__ import annotations
