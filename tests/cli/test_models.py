@@ -142,10 +142,14 @@ def test_local_folder_cp_create_rm(enigma, model_folder, tmp_path, enigma_home):
     result = enigma("create", "bad", "-f", str(tmp_path / "Bad"))
     assert result.returncode == 1 and "Bad:2: temperature = -1.0 is invalid" in result.stderr
     (tmp_path / "Bad").write_text("FROM ./weights.gguf\n")
-    result = enigma("create", "bad", "-f", str(tmp_path / "Bad"), env={"ENIGMA_DISABLE_PLUGINS": "ggml"})
-    assert result.returncode == 1 and "needs the ggml plugin" in result.stderr
     result = enigma("create", "bad", "-f", str(tmp_path / "Bad"))
-    assert result.returncode == 1 and "the installed ggml plugin does not import GGUF files yet" in result.stderr
+    assert result.returncode == 1 and "FROM ./weights.gguf: there is no file" in result.stderr
+    (tmp_path / "weights.gguf").write_bytes(b"GGUF")
+    result = enigma("create", "bad", "-f", str(tmp_path / "Bad"), env={"ENIGMA_DISABLE_PLUGINS": "ggml"})
+    assert result.returncode == 1 and "install enigma-plugin-ggml" in result.stderr
+    result = enigma("create", "bad", "-f", str(tmp_path / "Bad"))
+    assert result.returncode == 1 and "weights.gguf is truncated or damaged" in result.stderr
+    assert "bad" not in enigma("list").stdout  # nothing half-made in the store
     (tmp_path / "Bad").write_text("FROM base:v1\nADAPTER ./lora\n")
     result = enigma("create", "bad", "-f", str(tmp_path / "Bad"), env={"ENIGMA_DISABLE_PLUGINS": "lora"})
     assert result.returncode == 1 and "ADAPTER needs the lora plugin" in result.stderr

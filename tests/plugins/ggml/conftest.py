@@ -126,3 +126,37 @@ def llama_cpp():
     import llama_cpp as built
 
     return built
+
+
+def llama_cpp_converter(cache: Path) -> Path:
+    """llama.cpp's own ``convert_hf_to_gguf.py`` (with its ``conversion`` package and vendored ``gguf-py``) from
+    the same sdist, unpacked into the cache: how most GGUF files on the hub were made."""
+    target = cache / f"llama-cpp-python-{LLAMA_CPP_PYTHON}" / "convert"
+    if (target / "convert_hf_to_gguf.py").exists():
+        return target / "convert_hf_to_gguf.py"
+    with tempfile.TemporaryDirectory(prefix="enigma-ggml-convert-") as scratch:
+        work = Path(scratch)
+        subprocess.run([sys.executable, "-m", "pip", "download", "--no-binary", ":all:", "--no-deps", "-q",
+                        f"llama-cpp-python=={LLAMA_CPP_PYTHON}", "-d", str(work)], check=True, capture_output=True,
+                       timeout=600)
+        with tarfile.open(next(work.glob("llama_cpp_python-*.tar.gz"))) as archive:
+            archive.extractall(work, filter="data")
+        source = next(work.glob("llama_cpp_python-*")) / "vendor" / "llama.cpp"
+        staged = work / "convert"
+        staged.mkdir()
+        shutil.copy(source / "convert_hf_to_gguf.py", staged)
+        for package in ("conversion", "gguf-py"):
+            shutil.copytree(source / package, staged / package)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(target, ignore_errors=True)
+        shutil.move(str(staged), target)
+    return target / "convert_hf_to_gguf.py"
+
+
+@pytest.fixture(scope="session")
+def convert_hf_to_gguf() -> Path:
+    """The path of llama.cpp's converter script; the tests skip, saying why, if it cannot be fetched."""
+    try:
+        return llama_cpp_converter(CACHE)
+    except (OSError, subprocess.SubprocessError, StopIteration) as exc:
+        pytest.skip(f"llama.cpp's converter (the oracle) could not be fetched: {exc}")

@@ -71,8 +71,11 @@ def dequantized_folder(path: Path, original: Path, target: Path) -> Path:
         tensors[hf_name(tensor.name)] = torch.from_numpy(np.ascontiguousarray(values))
     target.mkdir()
     save_file(tensors, target / "model.safetensors")
-    for name in ("config.json", "tokenizer.json", "tokenizer_config.json"):
+    for name in ("tokenizer.json", "tokenizer_config.json"):
         (target / name).write_bytes((original / name).read_bytes())
+    config = json.loads((original / "config.json").read_text())
+    config.pop("quantization_config", None)  # float weights now
+    (target / "config.json").write_text(json.dumps(config))
     return target
 
 

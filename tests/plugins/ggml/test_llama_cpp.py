@@ -51,7 +51,11 @@ def llama_with_tokenizer(folder: Path, tokenizer_json: dict, *, layers: int = 2,
 
 
 def llama_cpp_model(llama_cpp, path: Path, **options):
-    return llama_cpp.Llama(model_path=str(path), n_ctx=512, n_threads=2, verbose=False, seed=0, **options)
+    """llama.cpp on ``path`` with an F32 KV cache (its default F16 one rounds K and V, which flips near-ties of
+    random models' logits; enigma keeps the model's dtype)."""
+    f32 = 0  # GGML_TYPE_F32
+    return llama_cpp.Llama(model_path=str(path), n_ctx=512, n_threads=2, verbose=False, seed=0, type_k=f32,
+                           type_v=f32, **options)
 
 
 @pytest.fixture(scope="module")
@@ -180,3 +184,69 @@ def test_files_with_llama_cpps_default_pre_tokenizer(llama_cpp, tiny: Path, tmp_
         assert theirs.tokenize(text.encode(), add_bos=False, special=False) == ids, text
         differs |= ids != gpt2.encode(text, add_special_tokens=False)
     assert differs  # the corpus tells the two splits apart
+
+
+@pytest.fixture(scope="module")
+def sentencepiece_llama(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A Llama-2-style HF folder: a SentencePiece BPE ``tokenizer.model`` (byte fallback) trained here, and
+    random weights, the input llama.cpp's converter takes for Llama 2, Mistral and TinyLlama."""
+    spm = pytest.importorskip("sentencepiece")
+    from enigma.models.llama import LlamaForCausalLM
+    from enigma.saving import save_model_folder
+    from enigma.training.sft import init_weights
+
+    folder = tmp_path_factory.mktemp("spm-llama") / "model"
+    folder.mkdir()
+    corpus = folder.parent / "corpus.txt"
+    corpus.write_text("\n".join(CORPUS * 4 + [(Path(__file__).parent / "test_gguf_loading.py").read_text()]))
+    spm.SentencePieceTrainer.train(
+        input=str(corpus), model_prefix=str(folder / "tokenizer"), vocab_size=700, model_type="bpe",
+        byte_fallback=True, character_coverage=1.0, split_digits=True, unk_id=0, bos_id=1, eos_id=2, pad_id=-1,
+        add_dummy_prefix=True, remove_extra_whitespaces=False, normalization_rule_name="identity",
+        minloglevel=2)
+    (folder / "tokenizer.vocab").unlink()
+    config = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": 700, "hidden_size": 256,
+              "intermediate_size": 512, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+              "max_position_embeddings": 512, "rms_norm_eps": 1e-5, "tie_word_embeddings": False,
+              "bos_token_id": 1, "eos_token_id": 2, "torch_dtype": "float32"}
+    (folder / "tokenizer_config.json").write_text(json.dumps({"add_bos_token": True, "bos_token": "<s>",
+                                                               "eos_token": "</s>", "unk_token": "<unk>"}))
+    torch.manual_seed(4)
+    model = LlamaForCausalLM.from_hf_config(config)
+    init_weights(model, std=0.1)
+    return save_model_folder(model, config, folder)
+
+
+@pytest.mark.parametrize("outtype", ["f32", "q8_0"])
+def test_files_llama_cpps_converter_made_run_in_enigma(llama_cpp, convert_hf_to_gguf: Path, sentencepiece_llama: Path,
+                                                       outtype: str, tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    path = tmp_path / f"converted-{outtype}.gguf"
+    subprocess.run([sys.executable, str(convert_hf_to_gguf), str(sentencepiece_llama), "--outtype", outtype,
+                    "--outfile", str(path)], check=True, capture_output=True, timeout=600)
+    reader = gguf.GGUFReader(str(path))
+    assert reader.get_field("tokenizer.ggml.model").contents() == "llama"  # SentencePiece, with its scores
+    theirs = llama_cpp_model(llama_cpp, path)
+    ours = LLM(str(path))
+    for text in CORPUS:
+        assert ours.tokenizer.encode(text, add_special_tokens=False) == theirs.tokenize(
+            text.encode(), add_bos=False, special=False), text
+    ids = ours.tokenizer.encode(CORPUS[0])
+    assert ids[0] == 1 and ids == theirs.tokenize(CORPUS[0].encode())  # <s> first, as llama.cpp adds it
+    from test_gguf_loading import dequantized_folder, logits
+
+    folder = resolve_model_path(path)
+    if outtype == "q8_0":  # llama.cpp quantizes activations for Q8_0 matmuls, so its greedy tokens are its own;
+        expected = logits(dequantized_folder(path, folder, tmp_path / "oracle"), ids)  # the weights are gguf's
+        torch.testing.assert_close(logits(folder, ids), expected, atol=2e-4, rtol=1e-4)
+        return
+    expected = []
+    for token in theirs.generate(ids, top_k=1, top_p=1.0, min_p=0.0, temp=0.0, reset=True):
+        expected.append(token)
+        if len(expected) == 32:
+            break
+    params = SamplingParams(max_tokens=32, min_tokens=32, temperature=0)
+    assert ours.generate([ids], params)[0].outputs[0].token_ids == expected
+    torch.testing.assert_close(logits(folder, ids), logits(sentencepiece_llama, ids), atol=1e-4, rtol=1e-4)
