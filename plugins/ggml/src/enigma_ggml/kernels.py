@@ -1,14 +1,20 @@
-"""ggml's block types dequantized in torch, and ``GGMLLinear``: a Linear whose weight stays in its GGUF bytes.
+"""ggml's block types in torch, and modules whose weights stay in their GGUF bytes.
 
 The dequantizers unpack the block layouts of ggml-common.h with tensor
 operations (no loops over blocks), in float32 and in the same order of
 operations as the ``gguf`` package's numpy ones, so the values are equal bit
-for bit (the tests compare them). ``GGMLLinear`` dequantizes its weight for
-each matmul — correct first: memory stays at the file's size, speed is the
-next step's work (fused dequantize-matmul kernels).
+for bit (the tests compare them).
+
+``GGMLLinear`` multiplies few rows (a decode step) with ``qmatmul.c``: the
+activations quantized per block (Q8_K, or Q8_0 for Q8_0 weights) and integer
+dot products against the weight's blocks, as llama.cpp's CPU backend does —
+memory traffic is the file's bytes. Many rows (a prefill), other types, other
+devices, or no C compiler: the weight is dequantized and ``F.linear`` runs.
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -106,6 +112,108 @@ def dequantize_blocks(data: torch.Tensor, type_name: str) -> torch.Tensor:
     return out.reshape(*shape[:-1], shape[-1] // size * values)
 
 
+NATIVE_TYPES = {"Q8_0": 8, "Q4_K": 12, "Q5_K": 13, "Q6_K": 14}
+"""Types ``qmatmul.c`` multiplies in their blocks, with ggml's type number."""
+NATIVE_MAX_ROWS = 16
+"""Up to this many rows go through the block kernels; more amortise a dequantized copy (measured:
+benchmarks/llamacpp.py)."""
+_native: dict[str, Any] = {}
+
+
+def native_qmatmul() -> Any:
+    """The compiled ``qmatmul.c`` (ctypes), or None where it cannot be built or native kernels are off."""
+    if "library" not in _native:
+        _native["library"] = _load_qmatmul()
+    return _native["library"]
+
+
+def _load_qmatmul() -> Any:
+    import ctypes
+    import logging
+
+    from enigma.config import load_config
+    from enigma.native import NativeBuildError, build
+    from enigma.paths import get_paths
+
+    if not load_config().config.engine.native_kernels:
+        return None
+    try:
+        path = build(get_paths().cache_dir / "native", package=__package__, source_name="qmatmul.c",
+                     name="enigma-ggml-qmatmul", flags=("-ffp-contract=off",))  # dequantized floats = gguf's
+        library = ctypes.CDLL(str(path))
+    except (NativeBuildError, OSError) as error:
+        logging.getLogger(__name__).warning("GGUF block kernels unavailable, dequantizing per matmul: %s", error)
+        return None
+    library.enigma_qmatmul.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64,
+                                       ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p,
+                                       ctypes.c_int]
+    library.enigma_qmatmul.restype = ctypes.c_int
+    library.enigma_dequantize.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64,
+                                          ctypes.c_void_p, ctypes.c_int]
+    library.enigma_dequantize.restype = ctypes.c_int
+    library.enigma_activation_row_bytes.argtypes = [ctypes.c_int, ctypes.c_int64]
+    library.enigma_activation_row_bytes.restype = ctypes.c_int64
+    return library
+
+
+def qmatmul(x: torch.Tensor, qweight: torch.Tensor, type_name: str) -> torch.Tensor:
+    """``x @ Wᵀ`` (float32 ``[rows, in]`` -> ``[rows, out]``) with W as ``type_name`` blocks, by the block
+    kernels; raises :class:`BadRequestError` for what they do not take (see :data:`NATIVE_TYPES`)."""
+    library = native_qmatmul()
+    if library is None:
+        raise BadRequestError("the GGUF block kernels are not available here (no C compiler, or "
+                              "engine.native_kernels = false)")
+    if type_name not in NATIVE_TYPES:
+        raise BadRequestError(f"the block kernels take {', '.join(NATIVE_TYPES)}, not {type_name}")
+    if x.dtype != torch.float32 or not x.is_cpu or x.dim() != 2 or qweight.dtype != torch.uint8:
+        raise BadRequestError(f"qmatmul takes float32 CPU rows [rows, in] and uint8 blocks; got x {x.dtype} "
+                              f"{list(x.shape)} on {x.device}, weight {qweight.dtype}")
+    values = x.shape[1]
+    if qweight.shape[1] != packed_row_bytes(type_name, values):
+        raise BadRequestError(f"{type_name} weight rows of {qweight.shape[1]} bytes do not hold {values} values")
+    if library.enigma_activation_row_bytes(NATIVE_TYPES[type_name], values) == 0:
+        raise BadRequestError(f"the block kernels cannot multiply {type_name} rows of {values} values")
+    return _qmatmul(library, NATIVE_TYPES[type_name], x.contiguous(), qweight)
+
+
+def _qmatmul(library: Any, kind: int, x: torch.Tensor, qweight: torch.Tensor) -> torch.Tensor:
+    """:func:`qmatmul` without the checks, for callers that made them once (a module's shapes are fixed)."""
+    rows, values = x.shape
+    scratch = torch.empty(rows * library.enigma_activation_row_bytes(kind, values), dtype=torch.uint8)
+    y = torch.empty(rows, qweight.shape[0], dtype=torch.float32)
+    library.enigma_qmatmul(kind, qweight.data_ptr(), qweight.shape[0], values, x.data_ptr(), rows,
+                           scratch.data_ptr(), y.data_ptr(), torch.get_num_threads())
+    return y
+
+
+def packed_values(qweight: torch.Tensor, type_name: str, in_features: int) -> torch.Tensor:
+    """A packed weight ``[out, row_bytes]`` as float32 ``[out, in_features]`` (natively where it can)."""
+    library = native_qmatmul() if qweight.is_cpu and type_name in NATIVE_TYPES else None
+    if library is None:
+        return dequantize_blocks(qweight, type_name)
+    values = torch.empty(qweight.shape[0], in_features, dtype=torch.float32)
+    library.enigma_dequantize(NATIVE_TYPES[type_name], qweight.data_ptr(), qweight.shape[0], in_features,
+                              values.data_ptr(), torch.get_num_threads())
+    return values
+
+
+def packed_linear(x: torch.Tensor, qweight: torch.Tensor, type_name: str, in_features: int,
+                  bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``x Wᵀ + b`` for W packed as ``type_name``: the block kernels for up to :data:`NATIVE_MAX_ROWS` rows on
+    the CPU (inference), else the dequantized weight through ``F.linear``."""
+    rows = x.numel() // in_features if in_features else 0
+    kind = NATIVE_TYPES.get(type_name)
+    library = _native.get("library") if "library" in _native else native_qmatmul()
+    if (kind is not None and library is not None and 0 < rows <= NATIVE_MAX_ROWS and x.is_cpu
+            and not torch.is_grad_enabled() and in_features % (32 if kind == 8 else 256) == 0):
+        y = _qmatmul(library, kind, x.reshape(rows, in_features).float().contiguous(), qweight)
+        if bias is not None:
+            y += bias.float()
+        return y.reshape(*x.shape[:-1], qweight.shape[0]).to(x.dtype)
+    return F.linear(x, packed_values(qweight, type_name, in_features).to(x.dtype),
+                    None if bias is None else bias.to(x.dtype))
+
+
 def packed_row_bytes(type_name: str, values: int) -> int:
     """Bytes of a row of ``values`` values in ``type_name``."""
     per_block, size = block_shape(type_name)
@@ -129,11 +237,10 @@ class GGMLLinear(nn.Module):
         self.bias = nn.Parameter(torch.empty(out_features, device=device)) if bias else None
 
     def weight_values(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        return dequantize_blocks(self.qweight, self.type_name).to(dtype)
+        return packed_values(self.qweight, self.type_name, self.in_features).to(dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        bias = None if self.bias is None else self.bias.to(x.dtype)
-        return F.linear(x, self.weight_values(x.dtype), bias)
+        return packed_linear(x, self.qweight, self.type_name, self.in_features, self.bias)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, {self.type_name}"
@@ -171,7 +278,7 @@ class TiedGGMLHead(nn.Module):
         self.in_features, self.out_features = embedding.embedding_dim, embedding.num_embeddings
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, dequantize_blocks(self.embedding.qweight, self.embedding.type_name).to(x.dtype))
+        return packed_linear(x, self.embedding.qweight, self.embedding.type_name, self.in_features)
 
     def extra_repr(self) -> str:
         return f"tied to the embedding, {self.embedding.type_name}"
