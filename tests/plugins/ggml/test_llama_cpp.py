@@ -250,3 +250,31 @@ def test_files_llama_cpps_converter_made_run_in_enigma(llama_cpp, convert_hf_to_
     params = SamplingParams(max_tokens=32, min_tokens=32, temperature=0)
     assert ours.generate([ids], params)[0].outputs[0].token_ids == expected
     torch.testing.assert_close(logits(folder, ids), logits(sentencepiece_llama, ids), atol=1e-4, rtol=1e-4)
+
+
+def test_llama_cpp_runs_enigmas_qwen2_files(llama_cpp, tiny: Path, tmp_path: Path) -> None:
+    """Architecture qwen2 (q/k/v biases, no q/k permutation, a tied head) both ways."""
+    from enigma.models.llama import LlamaForCausalLM
+    from enigma.saving import save_model_folder
+    from enigma.training.sft import init_weights
+
+    folder = llama_with_tokenizer(tmp_path / "llama", json.loads((tiny / "tokenizer.json").read_text()))
+    config = {**json.loads((folder / "config.json").read_text()), "architectures": ["Qwen2ForCausalLM"],
+              "model_type": "qwen2", "tie_word_embeddings": True}
+    torch.manual_seed(7)
+    model = LlamaForCausalLM.from_hf_config(config)
+    init_weights(model, std=0.1)
+    qwen2 = save_model_folder(model, config, tmp_path / "qwen2", tokenizer_folder=folder)
+    write_gguf(qwen2, tmp_path / "qwen2.gguf", "F32")
+    assert gguf.GGUFReader(str(tmp_path / "qwen2.gguf")).get_field("general.architecture").contents() == "qwen2"
+    theirs = llama_cpp_model(llama_cpp, tmp_path / "qwen2.gguf")
+    ours = LLM(str(tmp_path / "qwen2.gguf"))
+    ids = ours.tokenizer.encode(CORPUS[1], add_special_tokens=False)
+    expected = []
+    for token in theirs.generate(ids, top_k=1, top_p=1.0, min_p=0.0, temp=0.0, reset=True):
+        expected.append(token)
+        if len(expected) == 32:
+            break
+    params = SamplingParams(max_tokens=32, min_tokens=32, temperature=0, ignore_eos=True)
+    assert ours.generate([ids], params)[0].outputs[0].token_ids == expected
+    assert LLM(qwen2).generate([ids], params)[0].outputs[0].token_ids == expected
