@@ -112,8 +112,10 @@ def dequantize_blocks(data: torch.Tensor, type_name: str) -> torch.Tensor:
     return out.reshape(*shape[:-1], shape[-1] // size * values)
 
 
-NATIVE_TYPES = {"Q8_0": 8, "Q4_K": 12, "Q5_K": 13, "Q6_K": 14}
+NATIVE_TYPES = {"Q4_0": 2, "Q4_1": 3, "Q5_0": 6, "Q5_1": 7, "Q8_0": 8, "Q4_K": 12, "Q5_K": 13, "Q6_K": 14}
 """Types ``qmatmul.c`` multiplies in their blocks, with ggml's type number."""
+DEQUANTIZED_TYPES = ("Q8_0", "Q4_K", "Q5_K", "Q6_K")
+"""Types ``qmatmul.c`` also dequantizes (for prefill); the rest go through the torch dequantizers."""
 NATIVE_MAX_ROWS = 16
 """Up to this many rows go through the block kernels; more amortise a dequantized copy (measured:
 benchmarks/llamacpp.py)."""
@@ -188,7 +190,7 @@ def _qmatmul(library: Any, kind: int, x: torch.Tensor, qweight: torch.Tensor) ->
 
 def packed_values(qweight: torch.Tensor, type_name: str, in_features: int) -> torch.Tensor:
     """A packed weight ``[out, row_bytes]`` as float32 ``[out, in_features]`` (natively where it can)."""
-    library = native_qmatmul() if qweight.is_cpu and type_name in NATIVE_TYPES else None
+    library = native_qmatmul() if qweight.is_cpu and type_name in DEQUANTIZED_TYPES else None
     if library is None:
         return dequantize_blocks(qweight, type_name)
     values = torch.empty(qweight.shape[0], in_features, dtype=torch.float32)
@@ -205,7 +207,7 @@ def packed_linear(x: torch.Tensor, qweight: torch.Tensor, type_name: str, in_fea
     kind = NATIVE_TYPES.get(type_name)
     library = _native.get("library") if "library" in _native else native_qmatmul()
     if (kind is not None and library is not None and 0 < rows <= NATIVE_MAX_ROWS and x.is_cpu
-            and not torch.is_grad_enabled() and in_features % (32 if kind == 8 else 256) == 0):
+            and not torch.is_grad_enabled() and in_features % (256 if kind >= 12 else 32) == 0):
         y = _qmatmul(library, kind, x.reshape(rows, in_features).float().contiguous(), qweight)
         if bias is not None:
             y += bias.float()

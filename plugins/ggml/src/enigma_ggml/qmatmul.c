@@ -17,7 +17,8 @@
 #define QK_K 256
 #define QK8_0 32
 
-enum { TYPE_Q8_0 = 8, TYPE_Q4_K = 12, TYPE_Q5_K = 13, TYPE_Q6_K = 14 };   /* ggml_type values */
+enum { TYPE_Q4_0 = 2, TYPE_Q4_1 = 3, TYPE_Q5_0 = 6, TYPE_Q5_1 = 7, TYPE_Q8_0 = 8, TYPE_Q4_K = 12, TYPE_Q5_K = 13,
+       TYPE_Q6_K = 14 };   /* ggml_type values */
 
 typedef struct { float d; int8_t qs[QK_K]; int16_t bsums[QK_K / 16]; } block_q8_K;
 typedef struct { uint16_t d; int8_t qs[QK8_0]; } block_q8_0;
@@ -138,6 +139,49 @@ static float dot_q8_0(const uint8_t *w, const void *xq, int64_t blocks) {
     }
     return sum;
 }
+
+/* The legacy 32-value types against Q8_0 activations. `offset` types (Q4_0, Q5_0) store q + 8 or q + 16;
+ * the others (Q4_1, Q5_1) add a minimum: sum d_w * d_x * (q . x) + m_w * d_x * sum(x). */
+static inline void legacy_values(int type, const uint8_t *b, int8_t *q, float *d, float *m) {
+    uint16_t dh, mh = 0;
+    memcpy(&dh, b, 2);
+    const int has_min = type == TYPE_Q4_1 || type == TYPE_Q5_1, five = type == TYPE_Q5_0 || type == TYPE_Q5_1;
+    if (has_min) memcpy(&mh, b + 2, 2);
+    const uint8_t *qs = b + 2 + 2 * has_min + 4 * five;
+    uint32_t qh = 0;
+    if (five) memcpy(&qh, b + 2 + 2 * has_min, 4);
+    const int bias = has_min ? 0 : (five ? 16 : 8);
+    for (int l = 0; l < 16; l++) {
+        q[l] = (int8_t)(((qs[l] & 0xF) | (five ? ((qh >> l) & 1) << 4 : 0)) - bias);
+        q[l + 16] = (int8_t)(((qs[l] >> 4) | (five ? ((qh >> (l + 16)) & 1) << 4 : 0)) - bias);
+    }
+    *d = from_half(dh);
+    *m = has_min ? from_half(mh) : 0.f;
+}
+
+static float dot_legacy(int type, const uint8_t *w, const void *xq, int64_t blocks) {
+    const block_q8_0 *x = xq;
+    const int64_t size = type == TYPE_Q4_0 ? 18 : type == TYPE_Q4_1 ? 20 : type == TYPE_Q5_0 ? 22 : 24;
+    float sum = 0.f;
+    int8_t q[QK8_0];
+    for (int64_t i = 0; i < blocks; i++, w += size) {
+        float d, m;
+        legacy_values(type, w, q, &d, &m);
+        int32_t acc = 0, xs = 0;
+        for (int l = 0; l < QK8_0; l++) {
+            acc += q[l] * x[i].qs[l];
+            xs += x[i].qs[l];
+        }
+        const float dx = from_half(x[i].d);
+        sum += d * dx * (float)acc + m * dx * (float)xs;
+    }
+    return sum;
+}
+
+static float dot_q4_0(const uint8_t *w, const void *x, int64_t n) { return dot_legacy(TYPE_Q4_0, w, x, n); }
+static float dot_q4_1(const uint8_t *w, const void *x, int64_t n) { return dot_legacy(TYPE_Q4_1, w, x, n); }
+static float dot_q5_0(const uint8_t *w, const void *x, int64_t n) { return dot_legacy(TYPE_Q5_0, w, x, n); }
+static float dot_q5_1(const uint8_t *w, const void *x, int64_t n) { return dot_legacy(TYPE_Q5_1, w, x, n); }
 
 /* The 256 values of a k-quant block, unpacked to bytes first (simple loops the vectoriser turns into
  * shuffles and masks), then one int8 dot product per 16 values: sums16[j] = sum of q[16j..16j+15] * q8. */
@@ -274,6 +318,52 @@ static float dot_q8_0_avx2(const uint8_t *w, const void *xq, int64_t blocks) {
     }
     return hsum_f32(acc);
 }
+
+/* 0xFF in byte k where bit k of the 32 bits at `bits` is set */
+static inline __m256i bytes_from_bits(const uint8_t *bits) {
+    uint32_t word;
+    memcpy(&word, bits, 4);
+    const __m256i spread = _mm256_shuffle_epi8(_mm256_set1_epi32((int)word), _mm256_set_epi64x(
+        0x0303030303030303, 0x0202020202020202, 0x0101010101010101, 0x0000000000000000));
+    const __m256i mask = _mm256_set1_epi64x((long long)0x8040201008040201ULL);
+    return _mm256_cmpeq_epi8(_mm256_and_si256(spread, mask), mask);
+}
+
+static float dot_legacy_avx2(int type, const uint8_t *w, const void *xq, int64_t blocks) {
+    const block_q8_0 *x = xq;
+    const int has_min = type == TYPE_Q4_1 || type == TYPE_Q5_1, five = type == TYPE_Q5_0 || type == TYPE_Q5_1;
+    const int64_t size = 18 + 2 * has_min + 4 * five;
+    const __m256i low4 = _mm256_set1_epi8(0xF), ones8 = _mm256_set1_epi8(1), ones16 = _mm256_set1_epi16(1);
+    const __m256i bias = _mm256_set1_epi8(five ? 16 : 8), high_bit = _mm256_set1_epi8(0x10);
+    __m256 acc = _mm256_setzero_ps();
+    for (int64_t i = 0; i < blocks; i++, w += size) {
+        uint16_t dh, mh = 0;
+        memcpy(&dh, w, 2);
+        if (has_min) memcpy(&mh, w + 2, 2);
+        const __m128i packed = _mm_loadu_si128((const __m128i *)(w + 2 + 2 * has_min + 4 * five));
+        const __m256i both = _mm256_set_m128i(_mm_srli_epi16(packed, 4), packed);
+        __m256i q = _mm256_and_si256(both, low4);                      /* elements 0..15 low, 16..31 high */
+        if (five) q = _mm256_or_si256(q, _mm256_and_si256(bytes_from_bits(w + 2 + 2 * has_min), high_bit));
+        const __m256i y = _mm256_loadu_si256((const __m256i *)x[i].qs);
+        const float dx = from_half(x[i].d);
+        __m256i sums;
+        if (has_min) {                                                  /* q unsigned: u8 x s8 directly */
+            sums = _mm256_madd_epi16(_mm256_maddubs_epi16(q, y), ones16);
+            const __m256i xs = _mm256_madd_epi16(_mm256_maddubs_epi16(ones8, y), ones16);
+            acc = _mm256_fmadd_ps(_mm256_set1_ps(from_half(mh) * dx), _mm256_cvtepi32_ps(xs), acc);
+        } else {                                                        /* signed: the sign trick */
+            q = _mm256_sub_epi8(q, bias);
+            sums = _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_sign_epi8(q, q), _mm256_sign_epi8(y, q)), ones16);
+        }
+        acc = _mm256_fmadd_ps(_mm256_set1_ps(from_half(dh) * dx), _mm256_cvtepi32_ps(sums), acc);
+    }
+    return hsum_f32(acc);
+}
+
+static float dot_q4_0_avx2(const uint8_t *w, const void *x, int64_t n) { return dot_legacy_avx2(TYPE_Q4_0, w, x, n); }
+static float dot_q4_1_avx2(const uint8_t *w, const void *x, int64_t n) { return dot_legacy_avx2(TYPE_Q4_1, w, x, n); }
+static float dot_q5_0_avx2(const uint8_t *w, const void *x, int64_t n) { return dot_legacy_avx2(TYPE_Q5_0, w, x, n); }
+static float dot_q5_1_avx2(const uint8_t *w, const void *x, int64_t n) { return dot_legacy_avx2(TYPE_Q5_1, w, x, n); }
 
 static float dot_q45_K_avx2(const uint8_t *w, const block_q8_K *x, int64_t blocks, int five) {
     const int64_t size = five ? 176 : 144;
@@ -442,7 +532,7 @@ int enigma_dequantize(int type, const uint8_t *weight, int64_t out, int64_t in, 
 
 /* Bytes of one row of `values` activations, quantized for weights of `type` (0: unsupported). */
 int64_t enigma_activation_row_bytes(int type, int64_t values) {
-    if (type == TYPE_Q8_0) return values % QK8_0 ? 0 : values / QK8_0 * (int64_t)sizeof(block_q8_0);
+    if (type == TYPE_Q8_0 || type == TYPE_Q4_0 || type == TYPE_Q4_1 || type == TYPE_Q5_0 || type == TYPE_Q5_1) return values % QK8_0 ? 0 : values / QK8_0 * (int64_t)sizeof(block_q8_0);
     if (type == TYPE_Q4_K || type == TYPE_Q5_K || type == TYPE_Q6_K)
         return values % QK_K ? 0 : values / QK_K * (int64_t)sizeof(block_q8_K);
     return 0;
@@ -458,6 +548,10 @@ int enigma_qmatmul(int type, const uint8_t *weight, int64_t out, int64_t in, con
     float (*dot)(const uint8_t *, const void *, int64_t);
     int64_t wrow, blocks;
     switch (type) {
+        case TYPE_Q4_0: dot = dot_q4_0; blocks = in / QK8_0; wrow = blocks * 18; break;
+        case TYPE_Q4_1: dot = dot_q4_1; blocks = in / QK8_0; wrow = blocks * 20; break;
+        case TYPE_Q5_0: dot = dot_q5_0; blocks = in / QK8_0; wrow = blocks * 22; break;
+        case TYPE_Q5_1: dot = dot_q5_1; blocks = in / QK8_0; wrow = blocks * 24; break;
         case TYPE_Q8_0: dot = dot_q8_0; blocks = in / QK8_0; wrow = blocks * 34; break;
         case TYPE_Q4_K: dot = dot_q4_K; blocks = in / QK_K; wrow = blocks * 144; break;
         case TYPE_Q5_K: dot = dot_q5_K; blocks = in / QK_K; wrow = blocks * 176; break;
@@ -466,6 +560,10 @@ int enigma_qmatmul(int type, const uint8_t *weight, int64_t out, int64_t in, con
     }
 #if defined(__AVX2__)
     switch (type) {
+        case TYPE_Q4_0: dot = dot_q4_0_avx2; break;
+        case TYPE_Q4_1: dot = dot_q4_1_avx2; break;
+        case TYPE_Q5_0: dot = dot_q5_0_avx2; break;
+        case TYPE_Q5_1: dot = dot_q5_1_avx2; break;
         case TYPE_Q8_0: dot = dot_q8_0_avx2; break;
         case TYPE_Q4_K: dot = dot_q4_K_avx2; break;
         case TYPE_Q5_K: dot = dot_q5_K_avx2; break;
@@ -476,7 +574,7 @@ int enigma_qmatmul(int type, const uint8_t *weight, int64_t out, int64_t in, con
     {
 #pragma omp for schedule(static)
         for (int64_t r = 0; r < rows; r++) {
-            if (type == TYPE_Q8_0) quantize_q8_0(x + r * in, (block_q8_0 *)(scratch + r * xrow), blocks);
+            if (blocks * QK8_0 == in) quantize_q8_0(x + r * in, (block_q8_0 *)(scratch + r * xrow), blocks);
             else quantize_q8_K(x + r * in, (block_q8_K *)(scratch + r * xrow), blocks);
         }
 #pragma omp for schedule(static)
