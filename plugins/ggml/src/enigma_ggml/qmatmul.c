@@ -15,6 +15,7 @@
 #endif
 
 #define QK_K 256
+#define PREFETCH_ROWS 4
 #define QK8_0 32
 
 enum { TYPE_Q4_0 = 2, TYPE_Q4_1 = 3, TYPE_Q5_0 = 6, TYPE_Q5_1 = 7, TYPE_Q8_0 = 8, TYPE_Q4_K = 12, TYPE_Q5_K = 13,
@@ -580,6 +581,10 @@ int enigma_qmatmul(int type, const uint8_t *weight, int64_t out, int64_t in, con
 #pragma omp for schedule(static)
         for (int64_t o = 0; o < out; o++) {
             const uint8_t *row = weight + o * wrow;
+            if (o + PREFETCH_ROWS < out) {       /* keep loads in flight while this row computes */
+                const uint8_t *ahead = row + PREFETCH_ROWS * wrow;
+                for (int64_t b = 0; b < wrow; b += 64) __builtin_prefetch(ahead + b, 0, 0);
+            }
             for (int64_t r = 0; r < rows; r++) y[r * out + o] = dot(row, scratch + r * xrow, blocks);
         }
     }
