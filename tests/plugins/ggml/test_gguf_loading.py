@@ -138,6 +138,9 @@ def test_llm_generates_from_a_gguf_path(tmp_path: Path) -> None:
     llm = LLM(str(tmp_path / "tiny-q8.gguf"))
     assert llm.generate(["The history of"], params)[0].outputs[0].token_ids == expected  # Q8_0 keeps greedy text
     assert llm.tokenizer.chat_template and llm.tokenizer.eos_token_ids
+    attention, mlp = llm.loaded.model.model.layers[0].self_attn, llm.loaded.model.model.layers[0].mlp
+    assert isinstance(attention.qkv_proj, GGMLLinear) and isinstance(mlp.gate_up_proj, GGMLLinear)  # one call
+    assert attention.k_proj.qweight.data_ptr() == attention.qkv_proj.qweight[attention.q_proj.out_features:].data_ptr()
     first = resolve_model_path(tmp_path / "tiny-q8.gguf")
     assert resolve_model_path(tmp_path / "tiny-q8.gguf") == first  # imported once, then reused
     assert (first / "model.gguf").resolve() == (tmp_path / "tiny-q8.gguf").resolve()  # linked, not copied

@@ -253,8 +253,10 @@ class LlamaForCausalLM(nn.Module):
         The fused weight is one tensor; the projections' parameters become views
         of it (same names, no extra memory). ``wrap`` turns the fused Linear into
         the module that runs it (a backend's kernel choice). Projections a
-        transform replaced (quantized, adapted) stay unfused. Returns how many
-        groups were fused. For inference only: training must see the parts.
+        transform replaced stay unfused, unless all of them are of one class
+        with a ``fuse(parts)`` class method, which returns the fused module (or
+        None when these parts cannot be fused). Returns how many groups were
+        fused. For inference only: training must see the parts.
         """
         with torch.no_grad():
             return self._fuse(wrap)
@@ -265,6 +267,13 @@ class LlamaForCausalLM(nn.Module):
             for owner, names, attribute in ((layer.self_attn, ("q_proj", "k_proj", "v_proj"), "qkv_proj"),
                                             (layer.mlp, ("gate_proj", "up_proj"), "gate_up_proj")):
                 parts = [getattr(owner, name) for name in names]
+                fuse = getattr(type(parts[0]), "fuse", None)  # a packed Linear that knows how (GGMLLinear)
+                if fuse is not None and all(type(p) is type(parts[0]) for p in parts):
+                    module = fuse(parts)
+                    if module is not None:
+                        owner.__dict__[attribute] = module
+                        fused += 1
+                    continue
                 if not _fusable(parts):
                     continue
                 linear = nn.Linear(parts[0].in_features, sum(p.out_features for p in parts),

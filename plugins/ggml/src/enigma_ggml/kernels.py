@@ -241,6 +241,29 @@ class GGMLLinear(nn.Module):
     def weight_values(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         return packed_values(self.qweight, self.type_name, self.in_features).to(dtype)
 
+    @classmethod
+    def fuse(cls, parts: list[GGMLLinear]) -> GGMLLinear | None:
+        """One module for projections that read the same input (q/k/v, gate/up) when they share a type: their
+        bytes concatenated, each part's ``qweight`` (and bias) a view of the whole; None otherwise."""
+        first = parts[0]
+        if any(p.type_name != first.type_name or p.in_features != first.in_features
+               or (p.bias is None) != (first.bias is None) or p.qweight.device != first.qweight.device
+               for p in parts):
+            return None
+        fused = cls(first.in_features, sum(p.out_features for p in parts), first.type_name,
+                    bias=first.bias is not None, device="meta")
+        fused.qweight = torch.cat([p.qweight for p in parts])
+        if first.bias is not None:
+            fused.bias = nn.Parameter(torch.cat([p.bias.detach() for p in parts]), requires_grad=False)
+        start = 0
+        for part in parts:
+            rows = slice(start, start + part.out_features)
+            part.qweight = fused.qweight[rows]
+            if part.bias is not None:
+                part.bias.data = fused.bias.data[rows]
+            start += part.out_features
+        return fused
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return packed_linear(x, self.qweight, self.type_name, self.in_features, self.bias)
 
