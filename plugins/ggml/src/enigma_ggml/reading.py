@@ -1,7 +1,8 @@
 """Reading a GGUF file as a model: its config, tokenizer and tensors under Hugging Face names.
 
-:class:`GGUFModelFile` opens the file with the ``gguf`` package's reader
-(memory-mapped: nothing is read until a tensor is asked for) and says, with
+:class:`GGUFModelFile` opens the file
+(:mod:`enigma_ggml.header`, memory-mapped: nothing is read until a tensor is
+asked for; the ``gguf`` package's reader takes seconds on a large vocabulary) and says, with
 the file's name, what is wrong when it is not a GGUF file, is cut short, or
 holds an architecture or layout enigma does not run. From its metadata it
 derives the config.json a Hugging Face folder would have (llama → Llama,
@@ -11,7 +12,6 @@ under its HF name with its logical shape and ggml type.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -47,8 +47,8 @@ class GGUFTensor:
 
 
 def open_reader(path: Path) -> Any:
-    """``gguf.GGUFReader`` of ``path``, with errors that name the file and what is wrong."""
-    import gguf
+    """The :class:`enigma_ggml.header.GGUFHeader` of ``path``, with errors that name the file and what is wrong."""
+    from enigma_ggml.header import GGUFFormatError, GGUFHeader
 
     if not path.is_file():
         raise BadRequestError(f"GGUF file {path} does not exist")
@@ -58,21 +58,13 @@ def open_reader(path: Path) -> Any:
         raise BadRequestError(f"{path} is not a GGUF file (it starts with {magic!r}, not b'GGUF'); give a .gguf "
                               "model file, or a Hugging Face model folder")
     try:
-        reader = gguf.GGUFReader(path)
-    except ValueError as exc:
-        unknown = re.search(r"(\d+)\)? is not a valid GGMLQuantizationType", str(exc))
-        if unknown:
-            raise BadRequestError(f"{path}: a tensor has ggml type {unknown[1]}, which the gguf package "
-                                  f"{_gguf_version()} does not know; the file is damaged, or newer than this "
-                                  "install reads (pip install -U gguf)") from None
-        raise BadRequestError(f"{path} is truncated or damaged ({exc}); download it again") from None
-    except (IndexError, KeyError, OverflowError, MemoryError) as exc:
-        raise BadRequestError(f"{path} is truncated or damaged ({exc}); download it again") from None
-    end = max((int(t.data_offset) + int(t.n_bytes) for t in reader.tensors), default=0)
-    if end > path.stat().st_size:
-        raise BadRequestError(f"{path} is truncated: its tensors need {end} bytes, the file has "
-                              f"{path.stat().st_size}; download it again")
-    return reader
+        return GGUFHeader(path)
+    except GGUFFormatError as exc:
+        if str(exc).startswith("truncated"):
+            raise BadRequestError(f"{path} is truncated ({str(exc).removeprefix('truncated: ')}); download it "
+                                  "again") from None
+        raise BadRequestError(f"{path}: {exc}; the file is damaged, or newer than this install reads "
+                              f"(gguf {_gguf_version()}: pip install -U gguf)") from None
 
 
 def _gguf_version() -> str:
@@ -96,6 +88,8 @@ class GGUFModelFile:
                                     f"GGUF files of {', '.join(ARCHITECTURES)}")
         self.tensors: dict[str, GGUFTensor] = {}
         self.rope_freqs: np.ndarray | None = None
+        import gguf
+
         for tensor in self.reader.tensors:
             if tensor.name == ROPE_FREQS:
                 self.rope_freqs = np.asarray(tensor.data, dtype=np.float32)
@@ -104,12 +98,13 @@ class GGUFModelFile:
             if name is None:
                 raise NotAvailableError(f"{self.path}: tensor {tensor.name!r} is not one of the {self.architecture} "
                                         "layout enigma runs (dense attention and MLP)")
-            shape = tuple(int(d) for d in reversed(tensor.shape.tolist()))
-            self.tensors[name] = GGUFTensor(tensor.name, name, tensor.tensor_type.name, shape, tensor.data)
+            shape = tuple(int(d) for d in reversed(tensor.dims))
+            self.tensors[name] = GGUFTensor(tensor.name, name, gguf.GGMLQuantizationType(tensor.type_id).name, shape,
+                                            tensor.data)
 
     def field(self, key: str, default: Any = None) -> Any:
-        field = self.reader.get_field(key)
-        return default if field is None else field.contents()
+        field = self.reader.fields.get(key)
+        return default if field is None else field.value
 
     def arch_field(self, key: str, default: Any = None) -> Any:
         return self.field(f"{self.architecture}.{key}", default)

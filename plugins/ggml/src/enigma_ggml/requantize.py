@@ -36,15 +36,14 @@ def requantize_gguf(source: Path, target: Path, file_type: str, *,
     reader = file.reader
     writer = gguf.GGUFWriter(str(target), file.architecture)
     for field in reader.fields.values():
-        if field.name.startswith("GGUF.") or field.name in SKIPPED_KEYS:
+        if field.name in SKIPPED_KEYS:
             continue
-        kind = field.types[0]
-        writer.add_key_value(field.name, field.contents(), kind,
-                             sub_type=field.types[-1] if kind == gguf.GGUFValueType.ARRAY else None)
+        writer.add_key_value(field.name, field.value, gguf.GGUFValueType(field.value_type),
+                             sub_type=None if field.item_type is None else gguf.GGUFValueType(field.item_type))
     writer.add_file_type(FILE_TYPES[file_type][1])
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
     tensors = list(reader.tensors)
-    infos = [TensorInfo(t.name, tuple(int(d) for d in reversed(t.shape.tolist()))) for t in tensors]
+    infos = [TensorInfo(t.name, tuple(int(d) for d in reversed(t.dims))) for t in tensors]
     types = tensor_types(file_type, infos, tied_embeddings=not any(t.name == "output.weight" for t in tensors))
     add_tensor_infos(writer, infos, types)
     writer.write_header_to_file()
@@ -53,10 +52,11 @@ def requantize_gguf(source: Path, target: Path, file_type: str, *,
     import torch
 
     for done, (tensor, info) in enumerate(zip(tensors, infos), start=1):
-        raw = torch.from_numpy(np.array(tensor.data))  # a copy: the reader's map is read-only
-        if tensor.tensor_type.name != "F32":
+        kind = gguf.GGMLQuantizationType(tensor.type_id).name
+        raw = torch.from_numpy(np.array(tensor.data))  # a copy: the map is read-only
+        if kind != "F32":
             raw = raw.view(torch.uint8)
-        values = dequantize_blocks(raw, tensor.tensor_type.name).numpy().reshape(info.shape)
+        values = dequantize_blocks(raw, kind).numpy().reshape(info.shape)
         writer.write_tensor_data(encode(values, types[info.name]))
         if progress is not None:
             progress(done, len(tensors))
