@@ -17,6 +17,17 @@ LLAMA_CPP_PYTHON = "0.3.36"
 CACHE = Path(os.environ.get("ENIGMA_ORACLE_CACHE", Path.home() / ".cache" / "enigma-test-oracles"))
 
 
+def llama_cpp_source(work: Path) -> Path:
+    """llama.cpp's source tree as llama-cpp-python LLAMA_CPP_PYTHON vendors it, unpacked from its sdist into
+    ``work`` (pip download; pip's cache makes it quick after the first time)."""
+    subprocess.run([sys.executable, "-m", "pip", "download", "--no-binary", ":all:", "--no-deps", "-q",
+                    f"llama-cpp-python=={LLAMA_CPP_PYTHON}", "-d", str(work)], check=True, capture_output=True,
+                   timeout=600)
+    with tarfile.open(next(work.glob("llama_cpp_python-*.tar.gz"))) as archive:
+        archive.extractall(work, filter="data")
+    return next(work.glob("llama_cpp_python-*")) / "vendor" / "llama.cpp"
+
+
 def build_libggml(cache: Path) -> Path:
     """libggml-base.so of llama.cpp as llama-cpp-python LLAMA_CPP_PYTHON vendors it (about a minute)."""
     target = cache / f"llama-cpp-python-{LLAMA_CPP_PYTHON}" / "libggml-base.so"
@@ -26,12 +37,7 @@ def build_libggml(cache: Path) -> Path:
         raise RuntimeError("cmake is not installed")
     with tempfile.TemporaryDirectory(prefix="enigma-ggml-oracle-") as scratch:
         work = Path(scratch)
-        subprocess.run([sys.executable, "-m", "pip", "download", "--no-binary", ":all:", "--no-deps", "-q",
-                        f"llama-cpp-python=={LLAMA_CPP_PYTHON}", "-d", str(work)], check=True, capture_output=True,
-                       timeout=600)
-        with tarfile.open(next(work.glob("llama_cpp_python-*.tar.gz"))) as archive:
-            archive.extractall(work, filter="data")
-        source = next(work.glob("llama_cpp_python-*")) / "vendor" / "llama.cpp"
+        source = llama_cpp_source(work)
         build = work / "build"
         subprocess.run(["cmake", "-S", str(source), "-B", str(build), "-DCMAKE_BUILD_TYPE=Release",
                         "-DBUILD_SHARED_LIBS=ON", "-DGGML_NATIVE=OFF", "-DGGML_OPENMP=OFF", "-DLLAMA_CURL=OFF",
@@ -136,12 +142,7 @@ def llama_cpp_converter(cache: Path) -> Path:
         return target / "convert_hf_to_gguf.py"
     with tempfile.TemporaryDirectory(prefix="enigma-ggml-convert-") as scratch:
         work = Path(scratch)
-        subprocess.run([sys.executable, "-m", "pip", "download", "--no-binary", ":all:", "--no-deps", "-q",
-                        f"llama-cpp-python=={LLAMA_CPP_PYTHON}", "-d", str(work)], check=True, capture_output=True,
-                       timeout=600)
-        with tarfile.open(next(work.glob("llama_cpp_python-*.tar.gz"))) as archive:
-            archive.extractall(work, filter="data")
-        source = next(work.glob("llama_cpp_python-*")) / "vendor" / "llama.cpp"
+        source = llama_cpp_source(work)
         staged = work / "convert"
         staged.mkdir()
         shutil.copy(source / "convert_hf_to_gguf.py", staged)

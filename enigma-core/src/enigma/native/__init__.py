@@ -173,19 +173,21 @@ def cpu_signature() -> str:
 
 
 def build(cache_dir: Path, *, package: str = __package__, source_name: str = SOURCE, name: str = "enigma-kernels",
-          flags: tuple[str, ...] = ()) -> Path:
+          flags: tuple[str, ...] = (), headers: tuple[str, ...] = ()) -> Path:
     """The compiled library in ``cache_dir``: compiled there first if absent.
 
     ``package``'s ``source_name`` (a plugin's own C file too) is compiled with
-    :func:`compile_commands` and ``flags``. The library is written under a
-    temporary name and renamed into place, so concurrent builds never load a
-    half-written file.
+    :func:`compile_commands` and ``flags``, beside the package's ``headers``
+    (``#include "x.h"``), which are part of the cache key. The library is
+    written under a temporary name and renamed into place, so concurrent
+    builds never load a half-written file.
     """
-    source = resources.files(package).joinpath(source_name).read_bytes()
+    files = {file: resources.files(package).joinpath(file).read_bytes() for file in (source_name, *headers)}
     if shutil.which(compiler()[0]) is None:
         raise NativeBuildError(f"no C compiler: {compiler()[0]!r} is not on PATH (install gcc or clang, or set CC)")
     digest = hashlib.sha256()
-    for part in (source, repr(compile_commands(Path("x.c"), Path("x.so"), flags)).encode(), cpu_signature().encode()):
+    for part in (*files.values(), repr(compile_commands(Path("x.c"), Path("x.so"), flags)).encode(),
+                 cpu_signature().encode()):
         digest.update(part)
     target = cache_dir / f"{name}-{digest.hexdigest()[:20]}.so"
     if target.exists():
@@ -194,7 +196,8 @@ def build(cache_dir: Path, *, package: str = __package__, source_name: str = SOU
         cache_dir.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=cache_dir, prefix=".build-") as scratch:
             source_file, built = Path(scratch) / source_name, Path(scratch) / target.name
-            source_file.write_bytes(source)
+            for file, data in files.items():
+                (Path(scratch) / file).write_bytes(data)
             errors = []
             for command in compile_commands(source_file, built, flags):
                 result = subprocess.run(command, capture_output=True, text=True, timeout=COMPILE_TIMEOUT_S)

@@ -140,8 +140,8 @@ def _load_qmatmul() -> Any:
     if not load_config().config.engine.native_kernels:
         return None
     try:
-        path = build(get_paths().cache_dir / "native", package=__package__, source_name="qmatmul.c",
-                     name="enigma-ggml-qmatmul", flags=("-ffp-contract=off",))  # dequantized floats = gguf's
+        path = build(get_paths().cache_dir / "native", package=__package__, source_name="qmatmul.c",  # no FMA
+                     name="enigma-ggml-qmatmul", flags=("-ffp-contract=off",), headers=("ggml_common.h",))
         library = ctypes.CDLL(str(path))
     except (NativeBuildError, OSError) as error:
         logging.getLogger(__name__).warning("GGUF block kernels unavailable, dequantizing per matmul: %s", error)

@@ -10,9 +10,11 @@
 #include <math.h>
 #include <stdint.h>
 #include <string.h>
-#if defined(__AVX2__) || defined(__F16C__)
+#if defined(__AVX2__)
 #include <immintrin.h>
 #endif
+
+#include "ggml_common.h"
 
 #define QK_K 256
 #define PREFETCH_ROWS 4
@@ -22,59 +24,23 @@ enum { TYPE_Q4_0 = 2, TYPE_Q4_1 = 3, TYPE_Q5_0 = 6, TYPE_Q5_1 = 7, TYPE_Q8_0 = 8
        TYPE_Q6_K = 14 };   /* ggml_type values */
 
 typedef struct { float d; int8_t qs[QK_K]; int16_t bsums[QK_K / 16]; } block_q8_K;
+
+static inline int64_t block_values(int type) { return type >= TYPE_Q4_K ? QK_K : QK8_0; }
+
+static inline int64_t block_bytes(int type) {     /* ggml-common.h's block sizes; 0 for types not here */
+    switch (type) {
+        case TYPE_Q4_0: return 18;
+        case TYPE_Q4_1: return 20;
+        case TYPE_Q5_0: return 22;
+        case TYPE_Q5_1: return 24;
+        case TYPE_Q8_0: return 34;
+        case TYPE_Q4_K: return 144;
+        case TYPE_Q5_K: return 176;
+        case TYPE_Q6_K: return 210;
+        default: return 0;
+    }
+}
 typedef struct { uint16_t d; int8_t qs[QK8_0]; } block_q8_0;
-
-static inline float from_half(uint16_t h) {
-#if defined(__F16C__)
-    return _cvtsh_ss(h);  /* the same value, one instruction */
-#endif
-    const uint32_t sign = (uint32_t)(h & 0x8000u) << 16;
-    uint32_t exponent = (h >> 10) & 0x1fu, mantissa = h & 0x3ffu, bits;
-    if (exponent == 0) {
-        if (mantissa == 0) {
-            bits = sign;
-        } else {
-            exponent = 127 - 15 + 1;
-            while (!(mantissa & 0x400u)) { mantissa <<= 1; exponent--; }
-            mantissa &= 0x3ffu;
-            bits = sign | (exponent << 23) | (mantissa << 13);
-        }
-    } else if (exponent == 31) {
-        bits = sign | 0x7f800000u | (mantissa << 13);
-    } else {
-        bits = sign | ((exponent + 127 - 15) << 23) | (mantissa << 13);
-    }
-    float value;
-    memcpy(&value, &bits, sizeof value);
-    return value;
-}
-
-static inline uint16_t to_half(float value) {     /* IEEE binary16, round to nearest even */
-    uint32_t bits;
-    memcpy(&bits, &value, sizeof bits);
-    const uint32_t sign = (bits >> 16) & 0x8000u;
-    uint32_t magnitude = bits & 0x7fffffffu;
-    if (magnitude >= 0x7f800000u) return (uint16_t)(sign | 0x7c00u | (magnitude > 0x7f800000u ? 0x200u : 0u));
-    if (magnitude >= 0x477ff000u) return (uint16_t)(sign | 0x7c00u);
-    if (magnitude < 0x38800000u) {
-        float f;
-        memcpy(&f, &magnitude, sizeof f);
-        f += 0.5f;
-        uint32_t r;
-        memcpy(&r, &f, sizeof r);
-        return (uint16_t)(sign | (r - 0x3f000000u));
-    }
-    const uint32_t odd = (magnitude >> 13) & 1u;
-    magnitude += 0xc8000fffu + odd;
-    return (uint16_t)(sign | (magnitude >> 13));
-}
-
-static inline int nearest_int(float value) {       /* ggml's: exact for |value| < 2^22, ties to even */
-    float shifted = value + 12582912.f;
-    int32_t bits;
-    memcpy(&bits, &shifted, sizeof bits);
-    return (bits & 0x007fffff) - 0x00400000;
-}
 
 /* ---------------------------------------------------------------- activations */
 
@@ -91,7 +57,7 @@ static void quantize_q8_K(const float *x, block_q8_K *y, int64_t blocks) {
         }
         const float iscale = -127.f / max;
         for (int j = 0; j < QK_K; j++) {
-            const int v = nearest_int(iscale * x[j]);
+            const int v = round_nearest(iscale * x[j]);
             y[i].qs[j] = (int8_t)(v < 127 ? v : 127);
         }
         for (int j = 0; j < QK_K / 16; j++) {
@@ -516,14 +482,8 @@ static void dequantize_row(int type, const uint8_t *w, int64_t blocks, float *y)
 
 /* W[out][in] in its blocks to float32 (`y`, out x in). Returns 0, or -1 for a type it does not take. */
 int enigma_dequantize(int type, const uint8_t *weight, int64_t out, int64_t in, float *y, int threads) {
-    int64_t blocks, wrow;
-    switch (type) {
-        case TYPE_Q8_0: blocks = in / QK8_0; wrow = blocks * 34; break;
-        case TYPE_Q4_K: blocks = in / QK_K; wrow = blocks * 144; break;
-        case TYPE_Q5_K: blocks = in / QK_K; wrow = blocks * 176; break;
-        case TYPE_Q6_K: blocks = in / QK_K; wrow = blocks * 210; break;
-        default: return -1;
-    }
+    const int64_t bytes = block_bytes(type), blocks = in / block_values(type), wrow = blocks * bytes;
+    if (type != TYPE_Q8_0 && type != TYPE_Q4_K && type != TYPE_Q5_K && type != TYPE_Q6_K) return -1;
 #pragma omp parallel for num_threads(threads) schedule(static)
     for (int64_t o = 0; o < out; o++) dequantize_row(type, weight + o * wrow, blocks, y + o * in);
     return 0;
@@ -533,10 +493,8 @@ int enigma_dequantize(int type, const uint8_t *weight, int64_t out, int64_t in, 
 
 /* Bytes of one row of `values` activations, quantized for weights of `type` (0: unsupported). */
 int64_t enigma_activation_row_bytes(int type, int64_t values) {
-    if (type == TYPE_Q8_0 || type == TYPE_Q4_0 || type == TYPE_Q4_1 || type == TYPE_Q5_0 || type == TYPE_Q5_1) return values % QK8_0 ? 0 : values / QK8_0 * (int64_t)sizeof(block_q8_0);
-    if (type == TYPE_Q4_K || type == TYPE_Q5_K || type == TYPE_Q6_K)
-        return values % QK_K ? 0 : values / QK_K * (int64_t)sizeof(block_q8_K);
-    return 0;
+    if (block_bytes(type) == 0 || values % block_values(type)) return 0;
+    return values / block_values(type) * (int64_t)(type >= TYPE_Q4_K ? sizeof(block_q8_K) : sizeof(block_q8_0));
 }
 
 /* y[rows][out] = x[rows][in] @ W[out][in]^T for W in its GGUF blocks (`weight`, out rows of row_bytes).
@@ -547,18 +505,17 @@ int enigma_qmatmul(int type, const uint8_t *weight, int64_t out, int64_t in, con
     const int64_t xrow = enigma_activation_row_bytes(type, in);
     if (xrow == 0) return -1;
     float (*dot)(const uint8_t *, const void *, int64_t);
-    int64_t wrow, blocks;
     switch (type) {
-        case TYPE_Q4_0: dot = dot_q4_0; blocks = in / QK8_0; wrow = blocks * 18; break;
-        case TYPE_Q4_1: dot = dot_q4_1; blocks = in / QK8_0; wrow = blocks * 20; break;
-        case TYPE_Q5_0: dot = dot_q5_0; blocks = in / QK8_0; wrow = blocks * 22; break;
-        case TYPE_Q5_1: dot = dot_q5_1; blocks = in / QK8_0; wrow = blocks * 24; break;
-        case TYPE_Q8_0: dot = dot_q8_0; blocks = in / QK8_0; wrow = blocks * 34; break;
-        case TYPE_Q4_K: dot = dot_q4_K; blocks = in / QK_K; wrow = blocks * 144; break;
-        case TYPE_Q5_K: dot = dot_q5_K; blocks = in / QK_K; wrow = blocks * 176; break;
-        case TYPE_Q6_K: dot = dot_q6_K; blocks = in / QK_K; wrow = blocks * 210; break;
-        default: return -1;
+        case TYPE_Q4_0: dot = dot_q4_0; break;
+        case TYPE_Q4_1: dot = dot_q4_1; break;
+        case TYPE_Q5_0: dot = dot_q5_0; break;
+        case TYPE_Q5_1: dot = dot_q5_1; break;
+        case TYPE_Q8_0: dot = dot_q8_0; break;
+        case TYPE_Q4_K: dot = dot_q4_K; break;
+        case TYPE_Q5_K: dot = dot_q5_K; break;
+        default: dot = dot_q6_K; break;
     }
+    const int64_t blocks = in / block_values(type), wrow = blocks * block_bytes(type);
 #if defined(__AVX2__)
     switch (type) {
         case TYPE_Q4_0: dot = dot_q4_0_avx2; break;
@@ -575,7 +532,7 @@ int enigma_qmatmul(int type, const uint8_t *weight, int64_t out, int64_t in, con
     {
 #pragma omp for schedule(static)
         for (int64_t r = 0; r < rows; r++) {
-            if (blocks * QK8_0 == in) quantize_q8_0(x + r * in, (block_q8_0 *)(scratch + r * xrow), blocks);
+            if (type < TYPE_Q4_K) quantize_q8_0(x + r * in, (block_q8_0 *)(scratch + r * xrow), blocks);
             else quantize_q8_K(x + r * in, (block_q8_K *)(scratch + r * xrow), blocks);
         }
 #pragma omp for schedule(static)

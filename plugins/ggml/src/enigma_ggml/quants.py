@@ -76,7 +76,8 @@ def _kquants() -> Any:
 
         try:
             path = build(get_paths().cache_dir / "native", package=__package__, source_name="kquants.c",
-                         name="enigma-ggml-kquants", flags=("-ffp-contract=off",))
+                         name="enigma-ggml-kquants", flags=("-ffp-contract=off",),
+                         headers=("ggml_common.h",))
         except NativeBuildError as error:
             raise NotAvailableError(f"the k-quant quantizers need a C compiler here: {error}") from error
         library = ctypes.CDLL(str(path))
