@@ -205,7 +205,7 @@ def packed_linear(x: torch.Tensor, qweight: torch.Tensor, type_name: str, in_fea
     the CPU (inference), else the dequantized weight through ``F.linear``."""
     rows = x.numel() // in_features if in_features else 0
     kind = NATIVE_TYPES.get(type_name)
-    library = _native.get("library") if "library" in _native else native_qmatmul()
+    library = native_qmatmul()
     if (kind is not None and library is not None and 0 < rows <= NATIVE_MAX_ROWS and x.is_cpu
             and not torch.is_grad_enabled() and in_features % (256 if kind >= 12 else 32) == 0):
         y = _qmatmul(library, kind, x.reshape(rows, in_features).float().contiguous(), qweight)
