@@ -80,6 +80,8 @@ class GGUFModelFile:
     """A GGUF model file enigma can run (architecture llama or qwen2)."""
 
     def __init__(self, path: str | Path) -> None:
+        import gguf
+
         self.path = Path(path)
         self.reader = open_reader(self.path)
         self.architecture = str(self.field("general.architecture", ""))
@@ -88,8 +90,6 @@ class GGUFModelFile:
                                     f"GGUF files of {', '.join(ARCHITECTURES)}")
         self.tensors: dict[str, GGUFTensor] = {}
         self.rope_freqs: np.ndarray | None = None
-        import gguf
-
         for tensor in self.reader.tensors:
             if tensor.name == ROPE_FREQS:
                 self.rope_freqs = np.asarray(tensor.data, dtype=np.float32)
@@ -111,14 +111,18 @@ class GGUFModelFile:
 
     @property
     def file_type(self) -> str:
-        """llama.cpp's file type (``Q4_K_M``), from ``general.file_type``; ``unknown`` when absent."""
+        """llama.cpp's file type (``Q4_K_M``), from ``general.file_type``; without one, the type most of the
+        matrices have."""
+        import collections
+
         import gguf
 
         value = self.field("general.file_type")
         try:
             return gguf.LlamaFileType(int(value)).name.removeprefix("MOSTLY_").removeprefix("ALL_")
         except (TypeError, ValueError):
-            return "unknown"
+            counts = collections.Counter(t.type_name for t in self.tensors.values() if len(t.shape) == 2)
+            return counts.most_common(1)[0][0] if counts else "F32"
 
     def heads(self) -> tuple[int, int]:
         heads = self.arch_field("attention.head_count")
