@@ -8,8 +8,10 @@ for bit (the tests compare them).
 ``GGMLLinear`` multiplies few rows (a decode step) with ``qmatmul.c``: the
 activations quantized per block (Q8_K, or Q8_0 for Q8_0 weights) and integer
 dot products against the weight's blocks, as llama.cpp's CPU backend does —
-memory traffic is the file's bytes. Many rows (a prefill), other types, other
-devices, or no C compiler: the weight is dequantized and ``F.linear`` runs.
+memory traffic is the file's bytes. Many rows (a prefill, a large batch): the
+weight is dequantized a piece at a time into a reused buffer and each piece
+multiplied. Other types, other devices, or no C compiler: the weight is
+dequantized whole and ``F.linear`` runs.
 """
 
 from __future__ import annotations
