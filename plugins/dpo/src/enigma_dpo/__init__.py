@@ -6,8 +6,20 @@ is :func:`train_dpo` (``train_dpo("./sft", preferences, out="./aligned",
 epochs=3)``) and :func:`dpo_loss` is the objective on its own.
 """
 
-from enigma_dpo.data import PreferencePair, read_preferences, tokenize_pair
-from enigma_dpo.loss import LOSS_TYPES, dpo_loss
+from enigma_dpo.options import LOSS_TYPES
+
+_LAZY = {"PreferencePair": "enigma_dpo.data", "read_preferences": "enigma_dpo.data",
+         "tokenize_pair": "enigma_dpo.data", "dpo_loss": "enigma_dpo.loss"}
+"""Names imported on first use: the package is imported whenever plugins load (``enigma --help`` too), and
+these modules bring torch."""
+
+
+def __getattr__(name: str) -> object:
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'enigma_dpo' has no attribute {name!r}")
 
 
 def train_dpo(model: str, preferences: str | list, *, out: str, epochs: float = 1.0, **options: object) -> object:
@@ -22,7 +34,7 @@ def train_dpo(model: str, preferences: str | list, *, out: str, epochs: float = 
 
     from enigma.training import train
     from enigma.training.config import TrainConfig
-    from enigma_dpo.trainer import DPOOptions
+    from enigma_dpo.options import DPOOptions
 
     own = {f.name for f in attrs.fields(DPOOptions)}
     method_options = {k: v for k, v in options.items() if k in own}

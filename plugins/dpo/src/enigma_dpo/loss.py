@@ -18,8 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from enigma.errors import BadRequestError
-
-LOSS_TYPES = ("sigmoid", "ipo", "hinge")
+from enigma_dpo.options import LOSS_TYPES
 
 
 def dpo_loss(chosen_logps: torch.Tensor, rejected_logps: torch.Tensor, ref_chosen_logps: torch.Tensor,

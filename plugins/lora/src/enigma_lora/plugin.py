@@ -7,7 +7,7 @@ from enigma import hookimpl
 
 @hookimpl
 def enigma_register_trainers(register):
-    from enigma_lora.trainer import LoRAOptions
+    from enigma_lora.options import LoRAOptions
 
     register("lora", "enigma_lora.trainer:LoRATrainer", options=LoRAOptions,
              summary="LoRA fine-tuning: low-rank adapters on a frozen base, saved in PEFT's format")
