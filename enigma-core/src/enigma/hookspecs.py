@@ -172,6 +172,20 @@ def enigma_before_generation(request: GenerationRequest) -> GenerationRequest | 
 
 
 @hookspec
+def enigma_request_fields() -> dict[str, str] | None:
+    """Name the request body fields your ``enigma_before_generation`` reads.
+
+    Called when a transport checks a chat or completion body. Return
+    ``{"rag": "an object: {collection, top_k}"}`` — field names and what they
+    hold — or None. Transports refuse a field nobody names (400
+    ``unknown_parameter``); these they accept and leave in
+    ``GenerationRequest.body`` for the hook, which checks their values (raise
+    :class:`enigma.errors.BadRequestError`). Clients send them as the openai
+    SDK's ``extra_body``.
+    """
+
+
+@hookspec
 def enigma_generation_finished(request: GenerationRequest, output: RequestOutput) -> None:
     """A request that went through ``enigma_before_generation`` finished.
 

@@ -260,24 +260,25 @@ class LLM:
         if isinstance(texts, str):
             texts = [texts]
         texts = list(texts)
-        results: list[EmbeddingRequestOutput] = []
-        for start in range(0, len(texts), batch_size):
-            batch = texts[start:start + batch_size]
-            ids = [self.tokenizer.encode(text)[: self.max_model_len] for text in batch]
-            width = max(len(row) for row in ids)
-            input_ids = torch.zeros(len(ids), width, dtype=torch.long)
-            mask = torch.zeros(len(ids), width, dtype=torch.long)
-            for row, token_ids in enumerate(ids):
-                input_ids[row, : len(token_ids)] = torch.tensor(token_ids)
-                mask[row, : len(token_ids)] = 1
-            device = self.backend.device
+        ids = [row[: self.max_model_len] for row in self.tokenizer.encode_batch(texts)]
+        # Longest first, so each batch pads to lengths alike (as sentence-transformers does).
+        order = sorted(range(len(texts)), key=lambda i: -len(ids[i]))
+        vectors: list[Any] = [None] * len(texts)
+        device = self.backend.device
+        for start in range(0, len(order), batch_size):
+            rows = order[start:start + batch_size]
+            width = max(len(ids[i]) for i in rows)
+            input_ids = torch.zeros(len(rows), width, dtype=torch.long)
+            mask = torch.zeros(len(rows), width, dtype=torch.long)
+            for row, index in enumerate(rows):
+                input_ids[row, : len(ids[index])] = torch.tensor(ids[index])
+                mask[row, : len(ids[index])] = 1
             states = self.model(input_ids.to(device), mask.to(device))
-            vectors = self._pooling(states.float(), mask.to(device)).cpu()
-            for text, token_ids, vector in zip(batch, ids, vectors):
-                results.append(EmbeddingRequestOutput(request_id=str(next(self._ids)), prompt=text,
-                                                      prompt_token_ids=token_ids,
-                                                      outputs=EmbeddingOutput(vector.tolist())))
-        return results
+            for index, vector in zip(rows, self._pooling(states.float(), mask.to(device)).cpu().tolist()):
+                vectors[index] = vector
+        return [EmbeddingRequestOutput(request_id=str(next(self._ids)), prompt=text, prompt_token_ids=token_ids,
+                                       outputs=EmbeddingOutput(vector))
+                for text, token_ids, vector in zip(texts, ids, vectors)]
 
     def _require_generator(self, what: str) -> None:
         if self._runner is None:

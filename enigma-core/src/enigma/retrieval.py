@@ -18,7 +18,7 @@ from typing import Any
 from enigma.errors import BadRequestError
 from enigma.kinds import Document, Embedder, Retriever, SearchHit
 
-__all__ = ["Document", "LLMEmbedder", "SearchHit", "open_retriever"]
+__all__ = ["Document", "LLMEmbedder", "SearchHit", "check_collection_name", "open_retriever"]
 
 _COLLECTION = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
@@ -30,10 +30,24 @@ class LLMEmbedder:
         from enigma import LLM
 
         self.llm = model if isinstance(model, LLM) else LLM(model)
+        self.name = self.llm.model_name
+        """The model's name, as the caller gave it (retrievers record it with a collection)."""
+        self.tokenizer = self.llm.tokenizer
+        """Its :class:`enigma.tokenizer.Tokenizer`: retrievers cut passages by its tokens."""
+        self.max_tokens = self.llm.max_model_len
+        """The longest text, in tokens, the model embeds whole (longer ones are truncated)."""
         self.dimensions = len(self.llm.embed(["dimensions"])[0].outputs.embedding)
 
     def embed(self, texts: Sequence[str]) -> list[list[float]]:
         return [output.outputs.embedding for output in self.llm.embed(list(texts))]
+
+
+def check_collection_name(collection: str) -> str:
+    """``collection`` if it is a valid collection name (it names a folder); else a clear error."""
+    if not isinstance(collection, str) or not _COLLECTION.match(collection):
+        raise BadRequestError(f"collection name {collection!r} is not valid: use letters, digits, '.', '_' "
+                              "and '-' (at most 128), starting with a letter or digit")
+    return collection
 
 
 def open_retriever(name: str = "auto", *, collection: str = "default", embedder: Embedder | None = None,
@@ -44,9 +58,7 @@ def open_retriever(name: str = "auto", *, collection: str = "default", embedder:
     Give ``embedder``, or ``embedding_model`` to embed with a model by name or
     folder. ``storage`` overrides where the collection lives.
     """
-    if not _COLLECTION.match(collection):
-        raise BadRequestError(f"collection name {collection!r} is not valid: use letters, digits, '.', '_' "
-                              "and '-' (at most 128), starting with a letter or digit")
+    check_collection_name(collection)
     if host is None:
         from enigma.plugins import get_host
 

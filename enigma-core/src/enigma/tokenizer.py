@@ -102,7 +102,17 @@ class Tokenizer:
         return ids
 
     def encode_batch(self, texts: list[str], *, add_special_tokens: bool = True) -> list[list[int]]:
-        return [self.encode(text, add_special_tokens=add_special_tokens) for text in texts]
+        """:meth:`encode` of each text (the Rust tokenizer works through the batch on all cores)."""
+        encodings = self._tokenizer.encode_batch(texts, add_special_tokens=add_special_tokens)
+        if not (add_special_tokens and self.add_bos_token and self.bos_token_id is not None):
+            return [encoding.ids for encoding in encodings]
+        return [ids if ids and ids[0] == self.bos_token_id else [self.bos_token_id, *ids]
+                for ids in (encoding.ids for encoding in encodings)]
+
+    def token_spans(self, text: str) -> list[tuple[int, int]]:
+        """Where each token of ``text`` (special tokens left out) lies in it: ``(start, end)`` character
+        offsets, in order; for cutting text into pieces of a given number of tokens."""
+        return [tuple(span) for span in self._tokenizer.encode(text, add_special_tokens=False).offsets]
 
     def decode(self, token_ids: list[int], *, skip_special_tokens: bool = True) -> str:
         return self._tokenizer.decode(token_ids, skip_special_tokens=skip_special_tokens)

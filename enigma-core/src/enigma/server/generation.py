@@ -45,6 +45,9 @@ class GenerationRequest:
     """The request as the transport received it (its raw fields, for plugins' own options)."""
     response_headers: dict[str, str] = attrs.field(factory=dict)
     """Headers the transport adds to its response (HTTP); hooks may set some (``x-enigma-cache``)."""
+    response_fields: dict[str, Any] = attrs.field(factory=dict)
+    """Fields the transport adds to its response body, JSON values (the RAG plugin's ``sources``):
+    top-level fields of a completion object, and of the first chunk of a stream."""
 
     @property
     def is_chat(self) -> bool:
@@ -93,6 +96,14 @@ def before_generation(request: GenerationRequest, *, host: Any = None) -> Genera
                               f"{'chat' if request.is_chat else 'completion'} into the other kind")
         request = result
     return request
+
+
+def plugin_request_fields(*, host: Any = None) -> dict[str, str]:
+    """The body fields plugins read (``enigma_request_fields``): name → what it holds."""
+    fields: dict[str, str] = {}
+    for result in (host or _host()).broadcast("enigma_request_fields"):
+        fields.update(result)
+    return fields
 
 
 def generation_finished(request: GenerationRequest, output: Any, *, host: Any = None) -> None:

@@ -90,9 +90,9 @@ def check_fields(body: dict[str, Any], fields: dict[str, tuple[Any, str]]) -> No
         if key not in fields:
             raise APIError(400, f"unknown parameter '{key}'; supported: {', '.join(sorted(fields))}",
                            param=key, code="unknown_parameter")
-        if value is None:
-            continue
         kinds, description = fields[key]
+        if value is None or kinds is object:
+            continue
         if isinstance(value, bool) and kinds is not bool and bool not in (kinds if isinstance(kinds, tuple) else ()):
             raise APIError(400, f"'{key}' must be {description}, not a boolean", param=key, code="invalid_type")
         if not isinstance(value, kinds):

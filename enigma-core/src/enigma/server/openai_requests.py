@@ -25,6 +25,7 @@ from enigma.server.generation import (
     answer_outputs,
     before_generation,
     observe_outputs,
+    plugin_request_fields,
 )
 from enigma.server.openai_fields import (
     CHAT_FIELDS,
@@ -64,10 +65,15 @@ class Prepared:
     sampled and dropped)."""
 
 
+def _plugin_fields() -> dict[str, tuple[Any, str]]:
+    """Fields plugins read, as :func:`check_fields` takes them (any JSON value: the plugin checks it)."""
+    return {name: (object, description) for name, description in plugin_request_fields().items()}
+
+
 def prepare_chat(context: ServerContext, body: dict[str, Any], *, tenant: str | None = None,
                  transport: str = "") -> Prepared:
     """Validate a chat request, run the before-generation hooks, template and tokenize the result."""
-    check_fields(body, CHAT_FIELDS)
+    check_fields(body, {**CHAT_FIELDS, **_plugin_fields()})
     served = generator_model(context, body)
     messages = check_messages(body.get("messages"))
     if served.system and not any(m["role"] == "system" for m in messages):
@@ -109,7 +115,7 @@ def prepare_completion(context: ServerContext, body: dict[str, Any], *, tenant: 
 
     The hooks act on one prompt: a request with several prompts (a batch) runs
     without them, as generated text only."""
-    check_fields(body, COMPLETION_FIELDS)
+    check_fields(body, {**COMPLETION_FIELDS, **_plugin_fields()})
     served = generator_model(context, body)
     prompts = check_prompt(body.get("prompt"))
     tokenizer = served.llm.tokenizer

@@ -109,12 +109,13 @@ class OpenAIRoutes:
         charge(len(token_ids))
         created = int(time.time())
         base = {"id": request_id, "created": created, "model": served.name}
+        fields = prepared.request.response_fields
         if body.get("stream"):
             include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
             return self._stream(self._chat_events(base, params.n, first, stream, len(token_ids), include_usage,
-                                                  tokenizer, logprobs or 0, charge), headers)
+                                                  tokenizer, logprobs or 0, charge, fields), headers)
         choices, completion_tokens = await _collect(first, stream, params.n, charge)
-        return _json({**base, "object": "chat.completion", "system_fingerprint": None, "choices": [
+        return _json({**base, "object": "chat.completion", "system_fingerprint": None, **fields, "choices": [
             {"index": index, "message": {"role": "assistant", "content": choice["text"]},
              "logprobs": _chat_logprobs(choice["logprobs"], choice["token_ids"], tokenizer, logprobs)
              if logprobs is not None else None,
@@ -123,12 +124,14 @@ class OpenAIRoutes:
 
     async def _chat_events(self, base: dict[str, Any], n: int, first: Any, stream: AsyncIterator[Any],
                            prompt_tokens: int, include_usage: bool, tokenizer: Any,
-                           top_logprobs: int, charge: Callable[[int], None]) -> AsyncIterator[bytes]:
+                           top_logprobs: int, charge: Callable[[int], None],
+                           fields: dict[str, Any]) -> AsyncIterator[bytes]:
         chunk = {**base, "object": "chat.completion.chunk", "system_fingerprint": None}
         completion_tokens = 0
         for index in range(n):
-            yield sse({**chunk, "choices": [{"index": index, "delta": {"role": "assistant", "content": ""},
-                                            "logprobs": None, "finish_reason": None}]})
+            yield sse({**chunk, **(fields if index == 0 else {}), "choices": [{
+                "index": index, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                "finish_reason": None}]})
         async for output in _chain(first, stream, charge):
             for completion in output.outputs:
                 completion_tokens += len(completion.token_ids)
@@ -162,7 +165,8 @@ class OpenAIRoutes:
             include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
             echoed = _Echo(text, ids, first, tokenizer, logprobs) if echo else None
             return self._stream(self._completion_events(base, first, stream, len(ids), include_usage, echoed,
-                                                        prepared.score_only, tokenizer, charge), headers)
+                                                        prepared.score_only, tokenizer, charge,
+                                                        prepared.request.response_fields), headers)
         starts = [await self._first(prepared, index, f"{request_id}-{index}") for index in range(len(encoded))]
         results = await asyncio.gather(*(_collect(first, stream, params.n, charge)
                                          for (first, stream), params in zip(starts, params_list)))
@@ -180,13 +184,17 @@ class OpenAIRoutes:
                 completion_tokens += 0 if prepared.score_only else len(choice["token_ids"])
                 choices.append(entry)
         prompt_tokens = sum(len(ids) for _, ids in encoded)
-        return _json({**base, "choices": choices, "usage": _usage(prompt_tokens, completion_tokens)}, headers)
+        return _json({**base, **prepared.request.response_fields, "choices": choices,
+                      "usage": _usage(prompt_tokens, completion_tokens)}, headers)
 
     async def _completion_events(self, base: dict[str, Any], first: Any, stream: AsyncIterator[Any],
                                  prompt_tokens: int, include_usage: bool, echoed: _Echo | None, score_only: bool,
-                                 tokenizer: Any, charge: Callable[[int], None]) -> AsyncIterator[bytes]:
+                                 tokenizer: Any, charge: Callable[[int], None],
+                                 fields: dict[str, Any]) -> AsyncIterator[bytes]:
         completion_tokens = 0
         offset = echoed.end if echoed else 0
+        if fields:  # the hooks' fields come first, in a chunk of their own
+            yield sse({**base, **fields, "choices": []})
         if echoed is not None and echoed.text:
             yield sse({**base, "choices": [{"index": 0, "text": echoed.text, "logprobs": echoed.logprobs,
                                             "finish_reason": None}]})

@@ -121,7 +121,7 @@ class Session:
                             finish[completion.index] = completion.finish_reason
             finally:
                 await stream.aclose()  # cancelled or gone: the engine aborts the request
-            await self.done(request_id, finish, usage)
+            await self.done(request_id, finish, usage, prepared.request.response_fields)
         except asyncio.CancelledError:
             finish = {index: reason or "cancelled" for index, reason in finish.items()} or {0: "cancelled"}
             await self.done(request_id, finish, usage, suppress=True)
@@ -130,10 +130,10 @@ class Session:
         finally:
             self.tasks.pop(request_id, None)
 
-    async def done(self, request_id: str, finish: dict[int, str | None], usage: dict[str, int], *,
-                   suppress: bool = False) -> None:
+    async def done(self, request_id: str, finish: dict[int, str | None], usage: dict[str, int],
+                   fields: dict[str, Any] | None = None, *, suppress: bool = False) -> None:
         usage = {**usage, "total_tokens": usage["prompt_tokens"] + usage["completion_tokens"]}
-        message = {"type": "done", "id": request_id, "usage": usage,
+        message = {**(fields or {}), "type": "done", "id": request_id, "usage": usage,
                    "choices": [{"index": i, "finish_reason": reason} for i, reason in sorted(finish.items())]}
         try:
             await self.send(message)
