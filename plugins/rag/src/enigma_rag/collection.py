@@ -182,7 +182,7 @@ class Collection:
         from enigma.kinds import Document
 
         existed = self.retriever.store.document(source) is not None
-        self.retriever.add([Document(text, {**(metadata or {}), "source": source}, id=source)])
+        self.retriever.add([Document(text=text, metadata={**(metadata or {}), "source": source}, id=source)])
         record = self.retriever.store.document(source)
         return FileResult(source, "replaced" if existed else "added", record.chunks if record else 0)
 

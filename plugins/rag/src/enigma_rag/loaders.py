@@ -86,11 +86,14 @@ _RST_ADORNMENT = re.compile(r"^([=\-~^\"'`#*+_.:<>])\1{2,}[ \t]*$")
 class _HeadingSections:
     """Collects lines under a heading path and emits a section whenever the path changes."""
 
-    def __init__(self) -> None:
+    def __init__(self, tidy: Callable[[str], str] | None = None) -> None:
         self.offsets, self.path, self.lines = _Offsets(), (), []
+        self.tidy = tidy
 
     def flush(self) -> Iterator[Section]:
         text = "".join(self.lines).strip()
+        if self.tidy is not None:
+            text = self.tidy(text)
         self.lines = []
         if text:
             yield self.offsets.section(text, heading=self.path)
@@ -190,12 +193,14 @@ def load_docx(path: Path) -> Iterator[Section]:
     import docx
     from docx.table import Table
 
+    if not zipfile.is_zipfile(path):
+        raise LoaderError(f"{path} is corrupt or not a Word document (a .docx is a zip archive; this is not one); "
+                          "save it again as .docx")
     try:
         document = docx.Document(str(path))
-    except (zipfile.BadZipFile, KeyError, ValueError) as exc:
-        raise LoaderError(f"{path} is corrupt or not a Word document ({exc}); save it again as .docx") from exc
-    except Exception as exc:
-        raise LoaderError(f"{path} cannot be read as a Word document ({exc})") from exc
+    except Exception as exc:  # python-docx raises many kinds on a damaged package
+        raise LoaderError(f"{path} is corrupt or not a Word document ({type(exc).__name__}: {exc}); "
+                          "save it again as .docx") from exc
     sections = _HeadingSections()
     for block in document.iter_inner_content():
         if isinstance(block, Table):
@@ -217,10 +222,11 @@ def load_docx(path: Path) -> Iterator[Section]:
 
 
 def _heading_level(style: str) -> int:
+    """Title above Heading 1 above Heading 2...: 1, 2, 3 (a document without a Title just skips 1)."""
     if style == "Title":
         return 1
     match = re.fullmatch(r"Heading (\d)", style)
-    return int(match.group(1)) if match else 0
+    return int(match.group(1)) + 1 if match else 0
 
 
 class _HTMLText(html.parser.HTMLParser):
@@ -229,7 +235,7 @@ class _HTMLText(html.parser.HTMLParser):
 
     def __init__(self) -> None:
         super().__init__(convert_charrefs=True)
-        self.sections = _HeadingSections()
+        self.sections = _HeadingSections(tidy=lambda text: re.sub(r"[ \t]*\n\s*", "\n", text))
         self.out: list[Section] = []
         self.skipping = 0
         self.heading_level = 0
@@ -278,8 +284,7 @@ def load_html(path: Path) -> Iterator[Section]:
         parser.out = []
     parser.close()
     yield from parser.out
-    for section in parser.sections.flush():
-        yield attrs.evolve(section, text=re.sub(r"[ \t]*\n\s*\n\s*", "\n", section.text))
+    yield from parser.sections.flush()
 
 
 LOADERS: dict[str, Callable[[Path], Iterator[Section]]] = {
