@@ -151,3 +151,14 @@ def test_empty_unknown_missing_and_too_large_files(tmp_path):
     binary.write_bytes(b"\x00\x01\x02" * 100)
     with pytest.raises(LoaderError, match=r"binary\.txt is not a text file"):
         sections(binary)
+
+
+def test_restructuredtext_glossary_terms_are_sections(tmp_path):
+    path = tmp_path / "glossary.rst"
+    path.write_text("Glossary\n========\n\n.. glossary::\n   :sorted:\n\n   mutable\n      Can change.\n\n"
+                    "   immutable\n   frozen\n      Cannot change.\n\n      Tuples are.\n\nAfter the list.\n")
+    assert [(s.heading, s.text) for s in sections(path)] == [
+        (("Glossary",), "Glossary\n\n.. glossary::\n   :sorted:"),
+        (("Glossary", "mutable"), "mutable\n      Can change."),
+        (("Glossary", "immutable, frozen"), "immutable\nfrozen\n      Cannot change.\n\n      Tuples are."),
+        (("Glossary",), "After the list.")]

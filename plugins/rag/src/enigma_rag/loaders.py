@@ -133,10 +133,40 @@ def load_markdown(path: Path) -> Iterator[Section]:
     yield from sections.flush()
 
 
+_GLOSSARY = re.compile(r"^(\s*)\.\. glossary::")
+
+
+def _indent(line: str) -> int:
+    return len(line) - len(line.lstrip(" "))
+
+
 def load_rst(path: Path) -> Iterator[Section]:
-    """reStructuredText: a section per title (underlined, optionally overlined); levels by order of first use."""
+    """reStructuredText: a section per title (underlined, optionally overlined; levels by order of first
+    use), and one per term of a ``.. glossary::`` (under the title it is in)."""
     sections, styles, previous = _HeadingSections(), [], None
+    glossary: list[int | None] | None = None  # [directive indent, term indent] while inside one
+    glossary_depth = 0
     for line in _text_lines(path):
+        if glossary is not None and line.strip():
+            indent = _indent(line)
+            if indent <= glossary[0]:
+                glossary = None
+                yield from sections.flush()
+                sections.path = sections.path[:glossary_depth]
+            elif not line.lstrip().startswith(":"):
+                if glossary[1] is None:
+                    glossary[1] = indent
+                if indent == glossary[1]:
+                    term = line.strip()
+                    if previous is not None and previous.strip() and _indent(previous) == glossary[1]:
+                        sections.path = (*sections.path[:-1], f"{sections.path[-1]}, {term}")  # terms sharing one
+                        sections.lines.append(line.lstrip())
+                    else:
+                        yield from sections.heading(glossary_depth + 1, term)
+                    previous = line
+                    continue
+        if (match := _GLOSSARY.match(line)) is not None:
+            glossary, glossary_depth = [_indent(match.group(0)), None], len(sections.path)
         adornment = _RST_ADORNMENT.match(line)
         if adornment and previous is not None and previous.strip() and not _RST_ADORNMENT.match(previous) \
                 and len(line.rstrip()) >= len(previous.strip()):
