@@ -39,7 +39,7 @@ def docs_sources() -> Path:
 
 
 def corpus_files(sources: Path) -> list[Path]:
-    return sorted((sources / "tutorial").glob("*.rst.txt")) + [sources / "glossary.rst.txt"]
+    return [*sorted((sources / "tutorial").glob("*.rst.txt")), sources / "glossary.rst.txt"]
 
 
 def _normal(text: str) -> str:

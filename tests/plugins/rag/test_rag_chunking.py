@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import re
-
-from hypothesis import given, settings
-from hypothesis import strategies as st
+from itertools import pairwise
 
 from enigma_rag.chunking import chunk_section, word_spans
 from enigma_rag.loaders import Section
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 SENTENCES = [f"Sentence number {i} talks about topic {i % 7} in a few plain words." for i in range(60)]
 
@@ -27,7 +27,7 @@ def test_passages_fit_the_model_overlap_and_end_at_sentences(minilm):
         assert chunk.text.endswith(".") and chunk.text.startswith("Sentence number")  # whole sentences
         assert text[chunk.start - 100:chunk.end - 100] == chunk.text
         assert chunk.page == 4 and chunk.heading == ("Guide", "Topics")
-    for before, after in zip(chunks, chunks[1:]):
+    for before, after in pairwise(chunks):
         last_sentence = before.text.rsplit("Sentence number", 1)[1]
         assert after.text.startswith("Sentence number" + last_sentence)  # the overlap carries a sentence
         assert after.start < before.end and after.start > before.start
@@ -45,7 +45,7 @@ def test_a_sentence_longer_than_a_passage_is_cut_at_tokens(minilm):
 def test_without_overlap_passages_do_not_repeat(minilm):
     text = " ".join(SENTENCES)
     chunks = list(chunk_section(Section(text, 0), minilm.tokenizer.token_spans, max_tokens=80, overlap=0))
-    assert all(after.start >= before.end for before, after in zip(chunks, chunks[1:]))
+    assert all(after.start >= before.end for before, after in pairwise(chunks))
 
 
 @settings(max_examples=60, deadline=None)

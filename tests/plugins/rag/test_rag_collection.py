@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import pytest
+from enigma_rag import Collection, RAGPipeline
+from enigma_rag.answers import INSTRUCTIONS
 from rag_files import write_docx, write_pdf
 
 from enigma.errors import BadRequestError, NotFoundError
 from enigma.kinds import Document
-from enigma_rag import Collection, RAGPipeline
-from enigma_rag.answers import INSTRUCTIONS
 
 TOPICS = {
     "volcano.md": "# Volcanoes\n\nA volcano erupts when magma rises through the crust. Lava flows downhill.\n",

@@ -5,9 +5,8 @@ from __future__ import annotations
 import tracemalloc
 
 import pytest
-from rag_files import write_docx, write_pdf
-
 from enigma_rag.loaders import SEPARATOR, LoaderError, load
+from rag_files import write_docx, write_pdf
 
 
 def sections(path, **options):
@@ -138,7 +137,7 @@ def test_empty_unknown_missing_and_too_large_files(tmp_path):
         sections(blank)
     unknown = tmp_path / "data.xlsx"
     unknown.write_bytes(b"PK")
-    with pytest.raises(LoaderError, match=r"data\.xlsx has an extension enigma cannot read \(\.xlsx\); it reads .*\.pdf"):
+    with pytest.raises(LoaderError, match=r"data\.xlsx has an extension enigma cannot read \(\.xlsx\); it reads"):
         load(unknown)
     with pytest.raises(LoaderError, match=r"nothing\.txt does not exist"):
         load(tmp_path / "nothing.txt")

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import pytest
-
-from enigma.errors import NotAvailableError, NotFoundError
 from enigma_rag import Collection
 from enigma_rag.collection import list_collections
+
+from enigma.errors import NotAvailableError, NotFoundError
 
 PASSAGES = [
     ("rivers", "Rivers carry water from mountains to the sea, carving valleys on the way."),

@@ -8,7 +8,6 @@ import subprocess
 import numpy as np
 import pytest
 import python_docs
-
 from enigma_rag import Collection
 from enigma_rag.store import DocumentRecord
 

@@ -119,3 +119,14 @@ def test_the_rag_command(served, tmp_path):
     assert cli(env, "rag", "rm", "drinks").returncode == 0
     missing = cli(env, "rag", "query", "drinks", "anything")
     assert missing.returncode == 1 and "collection 'drinks' does not exist" in missing.stderr
+
+
+def test_hook_enigma_request_fields(served):
+    """The plugin names ``rag``: the transports accept it, while a field nobody names is still refused."""
+    base, _ = served
+    chat = {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+    refused = httpx.post(f"{base}/v1/chat/completions", json={**chat, "rag": 3})
+    assert refused.status_code == 400 and "'rag' must be a collection name or an object" in refused.text
+    unknown = httpx.post(f"{base}/v1/chat/completions", json={**chat, "ragz": "docs"})
+    assert unknown.status_code == 400 and unknown.json()["error"]["code"] == "unknown_parameter"
+    assert httpx.post(f"{base}/v1/chat/completions", json={**chat, "rag": None}).status_code == 200

@@ -65,7 +65,8 @@ def add(collection: str, paths: tuple[str, ...], embedding_model: str | None, me
             click.echo(f"failed     {result.error}", err=True)
         else:
             click.echo(f"{result.status:<10} {result.source} ({result.chunks} passages)")
-    summary = ", ".join(f"{report.count(s)} {s}" for s in ("added", "replaced", "unchanged", "failed") if report.count(s))
+    summary = ", ".join(f"{report.count(status)} {status}" for status in ("added", "replaced", "unchanged", "failed")
+                        if report.count(status))
     click.echo(f"{collection}: {summary or 'no files'}; {target.count()} documents in all")
     if report.errors:
         sys.exit(1)

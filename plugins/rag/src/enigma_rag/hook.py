@@ -52,7 +52,7 @@ def parse_options(value: Any) -> dict[str, Any]:
     for key, item in value.items():
         if key not in OPTIONS:
             raise BadRequestError(f"unknown field 'rag.{key}'; known: {', '.join(OPTIONS)}")
-        if isinstance(item, bool) and OPTIONS[key] is not bool or not isinstance(item, OPTIONS[key]):
+        if (isinstance(item, bool) and OPTIONS[key] is not bool) or not isinstance(item, OPTIONS[key]):
             raise BadRequestError(f"'rag.{key}' has the wrong type ({type(item).__name__})")
     if "collection" not in value:
         raise BadRequestError("'rag.collection' is missing: name the collection to search")

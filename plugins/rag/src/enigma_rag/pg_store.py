@@ -34,6 +34,10 @@ CREATE TABLE IF NOT EXISTS enigma_rag_documents(
 """
 
 
+EF_SEARCH = 100
+"""HNSW's candidate list per search (pgvector's default, 40, loses too many true neighbours)."""
+
+
 def _connect(dsn: str) -> Any:
     try:
         import psycopg
@@ -166,7 +170,8 @@ class PostgresStore:
             t=self.table, w=sql.SQL("WHERE " + clause if clause else ""))
         text = _vector(vector)
         with self._lock, self.connection.transaction():
-            self.connection.execute(sql.SQL("SET LOCAL hnsw.ef_search = {n}").format(n=sql.Literal(max(40, 2 * k))))
+            candidates = sql.Literal(max(EF_SEARCH, 4 * k))
+            self.connection.execute(sql.SQL("SET LOCAL hnsw.ef_search = {n}").format(n=candidates))
             if clause:
                 self.connection.execute("SET LOCAL enable_indexscan = off")
             rows = self.connection.execute(query, (text, *values, text, k)).fetchall()

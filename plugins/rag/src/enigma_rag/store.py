@@ -10,8 +10,10 @@ import attrs
 import numpy as np
 
 _WORD = re.compile(r"\w+", re.UNICODE)
-_STOP = frozenset("""a an and are as at be by can do does for from how i in is it of on or that the this to was
-what when where which who why will with you""".split())
+_STOP = frozenset({
+    "a", "an", "and", "are", "as", "at", "be", "by", "can", "do", "does", "for", "from", "how", "i", "in", "is",
+    "it", "of", "on", "or", "that", "the", "this", "to", "was", "what", "when", "where", "which", "who", "why",
+    "will", "with", "you"})
 
 
 def keyword_terms(query: str) -> list[str]:
