@@ -115,7 +115,7 @@ class OpenAIRoutes:
             return self._stream(self._chat_events(base, params.n, first, stream, len(token_ids), include_usage,
                                                   tokenizer, logprobs or 0, charge, fields), headers)
         choices, completion_tokens = await _collect(first, stream, params.n, charge)
-        return _json({**base, "object": "chat.completion", "system_fingerprint": None, **fields, "choices": [
+        return _json({**fields, **base, "object": "chat.completion", "system_fingerprint": None, "choices": [
             {"index": index, "message": {"role": "assistant", "content": choice["text"]},
              "logprobs": _chat_logprobs(choice["logprobs"], choice["token_ids"], tokenizer, logprobs)
              if logprobs is not None else None,
@@ -129,7 +129,7 @@ class OpenAIRoutes:
         chunk = {**base, "object": "chat.completion.chunk", "system_fingerprint": None}
         completion_tokens = 0
         for index in range(n):
-            yield sse({**chunk, **(fields if index == 0 else {}), "choices": [{
+            yield sse({**(fields if index == 0 else {}), **chunk, "choices": [{
                 "index": index, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
                 "finish_reason": None}]})
         async for output in _chain(first, stream, charge):
@@ -184,7 +184,7 @@ class OpenAIRoutes:
                 completion_tokens += 0 if prepared.score_only else len(choice["token_ids"])
                 choices.append(entry)
         prompt_tokens = sum(len(ids) for _, ids in encoded)
-        return _json({**base, **prepared.request.response_fields, "choices": choices,
+        return _json({**prepared.request.response_fields, **base, "choices": choices,
                       "usage": _usage(prompt_tokens, completion_tokens)}, headers)
 
     async def _completion_events(self, base: dict[str, Any], first: Any, stream: AsyncIterator[Any],
@@ -194,7 +194,7 @@ class OpenAIRoutes:
         completion_tokens = 0
         offset = echoed.end if echoed else 0
         if fields:  # the hooks' fields come first, in a chunk of their own
-            yield sse({**base, **fields, "choices": []})
+            yield sse({**fields, **base, "choices": []})
         if echoed is not None and echoed.text:
             yield sse({**base, "choices": [{"index": 0, "text": echoed.text, "logprobs": echoed.logprobs,
                                             "finish_reason": None}]})
