@@ -18,6 +18,7 @@ from enigma.errors import (
 )
 from enigma.hookspecs import hookimpl
 from enigma.kinds import KINDS, Availability
+from enigma.lazy import lazy_exports
 from enigma.plugins import PluginHost, get_host
 
 _LAZY = {
@@ -31,15 +32,7 @@ _LAZY = {
 }
 """Runtime names, imported on first use so that ``import enigma`` skips torch."""
 
-
-def __getattr__(name: str) -> object:
-    if name in _LAZY:
-        import importlib
-
-        value = getattr(importlib.import_module(_LAZY[name]), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module 'enigma' has no attribute {name!r}")
+__getattr__ = lazy_exports(__name__, _LAZY)
 
 
 try:

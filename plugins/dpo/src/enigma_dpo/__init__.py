@@ -6,6 +6,7 @@ is :func:`train_dpo` (``train_dpo("./sft", preferences, out="./aligned",
 epochs=3)``) and :func:`dpo_loss` is the objective on its own.
 """
 
+from enigma.lazy import lazy_exports
 from enigma_dpo.options import LOSS_TYPES
 
 _LAZY = {"PreferencePair": "enigma_dpo.data", "read_preferences": "enigma_dpo.data",
@@ -13,13 +14,7 @@ _LAZY = {"PreferencePair": "enigma_dpo.data", "read_preferences": "enigma_dpo.da
 """Names imported on first use: the package is imported whenever plugins load (``enigma --help`` too), and
 these modules bring torch."""
 
-
-def __getattr__(name: str) -> object:
-    if name in _LAZY:
-        import importlib
-
-        return getattr(importlib.import_module(_LAZY[name]), name)
-    raise AttributeError(f"module 'enigma_dpo' has no attribute {name!r}")
+__getattr__ = lazy_exports(__name__, _LAZY)
 
 
 def train_dpo(model: str, preferences: str | list, *, out: str, epochs: float = 1.0, **options: object) -> object:

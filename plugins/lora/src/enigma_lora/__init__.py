@@ -8,19 +8,15 @@ The seed's names: ``LoRAConfig(rank=8, alpha=16, target_modules=["q_proj",
 ``enigma train --method lora`` trains one with the builtin loop.
 """
 
+from enigma.lazy import lazy_exports
+
 _LAZY = {**dict.fromkeys(("adapter_tensors", "apply_lora", "load_adapter", "merge_adapter", "merge_lora",
                           "read_adapter", "save_adapter", "trainable_parameters"), "enigma_lora.adapter"),
          "LoRAConfig": "enigma_lora.config", "LoRALinear": "enigma_lora.layers"}
 """Names imported on first use: the package is imported whenever plugins load (``enigma --help`` too), and
 these modules bring torch."""
 
-
-def __getattr__(name: str) -> object:
-    if name in _LAZY:
-        import importlib
-
-        return getattr(importlib.import_module(_LAZY[name]), name)
-    raise AttributeError(f"module 'enigma_lora' has no attribute {name!r}")
+__getattr__ = lazy_exports(__name__, _LAZY)
 
 
 __all__ = ["LoRAConfig", "LoRALinear", "adapter_tensors", "apply_lora", "load_adapter", "merge_adapter",

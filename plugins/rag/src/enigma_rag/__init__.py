@@ -14,6 +14,7 @@ import importlib.util
 from pathlib import Path
 
 from enigma import hookimpl
+from enigma.lazy import lazy_exports
 
 REQUEST_FIELD = ("ground the answer in a collection: a collection name, or {collection, top_k, threshold, where, "
                  "hybrid}; the response's 'sources' lists the passages used")
@@ -23,13 +24,7 @@ _LAZY = {"Answer": "enigma_rag.answers", "Source": "enigma_rag.answers", "Collec
          "FileResult": "enigma_rag.collection", "VectorRetriever": "enigma_rag.retriever",
          "LoaderError": "enigma_rag.loaders"}
 
-
-def __getattr__(name: str) -> object:
-    if name in _LAZY:
-        import importlib
-
-        return getattr(importlib.import_module(_LAZY[name]), name)
-    raise AttributeError(f"module 'enigma_rag' has no attribute {name!r}")
+__getattr__ = lazy_exports(__name__, _LAZY)
 
 
 __all__ = sorted(_LAZY)

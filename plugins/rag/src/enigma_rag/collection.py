@@ -28,8 +28,9 @@ from enigma.retrieval import check_collection_name
 from enigma_rag.answers import Answer, Source, context_message, grounded_messages
 from enigma_rag.loaders import LOADERS, load
 from enigma_rag.retriever import Reranker, VectorRetriever
+from enigma_rag.settings import is_postgres, rag_settings, store_url
 
-FILE_LIMIT_BYTES = 1_000_000
+BYTES_PER_MB = 1_000_000
 
 
 @attrs.frozen
@@ -62,17 +63,11 @@ def sqlite_folder(collection: str) -> Path:
     return get_paths().data_dir / "retrieval" / "sqlite" / check_collection_name(collection)
 
 
-def _settings() -> Any:
-    from enigma.config import plugin_settings
-
-    return plugin_settings("rag")
-
-
 def open_store(collection: str, store: str | None = None) -> Any:
     """The store of ``collection``: SQLite in the data dir, or the PostgreSQL at a ``postgres://`` URL."""
     check_collection_name(collection)
-    url = _settings().store if store is None else store
-    if url.startswith(("postgres://", "postgresql://")):
+    url = store_url(store)
+    if is_postgres(url):
         from enigma_rag.pg_store import PostgresStore
 
         return PostgresStore(url, collection)
@@ -83,8 +78,8 @@ def open_store(collection: str, store: str | None = None) -> Any:
 
 def list_collections(store: str | None = None) -> list[str]:
     """The collections in the store (the configured one unless given)."""
-    url = _settings().store if store is None else store
-    if url.startswith(("postgres://", "postgresql://")):
+    url = store_url(store)
+    if is_postgres(url):
         from enigma_rag.pg_store import list_collections as in_postgres
 
         return in_postgres(url)
@@ -95,8 +90,8 @@ def list_collections(store: str | None = None) -> list[str]:
 
 
 def collection_exists(collection: str, store: str | None = None) -> bool:
-    url = _settings().store if store is None else store
-    if url.startswith(("postgres://", "postgresql://")):
+    url = store_url(store)
+    if is_postgres(url):
         return collection in list_collections(url)
     from enigma_rag.sqlite_store import FILE_NAME
 
@@ -130,7 +125,7 @@ class Collection:
     def __init__(self, name: str = "default", *, store: str | None = None, embedding_model: str | None = None,
                  embedder: Any = None, model: Any = None, create: bool = True) -> None:
         self.name = check_collection_name(name)
-        self.settings = _settings()
+        self.settings = rag_settings()
         if embedder is None and embedding_model is not None:
             from enigma_rag.embedders import embedder_for
 
@@ -151,7 +146,7 @@ class Collection:
         path = Path(path)
         resolved = path.expanduser().resolve()
         source = source or str(resolved)
-        sections = load(resolved, max_bytes=int(self.settings.max_file_mb * FILE_LIMIT_BYTES))
+        sections = load(resolved, max_bytes=int(self.settings.max_file_mb * BYTES_PER_MB))
         digest = file_digest(resolved) if resolved.is_file() else ""
         existing = self.retriever.store.document(source)
         if existing is not None and existing.content_hash == digest:

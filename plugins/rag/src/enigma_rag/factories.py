@@ -17,12 +17,12 @@ def sqlite_retriever(*, collection: str, storage: Path, embedder: Any = None) ->
 
 def pgvector_retriever(*, collection: str, storage: Path, embedder: Any = None) -> Any:
     """The collection in the PostgreSQL database ``[plugins.rag] store`` names (``storage`` is unused)."""
-    from enigma.config import plugin_settings
     from enigma_rag.pg_store import PostgresStore
     from enigma_rag.retriever import VectorRetriever
+    from enigma_rag.settings import is_postgres, store_url
 
-    url = plugin_settings("rag").store
-    if not url.startswith(("postgres://", "postgresql://")):
+    url = store_url(None)
+    if not is_postgres(url):
         raise NotAvailableError("the pgvector retriever needs a database: enigma config set plugins.rag.store "
                                 "postgres://USER:PASSWORD@HOST/DB")
     return VectorRetriever(collection=collection, store=PostgresStore(url, collection), embedder=embedder)

@@ -26,10 +26,10 @@ _lock = threading.Lock()
 
 def open_collection(name: str) -> Any:
     """The collection (kept open for the next request); a missing one is a clear 400."""
-    from enigma.config import plugin_settings
     from enigma_rag.collection import Collection
+    from enigma_rag.settings import rag_settings
 
-    store = plugin_settings("rag").store
+    store = rag_settings().store
     with _lock:
         if (store, name) not in _open:
             _open[(store, name)] = Collection(name, store=store, create=False)

@@ -41,10 +41,10 @@ class VectorRetriever:
 
     def __init__(self, *, collection: str, storage: Path | None = None, embedder: Any = None,
                  store: CollectionStore | None = None, create: bool = True, settings: Any = None) -> None:
-        from enigma_rag.settings import RAGSettings
+        from enigma_rag.settings import rag_settings
 
         self.collection = collection
-        self.settings = settings or _settings() or RAGSettings()
+        self.settings = settings or rag_settings()
         if store is None:
             from enigma_rag.sqlite_store import SQLiteStore
 
@@ -189,11 +189,3 @@ def _embedding_text(chunk: Chunk) -> str:
     path = " > ".join(chunk.heading)
     return chunk.text if chunk.text.startswith(path) else f"{path}\n{chunk.text}"
 
-
-def _settings() -> Any:
-    from enigma.config import plugin_settings
-
-    try:
-        return plugin_settings("rag")
-    except Exception:  # the plugin is imported but not registered (tests building one by hand)
-        return None

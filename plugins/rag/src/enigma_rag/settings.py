@@ -7,8 +7,13 @@ import attrs
 from enigma.config import setting
 
 
+def is_postgres(store: str) -> bool:
+    """Whether ``store`` names a PostgreSQL database (else collections live in SQLite files)."""
+    return store.startswith(("postgres://", "postgresql://"))
+
+
 def _store_ok(value: str) -> bool:
-    return value in ("", "sqlite") or value.startswith(("postgres://", "postgresql://"))
+    return value in ("", "sqlite") or is_postgres(value)
 
 
 @attrs.define
@@ -30,3 +35,20 @@ class RAGSettings:
                                      doc="the least cosine similarity a passage needs to be used")
     max_file_mb: float = setting(100.0, allowed="a positive number", check=lambda v: v > 0,
                                  doc="files larger than this (MB) are refused")
+
+
+def rag_settings() -> RAGSettings:
+    """The effective ``[plugins.rag]`` settings; the defaults when the plugin is not registered (its
+    modules used directly, or ``ENIGMA_DISABLE_PLUGINS=rag``)."""
+    from enigma.config import plugin_settings
+    from enigma.errors import NotFoundError
+
+    try:
+        return plugin_settings("rag")
+    except NotFoundError:
+        return RAGSettings()
+
+
+def store_url(store: str | None) -> str:
+    """``store``, or the configured one when None."""
+    return rag_settings().store if store is None else store
