@@ -186,14 +186,30 @@ def enigma_request_fields() -> dict[str, str] | None:
 
 
 @hookspec
-def enigma_generation_finished(request: GenerationRequest, output: RequestOutput) -> None:
+def enigma_generation_finished(request: GenerationRequest, output: RequestOutput,
+                               chunks: list[list[tuple[str, list[int]]]]) -> None:
     """A request that went through ``enigma_before_generation`` finished.
 
     ``request`` is the :class:`enigma.server.GenerationRequest` that ran (as
     the hooks left it); ``output`` the finished :class:`enigma.RequestOutput`
-    (its ``outputs[i].text`` whole, ``finish_reason`` set). Not called for
-    answers a hook gave, nor for aborted requests. Observers only: a raising
-    one is logged and skipped.
+    (its ``outputs[i].text`` whole, ``finish_reason`` set); ``chunks`` each
+    completion's deltas as the engine streamed them, ``(text, token_ids)``,
+    in ``output.outputs`` order (what a cache needs to replay a stream). Not
+    called for answers a hook gave, nor for aborted requests. Observers only:
+    a raising one is logged and skipped.
+    """
+
+
+@hookspec
+def enigma_health() -> dict[str, Any] | None:
+    """Report on a plugin's own dependencies for ``GET /health/full``.
+
+    Called on every ``/health/full`` request; keep it cheap (no network round
+    trip: report what the plugin last saw). Return a JSON object with at least
+    ``"status"`` (``"ok"``, ``"degraded"`` — serving, with a part missing — or
+    ``"down"``) and whatever explains it (``{"status": "degraded", "redis":
+    "unreachable since ..."}``), or None. It appears under ``checks``, keyed
+    by plugin name; it does not change ``/health`` or ``/health/ready``.
     """
 
 

@@ -104,7 +104,7 @@ def build_app(context: ServerContext, *, load_models: bool = True) -> Any:
 HEALTH_PATHS = {
     "/health": "Alive: 200 while the server and its engines run, 503 once one has died",
     "/health/ready": "Ready: 200 once models are loaded and engines step; 503 while loading or shutting down",
-    "/health/full": "State, per-model engine stats (KV usage, queues) and versions",
+    "/health/full": "State, per-model engine stats (KV usage, queues), plugins' checks and versions",
     "/openapi.json": "This document",
 }
 
@@ -209,7 +209,8 @@ async def health_ready(request: Any) -> Any:
 
 
 async def health_full(request: Any) -> Any:
-    """Everything: state, per-model engine stats (KV usage, queues), versions."""
+    """Everything: state, per-model engine stats (KV usage, queues), plugins' checks (``enigma_health``),
+    versions."""
     from importlib.metadata import version
 
     from starlette.responses import JSONResponse
@@ -223,9 +224,18 @@ async def health_full(request: Any) -> Any:
         stats = served.engine.stats() if served.engine is not None else {}
         models[name] = {"kind": "embedding" if served.is_embedding_model else "generation",
                         "max_model_len": served.max_model_len, "engine": stats}
-    plugins = {record.name: record.version for record in get_host().records.values()}
+    host = get_host()
+    plugins = {record.name: record.version for record in host.records.values()}
+    checks = {}
+    for implementation in reversed(host.hook.enigma_health.get_hookimpls()):
+        try:
+            report = implementation.function()
+        except Exception as exc:  # a failing report is itself news
+            report = {"status": "down", "error": f"{type(exc).__name__}: {exc}"}
+        if report is not None:
+            checks[implementation.plugin_name] = report
     return JSONResponse({
         "status": context.state, "alive": context.alive, "uptime_s": round(time.time() - context.started, 3),
-        "models": models,
+        "models": models, "checks": checks,
         "versions": {"enigma-core": enigma.__version__, "torch": version("torch"), "plugins": plugins},
     })

@@ -43,6 +43,8 @@ class GenerationRequest:
     """The transport that received it (``openai-api``, ``ws``...)."""
     body: dict[str, Any] = attrs.field(factory=dict)
     """The request as the transport received it (its raw fields, for plugins' own options)."""
+    headers: dict[str, str] = attrs.field(factory=dict)
+    """The transport's request headers, names lower-cased (HTTP: ``cache-control``); empty for others."""
     response_headers: dict[str, str] = attrs.field(factory=dict)
     """Headers the transport adds to its response (HTTP); hooks may set some (``x-enigma-cache``)."""
     response_fields: dict[str, Any] = attrs.field(factory=dict)
@@ -62,6 +64,13 @@ class GenerationAnswer:
     finish_reason: str = "stop"
     answered_by: str = ""
     """The plugin that answered (filled in by :func:`before_generation`)."""
+    chunks: tuple[tuple[str, tuple[int, ...]], ...] = ()
+    """The answer as a stream sends it: each delta's text and token ids, joining to ``text`` (a cache
+    replays a stream chunk for chunk). Empty: one chunk, ``text`` re-encoded."""
+    response_headers: dict[str, str] = attrs.field(factory=dict)
+    """Headers the transport adds to the response (``x-enigma-cache: hit``)."""
+    response_fields: dict[str, Any] = attrs.field(factory=dict)
+    """Fields the transport adds to the response body, as :attr:`GenerationRequest.response_fields`."""
 
 
 def before_generation(request: GenerationRequest, *, host: Any = None) -> GenerationRequest | GenerationAnswer:
@@ -106,22 +115,29 @@ def plugin_request_fields(*, host: Any = None) -> dict[str, str]:
     return fields
 
 
-def generation_finished(request: GenerationRequest, output: Any, *, host: Any = None) -> None:
-    """Tell observers a request finished with ``output`` (a finished :class:`enigma.RequestOutput`)."""
-    (host or _host()).broadcast("enigma_generation_finished", request=request, output=output)
+def generation_finished(request: GenerationRequest, output: Any,
+                        chunks: list[list[tuple[str, list[int]]]] | None = None, *, host: Any = None) -> None:
+    """Tell observers a request finished with ``output`` (a finished :class:`enigma.RequestOutput`) and
+    ``chunks``, each completion's deltas as streamed (text, token ids)."""
+    if chunks is None:
+        chunks = [[(c.text, list(c.token_ids))] for c in output.outputs]
+    (host or _host()).broadcast("enigma_generation_finished", request=request, output=output, chunks=chunks)
 
 
 async def answer_outputs(answer: GenerationAnswer, *, request_id: str, params: Any, tokenizer: Any,
                          prompt: str | None, prompt_token_ids: list[int]) -> AsyncIterator[Any]:
-    """The engine-shaped stream of an answer: one finished RequestOutput with ``params.n`` equal completions."""
+    """The engine-shaped stream of an answer: a RequestOutput per chunk (the last one finished), each with
+    ``params.n`` equal completions."""
     from enigma.outputs import CompletionOutput, RequestOutput
 
-    token_ids = tokenizer.encode(answer.text, add_special_tokens=False)
-    outputs = [CompletionOutput(index=index, text=answer.text, token_ids=list(token_ids), cumulative_logprob=None,
-                                logprobs=None, finish_reason=answer.finish_reason, stop_reason=None)
-               for index in range(params.n)]
-    yield RequestOutput(request_id=request_id, prompt=prompt, prompt_token_ids=prompt_token_ids,
-                        prompt_logprobs=None, outputs=outputs, finished=True)
+    chunks = answer.chunks or ((answer.text, tuple(tokenizer.encode(answer.text, add_special_tokens=False))),)
+    for number, (text, token_ids) in enumerate(chunks):
+        last = number == len(chunks) - 1
+        outputs = [CompletionOutput(index=index, text=text, token_ids=list(token_ids), cumulative_logprob=None,
+                                    logprobs=None, finish_reason=answer.finish_reason if last else None,
+                                    stop_reason=None) for index in range(params.n)]
+        yield RequestOutput(request_id=request_id, prompt=prompt, prompt_token_ids=prompt_token_ids,
+                            prompt_logprobs=None, outputs=outputs, finished=last)
 
 
 async def observe_outputs(stream: AsyncIterator[Any], request: GenerationRequest) -> AsyncIterator[Any]:
@@ -129,20 +145,20 @@ async def observe_outputs(stream: AsyncIterator[Any], request: GenerationRequest
     :func:`generation_finished` the whole output (texts and token ids joined)."""
     from enigma.outputs import CompletionOutput, RequestOutput
 
-    texts: dict[int, list[str]] = {}
-    tokens: dict[int, list[int]] = {}
+    chunks: dict[int, list[tuple[str, list[int]]]] = {}
     try:
         async for output in stream:
             for completion in output.outputs:
-                texts.setdefault(completion.index, []).append(completion.text)
-                tokens.setdefault(completion.index, []).extend(completion.token_ids)
+                if completion.text or completion.token_ids:
+                    chunks.setdefault(completion.index, []).append((completion.text, list(completion.token_ids)))
             if output.finished:  # before yielding it: a consumer may stop reading at the last output
-                whole = [CompletionOutput(index=c.index, text="".join(texts[c.index]), token_ids=tokens[c.index],
+                whole = [CompletionOutput(index=c.index, text="".join(text for text, _ in chunks.get(c.index, ())),
+                                          token_ids=[t for _, ids in chunks.get(c.index, ()) for t in ids],
                                           finish_reason=c.finish_reason, stop_reason=c.stop_reason)
                          for c in output.outputs]
                 generation_finished(request, RequestOutput(
                     request_id=output.request_id, prompt=output.prompt, prompt_token_ids=output.prompt_token_ids,
-                    outputs=whole, finished=True))
+                    outputs=whole, finished=True), [chunks.get(c.index, []) for c in output.outputs])
             yield output
     finally:
         await stream.aclose()

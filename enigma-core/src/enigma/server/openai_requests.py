@@ -71,7 +71,7 @@ def _plugin_fields() -> dict[str, tuple[Any, str]]:
 
 
 def prepare_chat(context: ServerContext, body: dict[str, Any], *, tenant: str | None = None,
-                 transport: str = "") -> Prepared:
+                 transport: str = "", headers: dict[str, str] | None = None) -> Prepared:
     """Validate a chat request, run the before-generation hooks, template and tokenize the result."""
     check_fields(body, {**CHAT_FIELDS, **_plugin_fields()})
     served = generator_model(context, body)
@@ -89,11 +89,11 @@ def prepare_chat(context: ServerContext, body: dict[str, Any], *, tenant: str | 
     text, token_ids = _template(tokenizer, served, messages)
     params = sampling_params(body, served, len(token_ids), where="messages", logprobs=logprobs)
     request = GenerationRequest(model=served.name, messages=tuple(messages), tenant=tenant, transport=transport,
-                                body=body, params=params)
+                                body=body, headers=dict(headers or {}), params=params)
     result = _run_hooks(request)
     if isinstance(result, GenerationAnswer):
-        return Prepared(served=served, request=request, prompts=[(text, token_ids)], params=[params],
-                        logprobs=logprobs, answer=result)
+        return Prepared(served=served, request=_answered(request, result), prompts=[(text, token_ids)],
+                        params=[params], logprobs=logprobs, answer=result)
     if result.messages != request.messages:  # a hook rewrote the conversation
         text, token_ids = _template(tokenizer, served, list(result.messages))
         params = sampling_params(body, served, len(token_ids), where="messages", logprobs=logprobs)
@@ -110,7 +110,7 @@ def _template(tokenizer: Any, served: ServedModel, messages: list[dict[str, Any]
 
 
 def prepare_completion(context: ServerContext, body: dict[str, Any], *, tenant: str | None = None,
-                       transport: str = "") -> Prepared:
+                       transport: str = "", headers: dict[str, str] | None = None) -> Prepared:
     """Validate a completion request (one or several prompts) and run the before-generation hooks.
 
     The hooks act on one prompt: a request with several prompts (a batch) runs
@@ -139,16 +139,16 @@ def prepare_completion(context: ServerContext, body: dict[str, Any], *, tenant: 
                               prompt_logprobs=prompt_logprobs) for _, ids in encoded]
     if len(encoded) != 1:  # hooks act on single prompts
         request = GenerationRequest(model=served.name, tenant=tenant, transport=transport, body=body,
-                                    params=params[0])
+                                    headers=dict(headers or {}), params=params[0])
         return Prepared(served=served, request=request, prompts=encoded, params=params, logprobs=logprobs,
                         score_only=score_only)
     text, ids = encoded[0]
     request = GenerationRequest(model=served.name, prompt=text if text is not None else tuple(ids), tenant=tenant,
-                                transport=transport, body=body, params=params[0])
+                                transport=transport, body=body, headers=dict(headers or {}), params=params[0])
     result = _run_hooks(request)
     if isinstance(result, GenerationAnswer):
-        return Prepared(served=served, request=request, prompts=encoded, params=params, logprobs=logprobs,
-                        answer=result, score_only=score_only)
+        return Prepared(served=served, request=_answered(request, result), prompts=encoded, params=params,
+                        logprobs=logprobs, answer=result, score_only=score_only)
     if result.prompt != request.prompt:
         text, ids = (result.prompt, tokenizer.encode(result.prompt)) if isinstance(result.prompt, str) \
             else (None, list(result.prompt))
@@ -157,6 +157,12 @@ def prepare_completion(context: ServerContext, body: dict[str, Any], *, tenant: 
         result = attrs.evolve(result, params=params[0])
     return Prepared(served=served, request=result, prompts=[(text, ids)], params=params, logprobs=logprobs,
                     score_only=score_only)
+
+
+def _answered(request: GenerationRequest, answer: GenerationAnswer) -> GenerationRequest:
+    """The request as answered: the answer's response headers and fields added to the request's."""
+    return attrs.evolve(request, response_headers={**request.response_headers, **answer.response_headers},
+                        response_fields={**request.response_fields, **answer.response_fields})
 
 
 def _run_hooks(request: GenerationRequest) -> GenerationRequest | GenerationAnswer:

@@ -98,7 +98,8 @@ class OpenAIRoutes:
 
     async def chat_completions(self, request: Any) -> Any:
         body = await read_json(request)
-        prepared = prepare_chat(self.context, body, tenant=_tenant(request), transport="openai-api")
+        prepared = prepare_chat(self.context, body, tenant=_tenant(request), transport="openai-api",
+                                headers=_headers(request))
         served, (_, token_ids), params, logprobs = prepared.served, prepared.prompts[0], prepared.params[0], \
             prepared.logprobs
         headers = prepared.request.response_headers
@@ -147,7 +148,8 @@ class OpenAIRoutes:
 
     async def completions(self, request: Any) -> Any:
         body = await read_json(request)
-        prepared = prepare_completion(self.context, body, tenant=_tenant(request), transport="openai-api")
+        prepared = prepare_completion(self.context, body, tenant=_tenant(request), transport="openai-api",
+                                      headers=_headers(request))
         served, encoded, params_list, logprobs = prepared.served, prepared.prompts, prepared.params, prepared.logprobs
         headers = prepared.request.response_headers
         tokenizer = served.llm.tokenizer
@@ -346,6 +348,10 @@ def _json(payload: dict[str, Any], headers: dict[str, str] | None = None) -> Any
 
 def _tenant(request: Any) -> str | None:
     return (request.scope.get("state") or {}).get("api_key")
+
+
+def _headers(request: Any) -> dict[str, str]:
+    return {name.lower(): value for name, value in request.headers.items()}
 
 
 def _usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:

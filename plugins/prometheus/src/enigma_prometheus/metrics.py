@@ -2,7 +2,9 @@
 
 Counters and histograms are fed by ``enigma_request_finished`` events as
 requests end; gauges are read from each served engine's ``stats()`` when
-Prometheus scrapes. Names follow vLLM's, with an ``enigma:`` prefix.
+Prometheus scrapes. Names follow vLLM's, with an ``enigma:`` prefix. Other
+plugins add metrics by registering them in prometheus_client's default
+registry, which ``/metrics`` serves after these.
 """
 
 from __future__ import annotations
@@ -65,9 +67,11 @@ class Metrics:
             self.e2e.labels(model).observe(event.e2e_latency)
 
     def render(self) -> bytes:
-        from prometheus_client import generate_latest
+        """enigma's own metrics, then prometheus_client's default registry: the process collectors and
+        what other plugins register there (the response cache's counters)."""
+        from prometheus_client import REGISTRY, generate_latest
 
-        return generate_latest(self.registry)
+        return generate_latest(self.registry) + generate_latest(REGISTRY)
 
 
 class EngineCollector:
