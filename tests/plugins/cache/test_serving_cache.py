@@ -213,3 +213,26 @@ def test_a_corrupt_disk_entry_is_regenerated_not_served(semantic_server):
     assert again.choices[0].message.content == original.choices[0].message.content
     assert metric(base, "unused", "enigma:response_cache_corrupt_entries_total") >= 1
     assert chat(base, "unused", "Describe a binary tree.")[0] == "hit"
+
+
+def test_hook_enigma_health(replicas):
+    """The cache reports each level under /health/full's checks; an off cache reports nothing."""
+    alice = replicas["keys"]["alice"]
+    chat(replicas["a"], alice, "Health check question")
+    report = httpx.get(f"{replicas['a']}/health/full", headers={"Authorization": f"Bearer {alice}"}).json()
+    cache = report["checks"]["cache"]
+    assert cache["status"] == "ok"
+    assert set(cache["levels"]) == {"memory", "disk", "redis"}
+    assert all(level["status"] == "ok" for level in cache["levels"].values())
+    assert cache["levels"]["memory"]["entries"] >= 1 and cache["stats"]["misses"] >= 1
+
+
+def test_an_off_cache_leaves_requests_alone(server):
+    """The session's plain server (cache not enabled): no header, no check, yet 'cache' is still checked."""
+    base = server[0]
+    chat_body = {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2, "temperature": 0}
+    reply = httpx.post(f"{base}/v1/chat/completions", json=chat_body)
+    assert reply.status_code == 200 and "x-enigma-cache" not in reply.headers
+    assert "cache" not in httpx.get(f"{base}/health/full").json()["checks"]
+    refused = httpx.post(f"{base}/v1/chat/completions", json={**chat_body, "cache": "yes"})
+    assert refused.status_code == 400 and "'cache' must be" in refused.text
