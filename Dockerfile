@@ -11,8 +11,8 @@ FROM ${BASE} AS build
 ARG TORCH_INDEX=https://download.pytorch.org/whl/cpu
 ARG TORCH_VERSION=2.13.0
 ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
-RUN python3 -m venv /opt/enigma
-RUN /opt/enigma/bin/pip install ${TORCH_INDEX:+--extra-index-url "$TORCH_INDEX"} "torch==${TORCH_VERSION}"
+RUN python3 -m venv /opt/enigma \
+    && /opt/enigma/bin/pip install ${TORCH_INDEX:+--extra-index-url "$TORCH_INDEX"} "torch==${TORCH_VERSION}"
 COPY enigma-core /src/enigma-core
 COPY enigma-cli /src/enigma-cli
 COPY plugins /src/plugins
@@ -21,7 +21,9 @@ RUN /opt/enigma/bin/pip install /src/enigma-core /src/enigma-cli /src/plugins/ti
         "/src/plugins/rag[postgres]" /src/plugins/cache
 
 FROM ${BASE}
-# a C compiler: enigma builds its CPU kernels for the CPU it runs on, at the first start (then cached in /data)
+# a C compiler: enigma builds its CPU kernels for the CPU it runs on, at the first start (then cached in /data).
+# Debian's security updates replace package versions, so they are not pinned.
+# hadolint ignore=DL3008
 RUN apt-get update \
     && apt-get install -y --no-install-recommends gcc libc6-dev libgomp1 \
     && rm -rf /var/lib/apt/lists/* \
@@ -33,7 +35,7 @@ ENV PATH=/opt/enigma/bin:$PATH \
     ENIGMA_SERVER__HOST=0.0.0.0 \
     ENIGMA_SERVER__PORT=11500 \
     PYTHONUNBUFFERED=1
-USER enigma
+USER 10001:10001
 WORKDIR /data
 VOLUME ["/data"]
 EXPOSE 11500
