@@ -10,6 +10,8 @@ FROM ${BASE} AS build
 # torch's CPU build (the default index would give a CUDA build of several GB); empty: the index pip has
 ARG TORCH_INDEX=https://download.pytorch.org/whl/cpu
 ARG TORCH_VERSION=2.13.0
+# a folder or page of wheels pip also looks in (a torch wheel already on disk, for offline builds)
+ARG PIP_FIND_LINKS
 ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 RUN python3 -m venv /opt/enigma \
     && /opt/enigma/bin/pip install ${TORCH_INDEX:+--extra-index-url "$TORCH_INDEX"} "torch==${TORCH_VERSION}"
@@ -40,6 +42,6 @@ WORKDIR /data
 VOLUME ["/data"]
 EXPOSE 11500
 HEALTHCHECK --interval=10s --timeout=3s --start-period=120s --retries=3 \
-    CMD ["python3", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:11500/health/ready', timeout=2)"]
+    CMD ["python3", "-c", "import os, urllib.request; urllib.request.urlopen('http://127.0.0.1:%s/health/ready' % os.environ.get('ENIGMA_SERVER__PORT', '11500'), timeout=2)"]
 ENTRYPOINT ["enigma", "serve"]
 CMD ["enigma-tiny"]
