@@ -64,6 +64,14 @@ def enigma_generation_finished(request, output, chunks):
 
 
 @hookimpl
+def enigma_engine_started(engine):
+    """Load the semantic cache's embedding model now, not on the first request's event-loop turn."""
+    cache = _server_cache()
+    if cache is not None and cache.settings.semantic:
+        cache.warm_up()
+
+
+@hookimpl
 def enigma_health():
     from enigma_cache.settings import cache_settings
 

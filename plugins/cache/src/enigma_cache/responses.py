@@ -106,6 +106,10 @@ class ResponseCache:
     def close(self) -> None:
         self.cache.close()
 
+    def warm_up(self) -> None:
+        """Load the semantic index's embedding model (``semantic`` on)."""
+        self._semantic_index()
+
     # ------------------------------------------------------------ semantic
 
     def _semantic_index(self) -> Any:
