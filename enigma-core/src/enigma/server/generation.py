@@ -44,7 +44,8 @@ class GenerationRequest:
     body: dict[str, Any] = attrs.field(factory=dict)
     """The request as the transport received it (its raw fields, for plugins' own options)."""
     headers: dict[str, str] = attrs.field(factory=dict)
-    """The transport's request headers, names lower-cased (HTTP: ``cache-control``); empty for others."""
+    """The transport's request headers, names lower-cased (HTTP: ``cache-control``), without
+    ``authorization``; empty for transports without headers."""
     response_headers: dict[str, str] = attrs.field(factory=dict)
     """Headers the transport adds to its response (HTTP); hooks may set some (``x-enigma-cache``)."""
     response_fields: dict[str, Any] = attrs.field(factory=dict)

@@ -351,7 +351,8 @@ def _tenant(request: Any) -> str | None:
 
 
 def _headers(request: Any) -> dict[str, str]:
-    return {name.lower(): value for name, value in request.headers.items()}
+    """The request's headers for the hooks, without the API key (``tenant`` names the caller)."""
+    return {name.lower(): value for name, value in request.headers.items() if name.lower() != "authorization"}
 
 
 def _usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
