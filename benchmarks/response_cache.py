@@ -29,8 +29,8 @@ import httpx
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 
-from serving import launch, stop  # noqa: E402
 from services import RedisServer  # noqa: E402
+from serving import launch, stop  # noqa: E402
 
 TOPICS = ["lists", "tuples", "dictionaries", "sets", "generators", "decorators", "context managers", "classes",
           "modules", "exceptions", "iterators", "closures", "coroutines", "type hints", "dataclasses",
@@ -88,7 +88,7 @@ def main() -> None:
                     env.update({f"ENIGMA_PLUGINS__CACHE__{key}": value for key, value in values.items()})
                 home.mkdir()
                 servers[name] = launch(env, "enigma-tiny", log_path=home / "server.log")
-            for process, base in servers.values():  # warm up: kernels built, first-request costs paid
+            for _, base in servers.values():  # warm up: kernels built, first-request costs paid
                 with httpx.Client(base_url=base, timeout=300) as client:
                     for index in range(3):
                         ask(client, f"warm-up {index}")
