@@ -63,6 +63,35 @@ def test_prometheus_config_is_valid():
     assert result.returncode == 0, result.stdout + result.stderr
 
 
+def contained(ours, theirs, path="dashboard"):
+    """Every key and value of ``ours`` is in ``theirs`` (which may hold more: defaults)."""
+    if isinstance(ours, dict):
+        assert isinstance(theirs, dict), path
+        for key, value in ours.items():
+            assert key in theirs, f"{path}.{key} is not part of Grafana's schema"
+            contained(value, theirs[key], f"{path}.{key}")
+    elif isinstance(ours, list):
+        assert isinstance(theirs, list) and len(theirs) == len(ours), path
+        for index, (mine, other) in enumerate(zip(ours, theirs)):
+            contained(mine, other, f"{path}[{index}]")
+    else:
+        assert ours == theirs, f"{path}: {ours!r} read back as {theirs!r}"
+
+
+def test_dashboard_reads_back_through_grafanas_own_models():
+    """grafana-foundation-sdk's models are generated from Grafana's schemas: the dashboard, each panel's
+    options (the timeseries panel's) and each query (Prometheus') read into them and back unchanged."""
+    from grafana_foundation_sdk.cog import plugins
+    from grafana_foundation_sdk.models import dashboard, prometheus
+
+    plugins.register_default_plugins()
+    data = json.loads(DASHBOARD.read_text())
+    board = dashboard.Dashboard.from_json(data)
+    assert all(isinstance(target, prometheus.Dataquery) for panel in board.panels for target in panel.targets)
+    again = json.loads(json.dumps(board.to_json(), default=lambda value: value.to_json()))
+    contained(data, again)
+
+
 def test_dashboard_is_a_grafana_dashboard_on_the_provisioned_datasource():
     import yaml
 
