@@ -6,8 +6,9 @@ field, the value and the allowed range.
 
 The sampler works on a batch of rows (one per sequence) in the order vLLM
 uses: penalties (repetition on prompt+output, presence/frequency on output),
-min_tokens (EOS and stop ids masked), then greedy argmax for temperature 0,
-else temperature, top-k, top-p, min-p and a draw from the seeded generator.
+min_tokens (EOS and stop ids masked), a grammar's mask (structured output,
+:mod:`enigma.guided`), then greedy argmax for temperature 0, else
+temperature, top-k, top-p, min-p and a draw from the seeded generator.
 Reported logprobs are those of the raw model distribution.
 """
 
@@ -75,9 +76,19 @@ class SamplingParams:
     """With ``prompt_logprobs``: score the prompt from this position on (earlier positions are None), so
     that the tokens before it may come from the prefix cache — a shared context scored once (evaluation)."""
     skip_special_tokens: bool = True
+    guided_decoding: Any = None
+    """An :class:`enigma.guided.GuidedDecodingParams` (a JSON schema, regex, choice or grammar the
+    completion must follow), or a dict of its fields."""
 
     def __attrs_post_init__(self) -> None:
         _check_int("n", self.n, minimum=1)
+        if isinstance(self.guided_decoding, dict):
+            from enigma.guided import GuidedDecodingParams
+
+            try:
+                object.__setattr__(self, "guided_decoding", GuidedDecodingParams(**self.guided_decoding))
+            except TypeError as exc:
+                raise BadRequestError(f"guided_decoding: {exc}") from None
         _check_number("temperature", self.temperature, 0.0, None, "≥ 0 (0 is greedy)")
         _check_number("top_p", self.top_p, 0.0, 1.0, "in (0, 1]", exclusive_low=True)
         _check_int("top_k", self.top_k, minimum=-1, allowed="-1, 0 (both mean off) or ≥ 1")
@@ -146,6 +157,8 @@ class SamplingRow:
     generator: torch.Generator | None = None
     stop_ids: frozenset[int] = frozenset()
     """EOS and stop token ids, masked while fewer than ``min_tokens`` are out."""
+    constraint: Any = None
+    """A :class:`enigma.guided.GrammarConstraint`: only the tokens it allows are drawn."""
 
 
 @attrs.frozen
@@ -211,6 +224,12 @@ def sample(logits: torch.Tensor, rows: Sequence[SamplingRow]) -> SamplerOutput:
     raw_logprobs = torch.log_softmax(logits, dim=-1) if want_logprobs else None
     if any(_needs_processing(row) for row in rows):
         logits = apply_penalties(logits.clone(), rows)
+    constrained = [index for index, row in enumerate(rows) if row.constraint is not None]
+    if constrained:
+        logits = logits.clone()
+        for index in constrained:
+            allowed = rows[index].constraint.allowed(logits.shape[-1]).to(logits.device)
+            logits[index].masked_fill_(~allowed, float("-inf"))
 
     token_ids = logits.argmax(dim=-1).tolist()  # greedy rows keep these
     for index, row in enumerate(rows):

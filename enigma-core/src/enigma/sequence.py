@@ -3,8 +3,8 @@
 A :class:`Sequence` takes each sampled token, extends its text through the
 incremental detokenizer and decides whether it is finished: EOS (unless
 ``ignore_eos``; never before ``min_tokens``), a stop token id, a stop string
-(cut from the text unless ``include_stop_str_in_output``), ``max_tokens`` or
-the model's context length. For streaming, :meth:`Sequence.stream_delta`
+(cut from the text unless ``include_stop_str_in_output``), a guided
+grammar that is complete, ``max_tokens`` or the model's context length. For streaming, :meth:`Sequence.stream_delta`
 holds back text that could still become a stop string, so stop strings never
 leak into a stream.
 """
@@ -42,9 +42,14 @@ class Sequence:
         self._text = ""
         self._streamed = 0
         seed = None if params.seed is None else params.seed + index
+        self.constraint = None
+        if params.guided_decoding is not None:
+            from enigma.guided import GrammarConstraint
+
+            self.constraint = GrammarConstraint(params.guided_decoding, tokenizer, self._eos)
         self.row = SamplingRow(params, self.prompt_token_ids, self.output_token_ids,
                                generator=make_generator(seed, device),
-                               stop_ids=self._eos | frozenset(params.stop_token_ids))
+                               stop_ids=self._eos | frozenset(params.stop_token_ids), constraint=self.constraint)
 
     @property
     def finished(self) -> bool:
@@ -82,9 +87,14 @@ class Sequence:
         if token_id in params.stop_token_ids and generated >= params.min_tokens:
             self._finish("stop", token_id)
             return
+        if self.constraint is not None:
+            self.constraint.advance(token_id)
         previous = len(self._text)
         self._text += self._detokenizer.add(token_id)
         if params.stop and generated >= params.min_tokens and self._check_stop_strings(previous):
+            return
+        if self.constraint is not None and self.constraint.complete:
+            self._finish("stop", None)
             return
         out_of_budget = params.max_tokens is not None and generated >= params.max_tokens
         if out_of_budget or self.num_tokens >= self.max_model_len:

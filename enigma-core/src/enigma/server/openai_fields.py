@@ -32,6 +32,15 @@ SAMPLING_FIELDS: dict[str, tuple[type | tuple[type, ...], str]] = {
     "repetition_penalty": (NUMBER, "a number"),
     "min_tokens": (int, "an integer"),
     "ignore_eos": (bool, "a boolean"),
+    # structured output: OpenAI's response_format, and vLLM's guided_* and structured_outputs
+    "response_format": (dict, "an object: {type: text | json_object | json_schema, json_schema: {name, schema, "
+                              "strict}}"),
+    "guided_json": ((dict, str), "a JSON schema"),
+    "guided_regex": (str, "a regular expression"),
+    "guided_choice": (list, "a list of strings"),
+    "guided_grammar": (str, "a grammar: Lark (llguidance) or GBNF"),
+    "guided_decoding_backend": (str, "'guidance' or 'auto'"),
+    "structured_outputs": (dict, "an object with one of json, regex, choice, grammar, json_object"),
 }
 CHAT_FIELDS = {**SAMPLING_FIELDS, "messages": (list, "a list of messages"),
                "max_completion_tokens": (int, "an integer"), "logprobs": (bool, "a boolean"),
@@ -46,14 +55,14 @@ TOKENIZE_FIELDS = {"model": (str, "a string"), "prompt": (str, "a string"), "mes
 DETOKENIZE_FIELDS = {"model": (str, "a string"), "tokens": (list, "a list of token ids")}
 UNSUPPORTED = {
     "tools": "tool calling", "tool_choice": "tool calling", "functions": "function calling",
-    "function_call": "function calling", "response_format": "structured output",
+    "function_call": "function calling",
     "logit_bias": "logit bias", "suffix": "suffix insertion", "best_of": "best_of",
     "parallel_tool_calls": "tool calling", "audio": "audio output", "modalities": "audio output",
     "prediction": "predicted outputs", "reasoning_effort": "reasoning effort", "service_tier": "service tiers",
     "store": "stored completions", "metadata": "stored completions", "web_search_options": "web search",
 }
 """Fields OpenAI accepts that this server does not implement; accepted only with a no-op value."""
-NO_OP_VALUES = {"response_format": [{"type": "text"}], "tool_choice": ["none"], "tools": [[]],
+NO_OP_VALUES = {"tool_choice": ["none"], "tools": [[]],
                 "parallel_tool_calls": [True, False], "logit_bias": [{}], "store": [False], "metadata": [None, {}],
                 "best_of": [1], "suffix": [None, ""], "service_tier": ["auto", "default"]}
 

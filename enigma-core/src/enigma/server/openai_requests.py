@@ -219,7 +219,62 @@ def sampling_params(body: dict[str, Any], served: ServedModel, prompt_tokens: in
         values["logprobs"] = logprobs
     if prompt_logprobs is not None:
         values["prompt_logprobs"] = prompt_logprobs
+    values["guided_decoding"] = guided_decoding(body)
     try:
         return SamplingParams(**values)
     except BadRequestError as exc:
         raise from_exception(exc) from None
+
+
+_GUIDED_FIELDS = {"guided_json": "json", "guided_regex": "regex", "guided_choice": "choice",
+                  "guided_grammar": "grammar"}
+
+
+def guided_decoding(body: dict[str, Any]) -> Any:
+    """The request's structured-output ask as :class:`enigma.guided.GuidedDecodingParams`, or None:
+    OpenAI's ``response_format``, vLLM's ``guided_*`` fields or its ``structured_outputs`` object — one."""
+    from enigma.guided import GuidedDecodingParams
+
+    asked: list[tuple[str, dict[str, Any]]] = []
+    response_format = body.get("response_format")
+    if response_format is not None:
+        kind = response_format.get("type")
+        if kind == "json_object":
+            asked.append(("response_format", {"json_object": True}))
+        elif kind == "json_schema":
+            spec = response_format.get("json_schema")
+            if not isinstance(spec, dict) or not isinstance(spec.get("schema", {}), dict):
+                raise APIError(400, "'response_format.json_schema' must be an object {name, schema, strict}",
+                               param="response_format")
+            if not isinstance(spec.get("name"), str) or not spec["name"]:
+                raise APIError(400, "'response_format.json_schema.name' is required (a string)",
+                               param="response_format")
+            asked.append(("response_format", {"json": spec.get("schema") or {}}))
+        elif kind != "text":
+            raise APIError(400, f"'response_format.type' must be text, json_object or json_schema; got {kind!r}",
+                           param="response_format")
+    for field, name in _GUIDED_FIELDS.items():
+        if body.get(field) is not None:
+            asked.append((field, {name: body[field]}))
+    outputs = body.get("structured_outputs")
+    if outputs is not None:
+        known = {"json", "regex", "choice", "grammar", "json_object"}
+        unknown = set(outputs) - known
+        if unknown:
+            raise APIError(400, f"'structured_outputs' takes one of {', '.join(sorted(known))}; unknown: "
+                                f"{', '.join(sorted(unknown))}", param="structured_outputs")
+        asked.append(("structured_outputs", outputs))
+    backend = body.get("guided_decoding_backend")
+    if backend not in (None, "auto", "guidance", "llguidance"):
+        raise APIError(400, f"'guided_decoding_backend' {backend!r} is not available; this server has "
+                            "'guidance' (llguidance)", param="guided_decoding_backend")
+    if not asked:
+        return None
+    if len(asked) > 1:
+        raise APIError(400, f"give one structured-output field; got {', '.join(field for field, _ in asked)}",
+                       param=asked[1][0])
+    field, values = asked[0]
+    try:
+        return GuidedDecodingParams(**values)
+    except BadRequestError as exc:
+        raise APIError(400, str(exc), param=field) from None
