@@ -93,3 +93,23 @@ def test_bad_messages_get_errors_and_the_socket_stays_open(server):
     assert replies[3]["id"] == "t" and replies[3]["error"]["param"] == "temperature"
     assert replies[4]["error"]["code"] == "model_not_found"
     assert replies[5]["error"]["code"] == "not_found"
+
+
+def test_structured_output_streams_and_tool_calls_are_refused(server):
+    """A JSON schema holds over the socket too; tools are answered as tool_calls over HTTP only."""
+    schema = {"type": "object", "properties": {"ok": {"type": "boolean"}}, "required": ["ok"],
+              "additionalProperties": False}
+    tool = {"type": "function", "function": {"name": "noop", "parameters": {"type": "object", "properties": {}}}}
+
+    async def main():
+        async with connect(ws_url(server[0])) as socket:
+            await socket.send(json.dumps({"type": "chat", "id": "s", "model": "tiny", "messages": MESSAGES,
+                                          "max_tokens": 40, "guided_json": schema}))
+            await socket.send(json.dumps({"type": "chat", "id": "t", "model": "tiny", "messages": MESSAGES,
+                                          "max_tokens": 5, "tools": [tool]}))
+            return await collect(socket, ["s", "t"])
+
+    by_id = asyncio.run(main())
+    text = "".join(m["text"] for m in by_id["s"] if m["type"] == "delta")
+    assert json.loads(text) in ({"ok": True}, {"ok": False})
+    assert by_id["t"][-1]["type"] == "error" and by_id["t"][-1]["error"]["param"] == "tools"

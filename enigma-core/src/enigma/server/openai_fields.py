@@ -44,7 +44,10 @@ SAMPLING_FIELDS: dict[str, tuple[type | tuple[type, ...], str]] = {
 }
 CHAT_FIELDS = {**SAMPLING_FIELDS, "messages": (list, "a list of messages"),
                "max_completion_tokens": (int, "an integer"), "logprobs": (bool, "a boolean"),
-               "top_logprobs": (int, "an integer")}
+               "top_logprobs": (int, "an integer"),
+               "tools": (list, "a list of {type: function, function: {name, description, parameters}}"),
+               "tool_choice": ((str, dict), "none, auto, required or {type: function, function: {name}}"),
+               "parallel_tool_calls": (bool, "a boolean")}
 COMPLETION_FIELDS = {**SAMPLING_FIELDS, "prompt": ((str, list), "a string, a list of strings or token ids"),
                      "logprobs": (int, "an integer"), "echo": (bool, "a boolean")}
 EMBEDDING_FIELDS = {"model": (str, "a string"), "input": ((str, list), "a string or a list of strings"),
@@ -54,16 +57,15 @@ TOKENIZE_FIELDS = {"model": (str, "a string"), "prompt": (str, "a string"), "mes
                    "add_special_tokens": (bool, "a boolean"), "add_generation_prompt": (bool, "a boolean")}
 DETOKENIZE_FIELDS = {"model": (str, "a string"), "tokens": (list, "a list of token ids")}
 UNSUPPORTED = {
-    "tools": "tool calling", "tool_choice": "tool calling", "functions": "function calling",
-    "function_call": "function calling",
+    "functions": "function calling (deprecated by OpenAI: use tools)",
+    "function_call": "function calling (deprecated by OpenAI: use tool_choice)",
     "logit_bias": "logit bias", "suffix": "suffix insertion", "best_of": "best_of",
-    "parallel_tool_calls": "tool calling", "audio": "audio output", "modalities": "audio output",
+    "audio": "audio output", "modalities": "audio output",
     "prediction": "predicted outputs", "reasoning_effort": "reasoning effort", "service_tier": "service tiers",
     "store": "stored completions", "metadata": "stored completions", "web_search_options": "web search",
 }
 """Fields OpenAI accepts that this server does not implement; accepted only with a no-op value."""
-NO_OP_VALUES = {"tool_choice": ["none"], "tools": [[]],
-                "parallel_tool_calls": [True, False], "logit_bias": [{}], "store": [False], "metadata": [None, {}],
+NO_OP_VALUES = {"logit_bias": [{}], "store": [False], "metadata": [None, {}],
                 "best_of": [1], "suffix": [None, ""], "service_tier": ["auto", "default"]}
 
 
@@ -109,8 +111,9 @@ def check_fields(body: dict[str, Any], fields: dict[str, tuple[Any, str]]) -> No
                            code="invalid_type")
 
 
-def check_messages(messages: Any) -> list[dict[str, str]]:
-    """OpenAI chat messages as ``{"role", "content"}`` with string content."""
+def check_messages(messages: Any) -> list[dict[str, Any]]:
+    """OpenAI chat messages as ``{"role", "content"}`` with string content (plus an assistant's
+    ``tool_calls`` and a tool result's ``tool_call_id``)."""
     if not isinstance(messages, list) or not messages:
         raise APIError(400, "'messages' must be a non-empty list", param="messages")
     result = []
@@ -136,8 +139,41 @@ def check_messages(messages: Any) -> list[dict[str, str]]:
         if not isinstance(content, str):
             raise APIError(400, f"'{where}.content' must be a string or a list of text parts",
                            param=f"{where}.content")
-        result.append({"role": "system" if role == "developer" else role, "content": content})
+        entry: dict[str, Any] = {"role": "system" if role == "developer" else role, "content": content}
+        if role == "assistant" and message.get("tool_calls"):
+            entry["tool_calls"] = _check_tool_calls(message["tool_calls"], where)
+        if role == "tool":
+            call_id = message.get("tool_call_id")
+            if not isinstance(call_id, str) or not call_id:
+                raise APIError(400, f"'{where}.tool_call_id' is required on a tool message (a string)",
+                               param=f"{where}.tool_call_id")
+            entry["tool_call_id"] = call_id
+            if isinstance(message.get("name"), str):
+                entry["name"] = message["name"]
+        result.append(entry)
     return result
+
+
+def _check_tool_calls(calls: Any, where: str) -> list[dict[str, Any]]:
+    """An assistant message's earlier tool calls; each function's arguments also parsed (for templates)."""
+    if not isinstance(calls, list):
+        raise APIError(400, f"'{where}.tool_calls' must be a list", param=f"{where}.tool_calls")
+    checked = []
+    for index, call in enumerate(calls):
+        at = f"{where}.tool_calls[{index}]"
+        function = call.get("function") if isinstance(call, dict) else None
+        if not isinstance(function, dict) or not isinstance(function.get("name"), str) \
+                or not isinstance(function.get("arguments"), str) or not isinstance(call.get("id"), str):
+            raise APIError(400, f"'{at}' must be {{id, type: function, function: {{name, arguments: a JSON "
+                                "string}}}}", param=at)
+        try:
+            arguments = json.loads(function["arguments"] or "{}")
+        except ValueError:
+            raise APIError(400, f"'{at}.function.arguments' is not JSON", param=at) from None
+        checked.append({"id": call["id"], "type": "function",
+                        "function": {"name": function["name"], "arguments": function["arguments"],
+                                     "arguments_object": arguments}})
+    return checked
 
 
 def check_stop(stop: Any) -> list[str]:

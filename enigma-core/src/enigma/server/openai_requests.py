@@ -35,6 +35,7 @@ from enigma.server.openai_fields import (
     check_prompt,
     check_stop,
 )
+from enigma.server.tool_calls import Tools, prepare_messages, read_tools, template_renders_tools, tool_grammar
 
 
 def generator_model(context: ServerContext, body: dict[str, Any]) -> ServedModel:
@@ -63,6 +64,8 @@ class Prepared:
     score_only: bool = False
     """``max_tokens: 0`` with ``echo``: the prompt is scored, nothing is generated (one token is
     sampled and dropped)."""
+    tools: Tools | None = None
+    """A chat's tools (``tool_choice`` not ``none``): its answers are read back as ``tool_calls``."""
 
 
 def _plugin_fields() -> dict[str, tuple[Any, str]]:
@@ -86,24 +89,39 @@ def prepare_chat(context: ServerContext, body: dict[str, Any], *, tenant: str | 
     elif body.get("top_logprobs") is not None:
         raise APIError(400, "'top_logprobs' needs 'logprobs': true", param="top_logprobs")
     tokenizer = served.llm.tokenizer
-    text, token_ids = _template(tokenizer, served, messages)
-    params = sampling_params(body, served, len(token_ids), where="messages", logprobs=logprobs)
+    tools = read_tools(body)
+    guided = None
+    if tools is not None and tools.constrained:
+        if guided_decoding(body) is not None:
+            raise APIError(400, "a required or named 'tool_choice' fixes the answer's shape; it cannot be "
+                                "combined with 'response_format' or guided decoding", param="tool_choice")
+        from enigma.guided import GuidedDecodingParams
+
+        guided = GuidedDecodingParams(grammar=tool_grammar(tools))
+    text, token_ids = _template(tokenizer, served, messages, tools)
+    params = sampling_params(body, served, len(token_ids), where="messages", logprobs=logprobs, guided=guided)
     request = GenerationRequest(model=served.name, messages=tuple(messages), tenant=tenant, transport=transport,
                                 body=body, headers=dict(headers or {}), params=params)
     result = _run_hooks(request)
     if isinstance(result, GenerationAnswer):
         return Prepared(served=served, request=_answered(request, result), prompts=[(text, token_ids)],
-                        params=[params], logprobs=logprobs, answer=result)
+                        params=[params], logprobs=logprobs, answer=result, tools=tools)
     if result.messages != request.messages:  # a hook rewrote the conversation
-        text, token_ids = _template(tokenizer, served, list(result.messages))
-        params = sampling_params(body, served, len(token_ids), where="messages", logprobs=logprobs)
+        text, token_ids = _template(tokenizer, served, list(result.messages), tools)
+        params = sampling_params(body, served, len(token_ids), where="messages", logprobs=logprobs, guided=guided)
         result = attrs.evolve(result, params=params)
-    return Prepared(served=served, request=result, prompts=[(text, token_ids)], params=[params], logprobs=logprobs)
+    return Prepared(served=served, request=result, prompts=[(text, token_ids)], params=[params], logprobs=logprobs,
+                    tools=tools)
 
 
-def _template(tokenizer: Any, served: ServedModel, messages: list[dict[str, Any]]) -> tuple[str, list[int]]:
+def _template(tokenizer: Any, served: ServedModel, messages: list[dict[str, Any]],
+              tools: Tools | None = None) -> tuple[str, list[int]]:
+    template = served.template or tokenizer.chat_template or ""
+    native = template_renders_tools(template)
+    extra = {"tools": tools.as_openai()} if tools is not None and native else {}
     try:
-        text = tokenizer.apply_chat_template(messages, chat_template=served.template)
+        text = tokenizer.apply_chat_template(prepare_messages(messages, tools, native=native),
+                                             chat_template=served.template, **extra)
     except BadRequestError as exc:
         raise APIError(400, str(exc), param="messages") from None
     return text, tokenizer.encode(text, add_special_tokens=False)
@@ -186,7 +204,7 @@ def start(prepared: Prepared, index: int, request_id: str) -> AsyncIterator[Any]
 
 
 def sampling_params(body: dict[str, Any], served: ServedModel, prompt_tokens: int, *, where: str,
-                    logprobs: int | None, prompt_logprobs: int | None = None) -> Any:
+                    logprobs: int | None, prompt_logprobs: int | None = None, guided: Any = None) -> Any:
     """SamplingParams: the model's defaults, then the request's fields; max_tokens checked against the context."""
     from enigma import SamplingParams
 
@@ -219,7 +237,7 @@ def sampling_params(body: dict[str, Any], served: ServedModel, prompt_tokens: in
         values["logprobs"] = logprobs
     if prompt_logprobs is not None:
         values["prompt_logprobs"] = prompt_logprobs
-    values["guided_decoding"] = guided_decoding(body)
+    values["guided_decoding"] = guided if guided is not None else guided_decoding(body)
     try:
         return SamplingParams(**values)
     except BadRequestError as exc:

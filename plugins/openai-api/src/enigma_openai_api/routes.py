@@ -30,6 +30,7 @@ from enigma.server.openai_fields import (
     check_messages,
     read_json,
 )
+from enigma.server.tool_calls import StreamedText, Tools, parse_answer
 
 DONE = b"data: [DONE]\n\n"
 
@@ -114,21 +115,22 @@ class OpenAIRoutes:
         if body.get("stream"):
             include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
             return self._stream(self._chat_events(base, params.n, first, stream, len(token_ids), include_usage,
-                                                  tokenizer, logprobs or 0, charge, fields), headers)
+                                                  tokenizer, logprobs or 0, charge, fields, prepared.tools),
+                                headers)
         choices, completion_tokens = await _collect(first, stream, params.n, charge)
         return _json({**fields, **base, "object": "chat.completion", "system_fingerprint": None, "choices": [
-            {"index": index, "message": {"role": "assistant", "content": choice["text"]},
+            {"index": index, **_chat_message(choice["text"], choice["finish_reason"], prepared.tools),
              "logprobs": _chat_logprobs(choice["logprobs"], choice["token_ids"], tokenizer, logprobs)
-             if logprobs is not None else None,
-             "finish_reason": choice["finish_reason"]} for index, choice in enumerate(choices)],
+             if logprobs is not None else None} for index, choice in enumerate(choices)],
             "usage": _usage(len(token_ids), completion_tokens)}, headers)
 
     async def _chat_events(self, base: dict[str, Any], n: int, first: Any, stream: AsyncIterator[Any],
                            prompt_tokens: int, include_usage: bool, tokenizer: Any,
                            top_logprobs: int, charge: Callable[[int], None],
-                           fields: dict[str, Any]) -> AsyncIterator[bytes]:
+                           fields: dict[str, Any], tools: Tools | None) -> AsyncIterator[bytes]:
         chunk = {**base, "object": "chat.completion.chunk", "system_fingerprint": None}
         completion_tokens = 0
+        streamed = {index: StreamedText() for index in range(n)} if tools is not None else {}
         for index in range(n):
             yield sse({**(fields if index == 0 else {}), **chunk, "choices": [{
                 "index": index, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
@@ -140,9 +142,24 @@ class OpenAIRoutes:
                     continue
                 logprobs = (_chat_logprobs(completion.logprobs, completion.token_ids, tokenizer, top_logprobs)
                             if completion.logprobs is not None else None)
+                text, finish = completion.text, completion.finish_reason
+                if tools is not None:  # content up to a tool call streams; the calls come whole at the end
+                    text = streamed[completion.index].add(text)
+                    if finish:
+                        _, calls = parse_answer(streamed[completion.index].text, tools)
+                        text += streamed[completion.index].rest(bool(calls))
+                        if calls:
+                            if text:
+                                yield sse({**chunk, "choices": [{"index": completion.index, "delta": {
+                                    "content": text}, "logprobs": logprobs, "finish_reason": None}]})
+                                text, logprobs = "", None
+                            yield sse({**chunk, "choices": [{"index": completion.index, "delta": {"tool_calls": [
+                                {"index": position, **call} for position, call in enumerate(calls)]},
+                                "logprobs": None, "finish_reason": None}]})
+                            finish = "tool_calls"
                 yield sse({**chunk, "choices": [{
-                    "index": completion.index, "delta": {"content": completion.text} if completion.text else {},
-                    "logprobs": logprobs, "finish_reason": completion.finish_reason}]})
+                    "index": completion.index, "delta": {"content": text} if text else {},
+                    "logprobs": logprobs, "finish_reason": finish}]})
         if include_usage:
             yield sse({**chunk, "choices": [], "usage": _usage(prompt_tokens, completion_tokens)})
 
@@ -393,6 +410,17 @@ async def _collect(first: Any, stream: AsyncIterator[Any], n: int,
 
 def _token_text(tokenizer: Any, token_id: int) -> str:
     return tokenizer.decode([token_id], skip_special_tokens=False)
+
+
+def _chat_message(text: str, finish_reason: str | None, tools: Tools | None) -> dict[str, Any]:
+    """A whole choice's ``message`` and ``finish_reason``: with tools, its calls read back as
+    ``tool_calls`` (``finish_reason`` ``tool_calls``)."""
+    if tools is not None:
+        content, calls = parse_answer(text, tools)
+        if calls:
+            return {"message": {"role": "assistant", "content": content, "tool_calls": calls},
+                    "finish_reason": "tool_calls"}
+    return {"message": {"role": "assistant", "content": text}, "finish_reason": finish_reason}
 
 
 def _chat_logprobs(entries: list[dict[int, Any]], token_ids: list[int], tokenizer: Any, k: int) -> dict[str, Any]:

@@ -102,6 +102,9 @@ class Session:
             tenant = (self.websocket.scope.get("state") or {}).get("api_key")
             prepare = prepare_chat if kind == "chat" else prepare_completion
             prepared = prepare(self.context, body, tenant=tenant, transport="ws")
+            if getattr(prepared, "tools", None) is not None:
+                raise APIError(400, "tool calls are answered on POST /v1/chat/completions; this WebSocket "
+                                    "streams text only", param="tools")
             if len(prepared.prompts) != 1:
                 raise APIError(400, "a WebSocket completion takes one prompt", param="prompt")
             (_, token_ids), params = prepared.prompts[0], prepared.params[0]
