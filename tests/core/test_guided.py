@@ -93,3 +93,59 @@ def test_sampling_params_take_a_dict_and_refuse_unknown_keys():
     assert SamplingParams(guided_decoding={"regex": "a+"}).guided_decoding == GuidedDecodingParams(regex="a+")
     with pytest.raises(BadRequestError, match="guided_decoding"):
         SamplingParams(guided_decoding={"schema": {}})
+
+
+def random_schema(rng, depth: int = 0) -> dict:
+    """A JSON schema of the kinds people send: nested objects, arrays, enums, anyOf, string formats,
+    required and optional properties. Sizes are bounded so that a 5M-parameter model's answers end:
+    unbounded lexemes (a float's decimals, an e-mail address, a date-time's fractional seconds) let it
+    run on until max_tokens, validly but without end."""
+    leaves = [
+        lambda: {"type": "string", "maxLength": rng.randint(1, 12)},
+        lambda: {"type": "string", "format": rng.choice(["date", "uuid", "ipv4"])},
+        lambda: {"type": "string", "pattern": rng.choice([r"^[a-z]{2,6}$", r"^\d{3}-\d{2}$", r"^[A-Z][a-z]+$"])},
+        lambda: {"type": "integer", "minimum": rng.randint(-50, 0), "maximum": rng.randint(1, 500)},
+        lambda: {"type": "number", "enum": [0.5, 1.25, 99.9]},
+        lambda: {"type": "boolean"},
+        lambda: {"enum": rng.sample(["red", "green", "blue", "cyan", 1, 2, None, True], rng.randint(2, 4))},
+        lambda: {"const": rng.choice(["v1", 3, False])},
+        lambda: {"type": "null"},
+    ]
+    nodes = []
+    if depth < 2:
+        nodes = [
+            lambda: {"type": "array", "items": random_schema(rng, depth + 1), "minItems": rng.randint(0, 1),
+                     "maxItems": rng.randint(1, 3)},
+            lambda: {"anyOf": [random_schema(rng, depth + 1), random_schema(rng, depth + 1)]},
+            lambda: object_schema(rng, depth + 1),
+        ]
+    return rng.choice(leaves + nodes * 2)()
+
+
+def object_schema(rng, depth: int) -> dict:
+    names = rng.sample(["id", "name", "tags", "when", "score", "owner", "items", "ok", "kind", "note"],
+                       rng.randint(1, 4))
+    properties = {name: random_schema(rng, depth) for name in names}
+    required = rng.sample(names, rng.randint(0, len(names)))
+    return {"type": "object", "properties": properties, "required": required, "additionalProperties": False}
+
+
+def test_fifty_schemas_times_three_seeds_all_validate(llm):
+    import random
+
+    rng = random.Random(20261202)
+    schemas = [object_schema(rng, 0) for _ in range(50)]
+    params = [SamplingParams(temperature=temperature, seed=seed, max_tokens=400, guided_decoding={"json": schema})
+              for schema in schemas for temperature, seed in ((0, None), (1.0, 1), (1.0, 2))]
+    outputs = llm.generate(["Give the record as JSON:"] * len(params), params)
+    checker = jsonschema.FormatChecker()
+    failures = []
+    for param, output in zip(params, outputs):
+        completion = output.outputs[0]
+        schema = json.loads(param.guided_decoding.json)
+        try:
+            assert completion.finish_reason == "stop", f"ended by {completion.finish_reason}"
+            jsonschema.validate(json.loads(completion.text), schema, format_checker=checker)
+        except (AssertionError, ValueError, jsonschema.ValidationError) as exc:
+            failures.append(f"{json.dumps(schema)}\n  -> {completion.text!r}: {str(exc)[:200]}")
+    assert not failures, f"{len(failures)} of {len(params)}:\n" + "\n".join(failures)

@@ -67,50 +67,42 @@ class GuidedDecodingParams:
             value = getattr(self, name)
             if value is not None and (not isinstance(value, str) or not value.strip()):
                 raise BadRequestError(f"guided {name} must be a non-empty string")
-        check_grammar(self.grammar_text(), what=given[0])
+        self.grammar_text()  # compiled now: a bad ask is the request's error
 
     @property
     def kind(self) -> str:
         return next(kind for kind in _KINDS if getattr(self, kind) not in (None, False))
 
     def grammar_text(self) -> str:
-        """The llguidance grammar for this request."""
-        import llguidance
+        """The llguidance grammar for this request (compiled and checked once per distinct ask)."""
+        return _grammar(self.kind, self.json or self.regex or self.choice or self.grammar or "")
 
-        if self.json is not None:
-            return llguidance.LLMatcher.grammar_from_json_schema(self.json, defaults={"whitespace_flexible": False})
-        if self.json_object:
-            return llguidance.LLMatcher.grammar_from_json_schema(
-                json.dumps({"type": "object"}), defaults={"whitespace_flexible": False})
-        if self.regex is not None:
-            return llguidance.LLMatcher.grammar_from_regex(self.regex)
-        if self.choice is not None:
-            alternatives = " | ".join(json.dumps(choice) for choice in self.choice)
-            return llguidance.LLMatcher.grammar_from_lark(f"start: {alternatives}\n")
+
+@functools.lru_cache(maxsize=512)
+def _grammar(kind: str, value: Any) -> str:
+    import llguidance
+
+    if kind == "json":
+        text = llguidance.LLMatcher.grammar_from_json_schema(value, defaults={"whitespace_flexible": False})
+    elif kind == "json_object":
+        text = llguidance.LLMatcher.grammar_from_json_schema(json.dumps({"type": "object"}),
+                                                            defaults={"whitespace_flexible": False})
+    elif kind == "regex":
+        text = llguidance.LLMatcher.grammar_from_regex(value)
+    elif kind == "choice":
+        text = llguidance.LLMatcher.grammar_from_lark("start: " + " | ".join(json.dumps(c) for c in value) + "\n")
+    else:
         from llguidance.gbnf_to_lark import any_to_lark
 
         try:
-            lark = any_to_lark(self.grammar)
+            lark = any_to_lark(value)
         except Exception as exc:  # the converter's own errors name the rule
             raise BadRequestError(f"guided grammar: {exc}") from None
-        return llguidance.LLMatcher.grammar_from_lark(lark)
-
-
-def check_grammar(grammar: str, *, what: str) -> None:
-    """Refuse a grammar llguidance cannot compile, with its message."""
-    import llguidance
-
-    ok, _warnings, message = _validate(llguidance, grammar)
-    if not ok:
-        raise BadRequestError(f"guided {what}: {message.strip()}")
-
-
-def _validate(llguidance: Any, grammar: str) -> tuple[bool, list[str], str]:
-    try:
-        is_error, messages = llguidance.LLMatcher.validate_grammar_with_warnings(grammar)
-    except Exception as exc:  # older llguidance: validate_grammar only
-        return False, [], str(exc)
-    return (not is_error), list(messages) if not is_error else [], "; ".join(messages)
+        text = llguidance.LLMatcher.grammar_from_lark(lark)
+    is_error, messages = llguidance.LLMatcher.validate_grammar_with_warnings(text)
+    if is_error:
+        raise BadRequestError(f"guided {kind.replace('_', ' ')}: {'; '.join(messages).strip()}")
+    return text
 
 
 class GrammarConstraint:
