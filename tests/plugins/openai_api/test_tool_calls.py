@@ -190,3 +190,66 @@ def test_streamed_text_holds_back_what_may_be_a_call():
     stream = StreamedText()
     assert [stream.add("a <to"), stream.add("ad")] == ["a ", "<toad"]
     assert stream.rest(calls_found=False) == ""
+
+
+@pytest.mark.parametrize("text,names", [
+    ('<tool_call>\n{"name": "add", "arguments": {"a": 1, "b": 2}}\n</tool_call>', ["add"]),
+    ('{"name": "add", "parameters": {"a": 1, "b": 2}}; {"name": "get_weather", "parameters": '
+     '{"city": "Rome", "unit": "celsius"}}', ["add", "get_weather"]),
+    ('<|python_tag|>{"name": "add", "parameters": {"a": 1, "b": 2}}', ["add"]),
+    ('[TOOL_CALLS][{"name": "add", "arguments": {"a": 1, "b": 2}}, {"name": "add", "arguments": {"a": 3, "b": 4}}]',
+     ["add", "add"]),
+    ('[{"name": "add", "arguments": {"a": 1, "b": 2}}]', ["add"]),  # the marker is a special token, dropped
+])
+def test_each_format_is_read_back(text, names):
+    tools = Tools(tuple(tool["function"] for tool in TOOLS), "auto")
+    content, calls = parse_answer(text, tools)
+    assert content is None and [call["function"]["name"] for call in calls] == names
+
+
+@pytest.mark.parametrize("text", ["[1, 2, 3]", '{"not": "a call"}', '{"name": "add", "arguments": 3}',
+                                  '{"name": "add"} trailing', "[TOOL_CALLS][{broken"])
+def test_malformed_output_stays_text(text):
+    tools = Tools(tuple(tool["function"] for tool in TOOLS), "auto")
+    assert parse_answer(text, tools) == (text, [])
+
+
+@pytest.mark.parametrize("format", ["hermes", "llama3_json", "mistral"])
+def test_each_formats_grammar_gives_calls_its_parser_reads(format):
+    from enigma import LLM, SamplingParams
+    from enigma.server.tool_calls import tool_grammar
+
+    llm = LLM("enigma-tiny")
+    for choice, parallel in (("required", True), ("required", False)):
+        tools = Tools(tuple(tool["function"] for tool in TOOLS), choice, parallel=parallel, format=format)
+        params = [SamplingParams(temperature=1.0, seed=seed, max_tokens=300,
+                                 guided_decoding={"grammar": tool_grammar(tools)}) for seed in range(3)]
+        for output in llm.generate(["Call a tool:"] * 3, params):
+            _, calls = parse_answer(output.outputs[0].text, tools)
+            assert calls and (parallel or len(calls) == 1), output.outputs[0].text
+            for call in calls:
+                jsonschema.validate(json.loads(call["function"]["arguments"]), SCHEMAS[call["function"]["name"]])
+
+
+def test_streamed_json_formats_hold_back_a_call():
+    stream = StreamedText("mistral")
+    assert [stream.add(" "), stream.add('[{"name"'), stream.add("...")] == ["", "", ""]
+    stream = StreamedText("llama3_json")
+    assert [stream.add("Hello"), stream.add(" there")] == ["Hello", " there"]
+
+
+def test_serve_takes_a_tool_parser(tmp_path):
+    home = tmp_path / "home"
+    env = {**os.environ, "ENIGMA_HOME": str(home)}
+    home.mkdir()
+    process, base = launch(env, "enigma-tiny", "--tool-parser", "llama3_json", log_path=home / "server.log")
+    try:
+        client = openai.OpenAI(base_url=f"{base}/v1", api_key="unused", max_retries=0)
+        reply = client.chat.completions.create(model="enigma-tiny", messages=ASK, tools=[ADD],
+                                               tool_choice="required", parallel_tool_calls=False, max_tokens=60,
+                                               temperature=0)
+        assert reply.choices[0].finish_reason == "tool_calls"
+        for call in reply.choices[0].message.tool_calls:
+            check_call(call)
+    finally:
+        stop(process)

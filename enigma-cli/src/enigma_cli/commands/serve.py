@@ -35,10 +35,13 @@ Then, with the openai SDK:
                    "Requests of several adapters share one batch (needs enigma-plugin-lora).")
 @click.option("--max-loras", type=click.IntRange(min=1), default=4, show_default=True,
               help="Adapters held in memory at once (the least recently used is dropped, read again on use).")
+@click.option("--tool-parser", type=click.Choice(["hermes", "llama3_json", "mistral"]), default=None,
+              help="How the models write tool calls [default: as each model's chat template asks; hermes "
+                   "when it does not say].")
 @engine_flags
 def serve(models: tuple[str, ...], host: str | None, port: int | None, max_body_mb: float, no_auth: bool,
-          graceful_timeout: float, loras: tuple[str, ...], max_loras: int, backend: str | None,
-          scheduler: str | None, cache: str | None) -> None:
+          graceful_timeout: float, loras: tuple[str, ...], max_loras: int, tool_parser: str | None,
+          backend: str | None, scheduler: str | None, cache: str | None) -> None:
     """Serve models over HTTP: the OpenAI API (/v1/...), health routes, and installed transports.
 
     One process serves every request: its engine batches them continuously,
@@ -88,7 +91,7 @@ def serve(models: tuple[str, ...], host: str | None, port: int | None, max_body_
                             ip_token_rate_limit=config.get("server.ip_token_rate_limit"),
                             llm_options={**engine_options(config, backend=backend, scheduler=scheduler,
                                                           cache=cache), "max_loras": max_loras},
-                            adapters=adapters)
+                            adapters=adapters, tool_parser=tool_parser)
     served = ", ".join(names + list(adapters))
     click.echo(f"enigma serving {served} on http://{host}:{port} (OpenAI API at /v1)", err=True)
     asyncio.run(serve_async(context, host, port, graceful_timeout=graceful_timeout))

@@ -63,8 +63,12 @@ class ServerContext:
     def __init__(self, model_names: Sequence[str], *, llm_options: dict[str, Any] | None = None,
                  max_body_bytes: int = 4 * 2**20, auth: bool = True, rate_limit: int = 0, ip_rate_limit: int = 0,
                  token_rate_limit: int = 0, ip_token_rate_limit: int = 0,
-                 keys_path: Any = None, adapters: dict[str, str] | None = None) -> None:
+                 keys_path: Any = None, adapters: dict[str, str] | None = None,
+                 tool_parser: str | None = None) -> None:
         self.model_names = list(model_names)
+        self.tool_parser = tool_parser
+        """How models write tool calls (``hermes``, ``llama3_json``, ``mistral``); None: as each model's chat
+        template asks."""
         self.adapters = dict(adapters or {})
         """LoRA adapters (name -> folder) served on the first model: each is a model of its own name."""
         self.llm_options = llm_options or {}

@@ -35,7 +35,14 @@ from enigma.server.openai_fields import (
     check_prompt,
     check_stop,
 )
-from enigma.server.tool_calls import Tools, prepare_messages, read_tools, template_renders_tools, tool_grammar
+from enigma.server.tool_calls import (
+    Tools,
+    prepare_messages,
+    read_tools,
+    template_renders_tools,
+    tool_format,
+    tool_grammar,
+)
 
 
 def generator_model(context: ServerContext, body: dict[str, Any]) -> ServedModel:
@@ -89,7 +96,8 @@ def prepare_chat(context: ServerContext, body: dict[str, Any], *, tenant: str | 
     elif body.get("top_logprobs") is not None:
         raise APIError(400, "'top_logprobs' needs 'logprobs': true", param="top_logprobs")
     tokenizer = served.llm.tokenizer
-    tools = read_tools(body)
+    template = served.template or tokenizer.chat_template or ""
+    tools = read_tools(body, format=tool_format(template, context.tool_parser))
     guided = None
     if tools is not None and tools.constrained:
         if guided_decoding(body) is not None:

@@ -130,7 +130,7 @@ class OpenAIRoutes:
                            fields: dict[str, Any], tools: Tools | None) -> AsyncIterator[bytes]:
         chunk = {**base, "object": "chat.completion.chunk", "system_fingerprint": None}
         completion_tokens = 0
-        streamed = {index: StreamedText() for index in range(n)} if tools is not None else {}
+        streamed = {index: StreamedText(tools.format) for index in range(n)} if tools is not None else {}
         for index in range(n):
             yield sse({**(fields if index == 0 else {}), **chunk, "choices": [{
                 "index": index, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
