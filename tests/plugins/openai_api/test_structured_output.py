@@ -79,3 +79,15 @@ def test_bad_asks_are_400s_naming_the_field(client, fields, param, message):
     with pytest.raises(openai.BadRequestError) as error:
         client.chat.completions.create(model="tiny", messages=MESSAGES, max_tokens=5, extra_body=fields)
     assert error.value.body["param"] == param and message in error.value.body["message"]
+
+
+def test_strict_schemas_take_no_other_properties(client):
+    """OpenAI's strict mode needs additionalProperties: false; here it is the default under strict."""
+    schema = {"type": "object", "properties": {"ok": {"type": "boolean"}, "inner": {"type": "object", "properties": {
+        "n": {"type": "integer", "minimum": 0, "maximum": 9}}, "required": ["n"]}}, "required": ["ok", "inner"]}
+    response_format = {"type": "json_schema", "json_schema": {"name": "s", "schema": schema, "strict": True}}
+    for seed in range(4):
+        reply = client.chat.completions.create(model="tiny", messages=MESSAGES, response_format=response_format,
+                                               max_tokens=60, temperature=1.0, seed=seed)
+        value = json.loads(reply.choices[0].message.content)
+        assert set(value) == {"ok", "inner"} and set(value["inner"]) == {"n"}

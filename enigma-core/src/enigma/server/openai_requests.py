@@ -36,7 +36,9 @@ from enigma.server.openai_fields import (
     check_stop,
 )
 from enigma.server.tool_calls import (
+    OPEN,
     Tools,
+    auto_grammar,
     prepare_messages,
     read_tools,
     template_renders_tools,
@@ -106,6 +108,12 @@ def prepare_chat(context: ServerContext, body: dict[str, Any], *, tenant: str | 
         from enigma.guided import GuidedDecodingParams
 
         guided = GuidedDecodingParams(grammar=tool_grammar(tools))
+    elif tools is not None and guided_decoding(body) is None:
+        lazy = auto_grammar(tools, trigger_is_special=tokenizer.token_to_id(OPEN) in tokenizer.all_special_ids)
+        if lazy is not None:
+            from enigma.guided import GuidedDecodingParams
+
+            guided = GuidedDecodingParams(grammar=lazy)
     text, token_ids = _template(tokenizer, served, messages, tools)
     params = sampling_params(body, served, len(token_ids), where="messages", logprobs=logprobs, guided=guided)
     request = GenerationRequest(model=served.name, messages=tuple(messages), tenant=tenant, transport=transport,
@@ -252,6 +260,26 @@ def sampling_params(body: dict[str, Any], served: ServedModel, prompt_tokens: in
         raise from_exception(exc) from None
 
 
+def strict_schema(schema: Any) -> Any:
+    """OpenAI's ``strict: true``: objects that do not say otherwise take no properties beyond theirs (strict
+    mode requires ``additionalProperties: false``; here it is the default instead of an error)."""
+    if isinstance(schema, list):
+        return [strict_schema(item) for item in schema]
+    if not isinstance(schema, dict):
+        return schema
+    result = {}
+    for key, value in schema.items():
+        if key in ("const", "enum", "default", "examples"):  # values, not schemas
+            result[key] = value
+        elif key == "properties" and isinstance(value, dict):
+            result[key] = {name: strict_schema(sub) for name, sub in value.items()}
+        else:
+            result[key] = strict_schema(value)
+    if (schema.get("type") == "object" or "properties" in schema) and "additionalProperties" not in schema:
+        result["additionalProperties"] = False
+    return result
+
+
 _GUIDED_FIELDS = {"guided_json": "json", "guided_regex": "regex", "guided_choice": "choice",
                   "guided_grammar": "grammar"}
 
@@ -275,7 +303,10 @@ def guided_decoding(body: dict[str, Any]) -> Any:
             if not isinstance(spec.get("name"), str) or not spec["name"]:
                 raise APIError(400, "'response_format.json_schema.name' is required (a string)",
                                param="response_format")
-            asked.append(("response_format", {"json": spec.get("schema") or {}}))
+            schema = spec.get("schema") or {}
+            if spec.get("strict"):
+                schema = strict_schema(schema)
+            asked.append(("response_format", {"json": schema}))
         elif kind != "text":
             raise APIError(400, f"'response_format.type' must be text, json_object or json_schema; got {kind!r}",
                            param="response_format")

@@ -101,7 +101,7 @@ def read_tools(body: dict[str, Any], *, format: str = "hermes") -> Tools | None:
         parameters = function.get("parameters", {"type": "object", "properties": {}})
         if not isinstance(parameters, dict):
             raise APIError(400, f"'{where}.function.parameters' must be a JSON schema object", param=where)
-        description = function.get("description", "")
+        description = function.get("description") or ""
         if not isinstance(description, str):
             raise APIError(400, f"'{where}.function.description' must be a string", param=where)
         functions.append({"name": name, "description": description, "parameters": parameters})
@@ -210,6 +210,19 @@ def tool_grammar(tools: Tools) -> str:
         return ('start: body ("; " body)*\n' if tools.parallel else "start: body\n") + body
     calls = 'call ("\\n" call)*' if tools.parallel else "call"
     return f'start: {calls}\ncall: "{OPEN}" body "{CLOSE}"\n' + body
+
+
+def auto_grammar(tools: Tools, *, trigger_is_special: bool) -> str | None:
+    """For ``auto`` in the hermes format: free text, but once the model opens a ``<tool_call>`` the call
+    must name an offered function and give it valid arguments (llguidance's structural tags: a lazy
+    trigger). None for the other formats, whose calls have no trigger to wait for."""
+    if tools.choice != "auto" or tools.format != "hermes":
+        return None
+    from llguidance._struct_tag import StructTag
+
+    tags = [StructTag(trigger=OPEN, begin=f'{OPEN}\n{{"name": {json.dumps(function["name"])}, "arguments": ',
+                      grammar=function["parameters"], end=f"}}\n{CLOSE}") for function in tools.offered()]
+    return StructTag.to_grammar(tags, assume_special=trigger_is_special)
 
 
 # ---------------------------------------------------------------- the answer
