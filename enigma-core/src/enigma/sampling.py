@@ -218,18 +218,38 @@ def _filter(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
     return logits
 
 
-def sample(logits: torch.Tensor, rows: Sequence[SamplingRow]) -> SamplerOutput:
-    """Choose the next token of every row. ``logits``: ``[rows, vocab]`` float32."""
+def constrained_rows(rows: Sequence[SamplingRow]) -> list[int]:
+    """The rows held to a grammar (structured output)."""
+    return [index for index, row in enumerate(rows) if row.constraint is not None]
+
+
+def grammar_masks(rows: Sequence[SamplingRow], width: int) -> torch.Tensor | None:
+    """The allowed-token masks of the constrained rows, in their order (None when there are none)."""
+    constrained = constrained_rows(rows)
+    if not constrained:
+        return None
+    from enigma.guided import allowed_tokens
+
+    return allowed_tokens([rows[index].constraint for index in constrained], width)
+
+
+def sample(logits: torch.Tensor, rows: Sequence[SamplingRow], *, masks: torch.Tensor | None = None
+           ) -> SamplerOutput:
+    """Choose the next token of every row. ``logits``: ``[rows, vocab]`` float32. ``masks``: the
+    constrained rows' allowed tokens when computed already (:func:`grammar_masks`, beside the forward)."""
     want_logprobs = any(row.params.logprobs is not None for row in rows)
     raw_logprobs = torch.log_softmax(logits, dim=-1) if want_logprobs else None
     if any(_needs_processing(row) for row in rows):
         logits = apply_penalties(logits.clone(), rows)
-    constrained = [index for index, row in enumerate(rows) if row.constraint is not None]
+    constrained = constrained_rows(rows)
     if constrained:
-        logits = logits.clone()
-        for index in constrained:
-            allowed = rows[index].constraint.allowed(logits.shape[-1]).to(logits.device)
-            logits[index].masked_fill_(~allowed, float("-inf"))
+        masks = (masks if masks is not None else grammar_masks(rows, logits.shape[-1])).to(logits.device)
+        if len(constrained) == len(rows):
+            logits = logits.masked_fill(~masks, float("-inf"))
+        else:
+            index = torch.tensor(constrained, device=logits.device)
+            logits = logits.clone()
+            logits[index] = logits[index].masked_fill(~masks, float("-inf"))
 
     token_ids = logits.argmax(dim=-1).tolist()  # greedy rows keep these
     for index, row in enumerate(rows):

@@ -26,7 +26,7 @@ from enigma.events import RequestFinished, RequestStarted
 from enigma.kinds import ModelRunnerOutput, ScheduledRequest, SchedulerOutput
 from enigma.outputs import CompletionOutput, RequestOutput
 from enigma.runner import ModelRunner, SequenceChunk
-from enigma.sampling import SamplingParams, sample, top_logprobs, with_token_texts
+from enigma.sampling import SamplingParams, grammar_masks, sample, top_logprobs, with_token_texts
 from enigma.sequence import Sequence
 
 
@@ -81,6 +81,10 @@ class Engine:
         self.default_adapter: str | None = None
         """The adapter requests that name none run with (a Modelfile's ADAPTER)."""
         self._generated: deque[tuple[float, int]] = deque()  # (time, tokens) of recent steps
+        self._mask_pool: Any = None
+        import os
+
+        self._overlap_masks = (os.cpu_count() or 1) > torch.get_num_threads()
         self._host.broadcast("enigma_engine_started", engine=self)
 
     # ------------------------------------------------------------ requests
@@ -186,6 +190,7 @@ class Engine:
             chunks.append(SequenceChunk(tokens[item.start:item.start + item.num_tokens], item.start,
                                         item.block_table, all_logits=wants_prompt_logprobs,
                                         adapter=request.adapter))
+        pending_masks = self._start_grammar_masks(output)
         logits = self.runner.execute(chunks)
 
         to_sample: list[int] = []
@@ -199,7 +204,9 @@ class Engine:
         touched: dict[str, _Group] = {}
         if to_sample:
             requests = [output.scheduled[i].request for i in to_sample]
-            sampled = sample(logits.last[to_sample], [r.sequence.row for r in requests])
+            rows = [r.sequence.row for r in requests]
+            masks = pending_masks.result() if pending_masks is not None else None
+            sampled = sample(logits.last[to_sample], rows, masks=masks)
             now = time.time()
             self._generated.append((now, len(requests)))
             for request, token, entry in zip(requests, sampled.token_ids, sampled.logprobs):
@@ -216,6 +223,24 @@ class Engine:
             if group.finished:
                 self._finish_group(group)
         return outputs
+
+    def _start_grammar_masks(self, output: SchedulerOutput) -> Any:
+        """Start computing the grammar masks of this step's constrained samples beside the forward pass,
+        where a core is free for it (llguidance releases the GIL); a future of
+        :func:`enigma.sampling.grammar_masks`, or None (the sampler computes them). Where torch's threads
+        take every core, a thread beside them slows the forward more than the masks cost (measured:
+        batch 16 on 2 cores, 13.4 → 21.7 ms a step), so they are computed in line."""
+        if not self._overlap_masks:
+            return None
+        rows = [item.request.sequence.row for item in output.scheduled
+                if item.start + item.num_tokens == item.request.num_tokens]
+        if not any(row.constraint is not None for row in rows):
+            return None
+        if self._mask_pool is None:
+            from concurrent.futures import ThreadPoolExecutor
+
+            self._mask_pool = ThreadPoolExecutor(1, thread_name_prefix="enigma-grammar")
+        return self._mask_pool.submit(grammar_masks, rows, self.runner.vocab_size)
 
     # ------------------------------------------------------------ the scheduler's contract
 
@@ -329,6 +354,9 @@ class Engine:
         """Abort everything left and announce the engine stopped."""
         for group_id in list(self._groups):
             self.abort(group_id)
+        if self._mask_pool is not None:
+            self._mask_pool.shutdown(wait=True)
+            self._mask_pool = None
         self._host.broadcast("enigma_engine_stopped", engine=self)
 
 
