@@ -164,7 +164,8 @@ def test_embeddings_match_the_engine(client, server):
     ({"temperature": -1}, "temperature", "temperature = -1"),
     ({"max_tokens": 100_000}, "max_tokens", "maximum context length is 8192 tokens"),
     ({"extra_body": {"mirostat": 2}}, "mirostat", "unknown parameter 'mirostat'"),
-    ({"extra_body": {"tools": [{"type": "function"}]}}, "tools", "not supported"),
+    ({"extra_body": {"tools": [{"type": "function"}]}}, "tools[0]", "must be {type: function, function"),
+    ({"extra_body": {"logit_bias": {"1": 5}}}, "logit_bias", "not supported"),
     ({"n": "two"}, "n", "'n' must be an integer"),
     ({"messages": [{"role": "robot", "content": "x"}]}, "messages[0].role", "must be system"),
 ])
