@@ -4,7 +4,7 @@ grammar, by masking the tokens that could not continue a valid answer (llguidanc
 
 :class:`GuidedDecodingParams` is what a request asks for (vLLM's names), checked and compiled when it is
 made, so a bad schema or grammar is the request's error before anything runs. Each sequence that asks
-gets a :class:`GrammarConstraint`: the sampler masks logits with :meth:`~GrammarConstraint.allowed`, and
+gets a :class:`GrammarConstraint`: the sampler masks the batch's logits with :func:`allowed_tokens`, and
 the sequence feeds every sampled token to :meth:`~GrammarConstraint.advance`; once the grammar is
 complete and nothing may follow, the sequence stops (``finish_reason`` ``stop``).
 """

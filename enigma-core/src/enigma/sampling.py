@@ -244,12 +244,14 @@ def sample(logits: torch.Tensor, rows: Sequence[SamplingRow], *, masks: torch.Te
     constrained = constrained_rows(rows)
     if constrained:
         masks = (masks if masks is not None else grammar_masks(rows, logits.shape[-1])).to(logits.device)
-        if len(constrained) == len(rows):
-            logits = logits.masked_fill(~masks, float("-inf"))
-        else:
-            index = torch.tensor(constrained, device=logits.device)
-            logits = logits.clone()
-            logits[index] = logits[index].masked_fill(~masks, float("-inf"))
+        index = torch.tensor(constrained, device=logits.device)
+        logits = logits.clone()
+        held = logits[index].masked_fill(~masks, float("-inf"))
+        # a grammar that allows only what a penalty forbade (EOS under min_tokens): the grammar wins
+        stuck = torch.isneginf(held).all(dim=-1)
+        if bool(stuck.any()):
+            held[stuck] = torch.where(masks[stuck], 0.0, float("-inf"))
+        logits[index] = held
 
     token_ids = logits.argmax(dim=-1).tolist()  # greedy rows keep these
     for index, row in enumerate(rows):
