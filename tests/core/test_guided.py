@@ -151,13 +151,6 @@ def test_fifty_schemas_times_three_seeds_all_validate(llm):
     assert not failures, f"{len(failures)} of {len(params)}:\n" + "\n".join(failures)
 
 
-def test_a_grammar_that_must_end_beats_min_tokens(llm):
-    """min_tokens forbids EOS while the choice is complete: the grammar ends it rather than sample nothing."""
-    output = llm.generate(["Pick:"], SamplingParams(temperature=1.0, seed=0, max_tokens=20, min_tokens=10,
-                                                     guided_decoding={"choice": ["yes", "no"]}))[0].outputs[0]
-    assert output.text in ("yes", "no") and output.finish_reason == "stop"
-
-
 def test_the_sampler_lets_a_grammar_end_what_min_tokens_forbids():
     import torch
 

@@ -118,10 +118,6 @@ class GrammarConstraint:
             raise BadRequestError(f"guided {guided.kind}: {self._matcher.get_error()}")
         self._eos = eos_token_ids
 
-    def allowed(self, width: int) -> Any:
-        """A bool tensor of ``width`` (the logits' width): the tokens that may come next."""
-        return allowed_tokens([self], width)[0]
-
     def advance(self, token_id: int) -> None:
         """Consume a sampled token (one the mask allowed)."""
         if token_id in self._eos and self._matcher.is_accepting():

@@ -243,7 +243,11 @@ def sample(logits: torch.Tensor, rows: Sequence[SamplingRow], *, masks: torch.Te
         logits = apply_penalties(logits.clone(), rows)
     constrained = constrained_rows(rows)
     if constrained:
-        masks = (masks if masks is not None else grammar_masks(rows, logits.shape[-1])).to(logits.device)
+        if masks is None:
+            from enigma.guided import allowed_tokens
+
+            masks = allowed_tokens([rows[index].constraint for index in constrained], logits.shape[-1])
+        masks = masks.to(logits.device)
         index = torch.tensor(constrained, device=logits.device)
         logits = logits.clone()
         held = logits[index].masked_fill(~masks, float("-inf"))
