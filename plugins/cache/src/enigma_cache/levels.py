@@ -16,6 +16,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from enigma.urls import redacted
+
 logger = logging.getLogger("enigma.cache")
 
 _ENTRY_OVERHEAD = 96
@@ -164,13 +166,13 @@ class RedisLevel:
                 if self.down_since is None:
                     self.down_since = now
                     logger.warning("Redis at %s is unreachable (%s); serving without it, trying again every "
-                                   "%g s", _safe_url(self.url), self.last_error, self.retry_s)
+                                   "%g s", redacted(self.url), self.last_error, self.retry_s)
                     self._on_change(False)
             raise LevelUnavailable(self.last_error) from exc
         if self.down_since is not None:
             with self._lock:
                 if self.down_since is not None:
-                    logger.warning("Redis at %s answers again after %.1f s; using it again", _safe_url(self.url),
+                    logger.warning("Redis at %s answers again after %.1f s; using it again", redacted(self.url),
                                    now - self.down_since)
                     self.down_since = None
                     self._on_change(True)
@@ -215,9 +217,9 @@ class RedisLevel:
 
     def status(self) -> dict[str, Any]:
         if self.down_since is not None:
-            return {"status": "down", "url": _safe_url(self.url), "error": self.last_error,
+            return {"status": "down", "url": redacted(self.url), "error": self.last_error,
                     "down_since": round(self.down_since, 3), "retry_s": self.retry_s}
-        return {"status": "ok", "url": _safe_url(self.url)}
+        return {"status": "ok", "url": redacted(self.url)}
 
     def close(self) -> None:
         self._client.close()
@@ -225,14 +227,3 @@ class RedisLevel:
 
 def _glob_escape(text: str) -> str:
     return "".join("\\" + c if c in "*?[]\\" else c for c in text)
-
-
-def _safe_url(url: str) -> str:
-    """The URL without its password, for logs and health reports."""
-    from urllib.parse import urlsplit, urlunsplit
-
-    parts = urlsplit(url)
-    if parts.password:
-        netloc = f"{parts.username or ''}:***@{parts.hostname}" + (f":{parts.port}" if parts.port else "")
-        return urlunsplit(parts._replace(netloc=netloc))
-    return url

@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 
 from enigma.errors import NotAvailableError
+from enigma.urls import redacted
 from enigma_rag.store import CollectionInfo, DocumentRecord, StoredChunk, keyword_terms
 
 SCHEMA = """
@@ -47,16 +48,7 @@ def _connect(dsn: str) -> Any:
     try:
         return psycopg.connect(dsn, autocommit=True)
     except psycopg.OperationalError as exc:
-        raise NotAvailableError(f"cannot connect to PostgreSQL at {_redacted(dsn)}: {exc}".strip()) from exc
-
-
-def _redacted(dsn: str) -> str:
-    """The URL without its password, for messages."""
-    head, at, tail = dsn.rpartition("@")
-    if not at or "://" not in head:
-        return dsn
-    scheme, _, user = head.partition("://")
-    return f"{scheme}://{user.split(':')[0]}:***@{tail}"
+        raise NotAvailableError(f"cannot connect to PostgreSQL at {redacted(dsn)}: {exc}".strip()) from exc
 
 
 def _vector(values: np.ndarray) -> str:
