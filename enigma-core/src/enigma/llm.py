@@ -28,18 +28,26 @@ Prompt = str | list[int]
 Message = dict[str, Any]
 
 
-def kv_blocks_for(runner: Any, kv_cache_memory: int | float | None, max_num_seqs: int) -> int:
+def kv_blocks_for(runner: Any, kv_cache_memory: int | float | None, max_num_seqs: int, *,
+                  extra_bytes_per_block: int = 0) -> int:
     """How many KV blocks a memory budget buys, never more than ``max_num_seqs``
     full-length sequences need. The budget is bytes (an int), a fraction of the
     backend's device memory (a float in (0, 1]), or the backend's default
-    (``Backend.kv_cache_memory``: on CPU a tenth of the machine's memory, at most 4 GiB)."""
+    (``Backend.kv_cache_memory``: on CPU a tenth of the machine's memory, at most 4 GiB).
+    ``extra_bytes_per_block``: what each block costs besides the runner's own (a draft model's KV)."""
     budget = runner.backend.kv_cache_memory(kv_cache_memory)
-    blocks = int(budget) // runner.bytes_per_block
+    per_block = runner.bytes_per_block + extra_bytes_per_block
+    blocks = int(budget) // per_block
     if blocks < 1:
         raise BadRequestError(f"kv_cache_memory={kv_cache_memory} gives {budget} bytes, less than one KV block "
-                              f"({runner.bytes_per_block} bytes); give more")
+                              f"({per_block} bytes); give more")
     per_sequence = math.ceil(runner.max_model_len / runner.block_size)
     return int(min(blocks, per_sequence * max_num_seqs))
+
+
+def _draft_bytes_per_block(speculator: Any) -> int:
+    runner = getattr(getattr(speculator, "proposer", None), "runner", None)
+    return runner.bytes_per_block if runner is not None else 0
 
 
 def resolve_model_path(model: str | Path) -> Path:
@@ -80,7 +88,9 @@ class LLM:
                  enable_prefix_caching: bool = True, cache: str = "auto", scheduler: str = "auto",
                  served_model_name: str | None = None, load_options: dict[str, Any] | None = None,
                  adapters: dict[str, str | Path] | None = None, max_loras: int = 4,
-                 default_adapter: str | None = None, enable_lora: bool = False) -> None:
+                 default_adapter: str | None = None, enable_lora: bool = False,
+                 speculative_model: str | Path | None = None, num_speculative_tokens: int | None = None,
+                 speculative_config: Any = None) -> None:
         from enigma.loader import load_model
         from enigma.plugins import get_host
         from enigma.tokenizer import Tokenizer
@@ -109,15 +119,30 @@ class LLM:
             from enigma.runner import ModelRunner
 
             self._runner = ModelRunner(self.loaded, self.backend, block_size=block_size)
-            blocks = num_kv_blocks or kv_blocks_for(self._runner, kv_cache_memory, max_num_seqs)
+            speculator = self._speculator(speculative_model, num_speculative_tokens, speculative_config, dtype)
+            blocks = num_kv_blocks or kv_blocks_for(self._runner, kv_cache_memory, max_num_seqs,
+                                                    extra_bytes_per_block=_draft_bytes_per_block(speculator))
             self.engine = Engine(self._runner, self.tokenizer, model_name=self.model_name, num_blocks=blocks,
                                  cache=cache, scheduler=scheduler, max_num_seqs=max_num_seqs,
                                  max_num_batched_tokens=max_num_batched_tokens,
-                                 enable_prefix_caching=enable_prefix_caching)
+                                 enable_prefix_caching=enable_prefix_caching, speculator=speculator)
             self.max_model_len = self.engine.max_model_len
             if default_adapter is not None:
                 self.engine.default_adapter = default_adapter
         self.eos_token_ids = self.tokenizer.eos_token_ids
+
+    def _speculator(self, speculative_model: Any, num_speculative_tokens: int | None, speculative_config: Any,
+                    dtype: Any) -> Any:
+        """The engine's speculative decoding (None when not asked for)."""
+        from enigma.speculative.config import SpeculativeConfig
+
+        config = SpeculativeConfig.build(None if speculative_model is None else str(speculative_model),
+                                         num_speculative_tokens, speculative_config)
+        if config is None:
+            return None
+        from enigma.speculative.speculator import build_speculator
+
+        return build_speculator(config, target_runner=self._runner, backend=self.backend, dtype=dtype)
 
     def add_adapter(self, name: str, folder: str | Path) -> None:
         """Serve one more LoRA adapter (PEFT's format) as ``name``, from the next request on; needs

@@ -44,11 +44,17 @@ class StepLogits:
 class ModelRunner:
     """A causal LM, its backend and its paged KV cache."""
 
-    def __init__(self, loaded: LoadedModel, backend: object, *, block_size: int = 16,
-                 num_blocks: int = 0) -> None:
+    def __init__(self, loaded: LoadedModel | None, backend: object, *, block_size: int = 16,
+                 num_blocks: int = 0, prepared: torch.nn.Module | None = None,
+                 dtype: torch.dtype | None = None) -> None:
+        """Prepare ``loaded`` on ``backend``; or, given a ``prepared`` model and its ``dtype``, run that
+        one as it is (a view of another runner's model: a speculative self-draft)."""
         self.backend = backend
-        self.model = backend.prepare(loaded.model, dtype=loaded.dtype)
-        self.dtype = loaded.dtype
+        if prepared is None:
+            self.model = backend.prepare(loaded.model, dtype=loaded.dtype)
+            self.dtype = loaded.dtype
+        else:
+            self.model, self.dtype = prepared, dtype
         self.device = backend.device
         self.block_size = block_size
         self.vocab_size = self.model.config.vocab_size

@@ -218,6 +218,11 @@ def _filter(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
     return logits
 
 
+def filtered_probs(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
+    """One row's distribution after temperature, top-k, top-p and min-p (no penalties, no grammar)."""
+    return _filter(logits, params).softmax(-1)
+
+
 def constrained_rows(rows: Sequence[SamplingRow]) -> list[int]:
     """The rows held to a grammar (structured output)."""
     return [index for index, row in enumerate(rows) if row.constraint is not None]
@@ -233,12 +238,10 @@ def grammar_masks(rows: Sequence[SamplingRow], width: int) -> torch.Tensor | Non
     return allowed_tokens([rows[index].constraint for index in constrained], width)
 
 
-def sample(logits: torch.Tensor, rows: Sequence[SamplingRow], *, masks: torch.Tensor | None = None
-           ) -> SamplerOutput:
-    """Choose the next token of every row. ``logits``: ``[rows, vocab]`` float32. ``masks``: the
-    constrained rows' allowed tokens when computed already (:func:`grammar_masks`, beside the forward)."""
-    want_logprobs = any(row.params.logprobs is not None for row in rows)
-    raw_logprobs = torch.log_softmax(logits, dim=-1) if want_logprobs else None
+def process_logits(logits: torch.Tensor, rows: Sequence[SamplingRow], *, masks: torch.Tensor | None = None
+                   ) -> torch.Tensor:
+    """Penalties, min_tokens and grammar masks applied to ``logits`` (a copy where anything applies):
+    what temperature, top-k/p and min-p then work on."""
     if any(_needs_processing(row) for row in rows):
         logits = apply_penalties(logits.clone(), rows)
     constrained = constrained_rows(rows)
@@ -256,6 +259,30 @@ def sample(logits: torch.Tensor, rows: Sequence[SamplingRow], *, masks: torch.Te
         if bool(stuck.any()):
             held[stuck] = torch.where(masks[stuck], 0.0, float("-inf"))
         logits[index] = held
+    return logits
+
+
+def sampling_probs(logits: torch.Tensor, rows: Sequence[SamplingRow]) -> torch.Tensor:
+    """The distribution each row's next token is drawn from, ``[rows, vocab]``: after
+    :func:`process_logits`, temperature, top-k, top-p and min-p; for greedy rows all the mass on
+    the argmax. What :func:`sample` draws from, and what speculative decoding must reproduce."""
+    logits = process_logits(logits, rows)
+    probs = torch.empty_like(logits)
+    for index, row in enumerate(rows):
+        if row.params.greedy:
+            probs[index].zero_()[logits[index].argmax()] = 1.0
+        else:
+            probs[index] = _filter(logits[index], row.params).softmax(-1)
+    return probs
+
+
+def sample(logits: torch.Tensor, rows: Sequence[SamplingRow], *, masks: torch.Tensor | None = None
+           ) -> SamplerOutput:
+    """Choose the next token of every row. ``logits``: ``[rows, vocab]`` float32. ``masks``: the
+    constrained rows' allowed tokens when computed already (:func:`grammar_masks`, beside the forward)."""
+    want_logprobs = any(row.params.logprobs is not None for row in rows)
+    raw_logprobs = torch.log_softmax(logits, dim=-1) if want_logprobs else None
+    logits = process_logits(logits, rows, masks=masks)
 
     token_ids = logits.argmax(dim=-1).tolist()  # greedy rows keep these
     for index, row in enumerate(rows):

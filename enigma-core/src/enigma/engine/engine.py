@@ -56,7 +56,8 @@ class Engine:
 
     def __init__(self, runner: ModelRunner, tokenizer: Any, *, model_name: str, num_blocks: int,
                  cache: str = "auto", scheduler: str = "auto", max_num_seqs: int = 64,
-                 max_num_batched_tokens: int = 512, enable_prefix_caching: bool = True, host: Any = None) -> None:
+                 max_num_batched_tokens: int = 512, enable_prefix_caching: bool = True, host: Any = None,
+                 speculator: Any = None) -> None:
         if host is None:
             from enigma.plugins import get_host
 
@@ -66,14 +67,27 @@ class Engine:
         self.tokenizer = tokenizer
         self.model_name = model_name
         runner.resize(num_blocks)
+        self.speculator = speculator
+        """A :class:`enigma.speculative.speculator.Speculator` (speculative decoding), or None."""
+        if speculator is not None:
+            speculator.resize(num_blocks)
         block_size = runner.block_size
         self.max_model_len = min(runner.max_model_len, num_blocks * block_size)
         self.num_blocks = num_blocks
         self.cache = host.create("cache", cache, num_blocks=num_blocks, block_size=block_size,
                                  max_model_len=self.max_model_len, enable_prefix_caching=enable_prefix_caching)
         self._scheduler_impl = host.select("scheduler", scheduler)
-        self.scheduler = self._scheduler_impl.create(cache=self.cache, max_num_seqs=max_num_seqs,
-                                                     max_num_batched_tokens=max_num_batched_tokens)
+        extra = {}
+        if speculator is not None and speculator.num_lookahead_tokens:
+            extra["num_lookahead_tokens"] = speculator.num_lookahead_tokens
+        try:
+            self.scheduler = self._scheduler_impl.create(cache=self.cache, max_num_seqs=max_num_seqs,
+                                                         max_num_batched_tokens=max_num_batched_tokens, **extra)
+        except TypeError as exc:
+            if not extra:
+                raise
+            raise self._scheduler_error("it takes no num_lookahead_tokens, so it cannot run a draft model "
+                                        "(speculative decoding with [ngram] needs none)") from exc
         self._idle_steps = 0
         self.eos_token_ids = tuple(tokenizer.eos_token_ids)
         self._groups: dict[str, _Group] = {}
@@ -179,43 +193,65 @@ class Engine:
             return []
         self._idle_steps = 0
         self._check_schedule(output)
+        started = time.perf_counter()
+        decode_only = all(item.start + 1 == item.request.num_tokens for item in output.scheduled)
         chunks = []
+        prompt_logprob_items = set()
         token_lists = [item.request.all_token_ids() for item in output.scheduled]  # once per step: O(context)
-        for item, tokens in zip(output.scheduled, token_lists):
+        for index, (item, tokens) in enumerate(zip(output.scheduled, token_lists)):
             request = item.request
             group = self._groups[request.group_id]
             wants_prompt_logprobs = (group.prompt_logprobs is not None and request.sequence.index == 0
                                      and item.start < len(request.prompt_token_ids)
                                      and item.start + item.num_tokens >= group.params.prompt_logprobs_start)
+            if wants_prompt_logprobs:
+                prompt_logprob_items.add(index)
+            if item.draft_token_ids:
+                tokens = tokens + list(item.draft_token_ids)
             chunks.append(SequenceChunk(tokens[item.start:item.start + item.num_tokens], item.start,
-                                        item.block_table, all_logits=wants_prompt_logprobs,
-                                        adapter=request.adapter))
+                                        item.block_table, adapter=request.adapter,
+                                        all_logits=wants_prompt_logprobs or bool(item.draft_token_ids)))
         pending_masks = self._start_grammar_masks(output)
         logits = self.runner.execute(chunks)
 
         to_sample: list[int] = []
+        to_verify: list[int] = []
         for index, item in enumerate(output.scheduled):
-            if index in logits.full:
+            if index in prompt_logprob_items:
                 self._add_prompt_logprobs(self._groups[item.request.group_id], item, logits.full[index])
-            if item.start + item.num_tokens == item.request.num_tokens:
+            if item.draft_token_ids:
+                to_verify.append(index)
+            elif item.start + item.num_tokens == item.request.num_tokens:
                 to_sample.append(index)
 
         sampled_ids: dict[str, list[int]] = {}
+        rejected: dict[str, int] = {}
         touched: dict[str, _Group] = {}
+        now = time.time()
         if to_sample:
             requests = [output.scheduled[i].request for i in to_sample]
             rows = [r.sequence.row for r in requests]
             masks = pending_masks.result() if pending_masks is not None else None
             sampled = sample(logits.last[to_sample], rows, masks=masks)
-            now = time.time()
-            self._generated.append((now, len(requests)))
             for request, token, entry in zip(requests, sampled.token_ids, sampled.logprobs):
                 if request.first_token_time is None:
                     request.first_token_time = now
                 request.sequence.append(token, entry)
                 sampled_ids[request.request_id] = [token]
                 touched[request.group_id] = self._groups[request.group_id]
-        self.scheduler.update_from_output(output, ModelRunnerOutput(sampled_token_ids=sampled_ids))
+        if to_verify:
+            for index, tokens in zip(to_verify, self._verify([output.scheduled[i] for i in to_verify],
+                                                             [logits.full[i] for i in to_verify])):
+                item = output.scheduled[index]
+                sampled_ids[item.request.request_id] = tokens
+                rejected[item.request.request_id] = item.num_tokens - len(tokens)
+                touched[item.request.group_id] = self._groups[item.request.group_id]
+        if sampled_ids:
+            self._generated.append((now, sum(len(tokens) for tokens in sampled_ids.values())))
+        if self.speculator is not None:
+            self._speculate(output, sampled_ids, time.perf_counter() - started, decode_only=decode_only)
+        self.scheduler.update_from_output(output, ModelRunnerOutput(sampled_token_ids=sampled_ids,
+                                                                    num_rejected_drafts=rejected))
         self._check_progress(output)
         outputs = []
         for group in touched.values():
@@ -223,6 +259,57 @@ class Engine:
             if group.finished:
                 self._finish_group(group)
         return outputs
+
+    def _verify(self, items: list[ScheduledRequest], logits: list[torch.Tensor]) -> list[list[int]]:
+        """Verify each item's drafts against the target's logits at its ``1 + drafts`` positions (rejection
+        sampling, :mod:`enigma.speculative.rejection`); append the emitted tokens to the sequences and
+        return them per item (fewer where a sequence finished on the way)."""
+        from enigma.sampling import SamplingRow, sampling_probs
+        from enigma.speculative.rejection import verify_drafts
+
+        rows = []
+        for item in items:
+            sequence = item.request.sequence
+            drafts = list(item.draft_token_ids)
+            for count in range(len(drafts) + 1):
+                rows.append(SamplingRow(sequence.params, sequence.prompt_token_ids,
+                                        sequence.output_token_ids + drafts[:count], generator=sequence.row.generator,
+                                        stop_ids=sequence.row.stop_ids))
+        probs = sampling_probs(torch.cat(logits), rows)
+        emitted_per_item, first = [], 0
+        now = time.time()
+        for item, item_logits in zip(items, logits):
+            request, sequence = item.request, item.request.sequence
+            drafts = list(item.draft_token_ids)
+            draft_probs = request.spec_probs[:len(drafts)] if request.spec_probs is not None else None
+            emitted = verify_drafts(probs[first:first + len(drafts) + 1], drafts, draft_probs,
+                                    generator=sequence.row.generator, greedy=sequence.params.greedy)
+            first += len(drafts) + 1
+            raw = torch.log_softmax(item_logits, dim=-1) if sequence.params.logprobs is not None else None
+            appended = []
+            for position, token in enumerate(emitted):
+                entry = top_logprobs(raw[position], token, sequence.params.logprobs) if raw is not None else None
+                sequence.append(token, entry)
+                appended.append(token)
+                if sequence.finished:
+                    break
+            if request.first_token_time is None:
+                request.first_token_time = now
+            self.speculator.record_verification(request.request_id, len(drafts), len(emitted) - 1, len(appended))
+            emitted_per_item.append(appended)
+        return emitted_per_item
+
+    def _speculate(self, output: SchedulerOutput, sampled_ids: dict[str, list[int]], seconds: float, *,
+                   decode_only: bool) -> None:
+        """Time this step for the speculator's cost model (decode steps only), then draft the next tokens of
+        every request that just received one and runs on."""
+        items = output.scheduled
+        if decode_only:
+            self.speculator.record_step(sum(item.num_tokens for item in items), seconds)
+        drafting = [item for item in items if item.request.request_id in sampled_ids and not item.request.finished]
+        if drafting:
+            self.speculator.propose([item.request for item in drafting], [item.block_table for item in drafting],
+                                    running=len(items))
 
     def _start_grammar_masks(self, output: SchedulerOutput) -> Any:
         """Start computing the grammar masks of this step's constrained samples beside the forward pass,
@@ -307,6 +394,9 @@ class Engine:
     def _finish_group(self, group: _Group) -> None:
         if self._groups.pop(group.group_id, None) is None:
             return
+        if self.speculator is not None:
+            for request in group.requests:
+                self.speculator.forget(request.request_id)
         first_times = [r.first_token_time for r in group.requests if r.first_token_time is not None]
         reasons = [r.sequence.finish_reason for r in group.requests]
         self._host.broadcast("enigma_request_finished", event=RequestFinished(
@@ -347,8 +437,11 @@ class Engine:
             self._generated.popleft()
         window = now - self._generated[0][0] if len(self._generated) > 1 else 0.0
         tokens = sum(count for _, count in self._generated)
-        return {**self.scheduler.stats(), **self.cache.stats(),
-                "generation_tokens_per_s": tokens / window if window > 0 else 0.0}
+        stats = {**self.scheduler.stats(), **self.cache.stats(),
+                 "generation_tokens_per_s": tokens / window if window > 0 else 0.0}
+        if self.speculator is not None:
+            stats.update(self.speculator.stats())
+        return stats
 
     def close(self) -> None:
         """Abort everything left and announce the engine stopped."""

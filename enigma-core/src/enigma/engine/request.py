@@ -11,6 +11,7 @@ from __future__ import annotations
 import enum
 import itertools
 import time
+from typing import Any
 
 import attrs
 
@@ -50,6 +51,11 @@ class Request:
     prefix_cache_limit: int | None = None
     """At most this many leading tokens may come from the prefix cache (None: any; 0: compute the whole
     prompt, as when its prompt logprobs are wanted from the start)."""
+
+    spec_token_ids: list[int] = attrs.field(factory=list)
+    """Draft tokens (speculative decoding) to verify in the request's next step; set after each step."""
+    spec_probs: Any = None
+    """The distributions ``spec_token_ids`` were drawn from (``[drafts, vocab]``), None for point masses."""
 
     @property
     def prompt_token_ids(self) -> list[int]:

@@ -26,10 +26,14 @@ from enigma.kinds import ModelRunnerOutput, ScheduledRequest, SchedulerOutput
 class Scheduler:
     """The builtin ``continuous`` scheduler (FCFS, honouring ``priority``)."""
 
-    def __init__(self, cache: Any, *, max_num_seqs: int = 64, max_num_batched_tokens: int = 512) -> None:
+    def __init__(self, cache: Any, *, max_num_seqs: int = 64, max_num_batched_tokens: int = 512,
+                 num_lookahead_tokens: int = 0) -> None:
         self.cache = cache
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
+        self.num_lookahead_tokens = num_lookahead_tokens
+        """Slots kept allocated past a request's tokens once its prompt is in: where a draft model
+        writes the KV of its guesses (speculative decoding)."""
         self.waiting: list[Request] = []
         self.running: list[Request] = []
         self.num_preemptions = 0
@@ -45,20 +49,23 @@ class Scheduler:
     def schedule(self) -> SchedulerOutput:
         """This step's work; every scheduled request has blocks for its chunk."""
         budget = self.max_num_batched_tokens
-        scheduled: list[tuple[Request, int]] = []
+        scheduled: list[tuple[Request, int, list[int]]] = []
         preempted: list[Request] = []
         index = 0
         while index < len(self.running) and budget > 0:
             request = self.running[index]
-            num_new = min(request.num_tokens - request.num_computed_tokens, budget)
-            while not self.cache.allocate(request.request_id, request.num_computed_tokens + num_new):
+            remaining = request.num_tokens - request.num_computed_tokens
+            drafts = request.spec_token_ids if remaining == 1 else []
+            num_new = min(remaining + len(drafts), budget)
+            drafts = drafts[:max(0, num_new - remaining)]
+            while not self.cache.allocate(request.request_id, self._slots(request, num_new)):
                 victim = self.running[-1]  # the least urgent; never one already scheduled this step
                 self._preempt(victim)
                 preempted.append(victim)
                 if victim is request:
                     break
             else:
-                scheduled.append((request, num_new))
+                scheduled.append((request, num_new, drafts))
                 budget -= num_new
                 index += 1
 
@@ -73,24 +80,34 @@ class Scheduler:
                 cached = self.cache.lookup_prefix(request.request_id, tokens, salt=request.adapter)
             num_new = min(request.num_tokens - cached, budget)
             self._expect(request)
-            if not self.cache.allocate(request.request_id, cached + num_new):
+            request.num_computed_tokens = cached
+            if not self.cache.allocate(request.request_id, self._slots(request, num_new)):
                 # A waiting request holds no blocks (else two could deadlock holding
                 # halves); its prefix stays cached for the next try.
                 self.cache.cancel(request.request_id)
+                request.num_computed_tokens = 0
                 break
-            request.num_computed_tokens = cached
             if request.num_preemptions == 0:
                 request.cached_prompt_tokens = cached
             self.waiting.pop(0)
             request.status = RequestStatus.RUNNING
             bisect.insort(self.running, request, key=Request.sort_key)
-            scheduled.append((request, num_new))
+            scheduled.append((request, num_new, []))
             budget -= num_new
         return SchedulerOutput(
             scheduled=[ScheduledRequest(request=request, num_tokens=num_new, start=request.num_computed_tokens,
-                                        block_table=self.cache.block_table(request.request_id))
-                       for request, num_new in scheduled],
+                                        block_table=self.cache.block_table(request.request_id),
+                                        draft_token_ids=tuple(drafts))
+                       for request, num_new, drafts in scheduled],
             preempted=preempted)
+
+    def _slots(self, request: Request, num_new: int) -> int:
+        """The tokens ``request``'s blocks must cover to compute ``num_new`` more: with lookahead
+        slots once its prompt is in (never past the most it can reach)."""
+        needed = request.num_computed_tokens + num_new
+        if not self.num_lookahead_tokens or needed < request.num_tokens:
+            return needed
+        return max(needed, min(needed + self.num_lookahead_tokens, request.sequence.max_num_tokens))
 
     def _expect(self, request: Request) -> None:
         """Tell a cache that places blocks by expected length (the builtin ``paged``) how long
@@ -120,6 +137,8 @@ class Scheduler:
         self.running.remove(request)
         self.cache.free(request.request_id)
         request.num_computed_tokens = 0
+        request.spec_token_ids = []
+        request.spec_probs = None
         request.num_preemptions += 1
         request.status = RequestStatus.PREEMPTED
         self.num_preemptions += 1

@@ -231,12 +231,14 @@ class LlamaForCausalLM(nn.Module):
         return self.config.num_kv_heads, self.config.head_dim
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
-                context: ForwardContext) -> torch.Tensor:
-        """Hidden states ``[num_tokens, hidden]`` after the final norm."""
+                context: ForwardContext, *, num_layers: int | None = None) -> torch.Tensor:
+        """Hidden states ``[num_tokens, hidden]`` after the final norm; with ``num_layers``, of the
+        first that many layers only (a self-draft for speculative decoding)."""
         x = self.model.embed_tokens(input_ids)
         cos, signed_sin = cos_sin(positions, self.inv_freq, x.dtype)
         recompute = self.checkpointed_layers if torch.is_grad_enabled() else ()
-        for index, layer in enumerate(self.model.layers):
+        layers = self.model.layers if num_layers is None else self.model.layers[:num_layers]
+        for index, layer in enumerate(layers):
             if index in recompute:
                 x = checkpoint(layer, x, cos, signed_sin, context, use_reentrant=False)
             else:

@@ -1,0 +1,141 @@
+"""How many tokens to draft: the k that gives the most tokens per second, from what was measured.
+
+With a per-token acceptance rate ``a``, verifying ``k`` drafts emits
+``(1 - a**(k + 1)) / (1 - a)`` tokens on average (the accepted run plus the
+target's own token). It costs one target step over ``1 + k`` tokens per
+request and ``k`` draft forwards. :class:`SpeculationLength` fits the target's
+step time as ``fixed + per_token * tokens`` over the decode steps it sees
+(exponentially weighted least squares), times the drafting, tracks each
+request's acceptance, and each step picks the k (0 .. ``num_speculative_tokens``)
+that maximises emitted tokens per second for the batch. When nothing pays —
+acceptance near zero, or a batch large enough for verification to cost what
+it saves — k is 0, and every ``PROBE_EVERY`` steps a request tries one draft
+token so that a change in acceptance is noticed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+
+def expected_tokens(acceptance: float, k: int) -> float:
+    """Tokens one verification of ``k`` drafts emits on average at a per-token ``acceptance``."""
+    if acceptance >= 1.0:
+        return k + 1.0
+    return (1.0 - acceptance ** (k + 1)) / (1.0 - acceptance)
+
+
+def best_length(acceptances: Sequence[float], max_k: int, *, step_fixed: float, step_per_token: float,
+                draft_step: float) -> int:
+    """The k in ``0 .. max_k`` that emits the most tokens per second for a batch whose requests
+    accept drafts at ``acceptances`` (each request's k is the same; its tokens count for all)."""
+    batch = len(acceptances)
+    if batch == 0:
+        return 0
+    best, best_rate = 0, batch / (step_fixed + step_per_token * batch)
+    for k in range(1, max_k + 1):
+        seconds = step_fixed + step_per_token * batch * (1 + k) + draft_step * k
+        rate = sum(expected_tokens(a, k) for a in acceptances) / seconds
+        if rate > best_rate * 1.0001:
+            best, best_rate = k, rate
+    return best
+
+
+class SpeculationLength:
+    """Measured costs and acceptances, and the k they call for (see the module's docstring)."""
+
+    PROBE_EVERY = 16
+    """Steps a request goes without drafts before it tries one again."""
+    PRIOR_ACCEPTANCE = 0.7
+    """A new request's acceptance until its first verification."""
+    ACCEPTANCE_DECAY = 0.7
+    """Weight of the past in each request's acceptance (per verified draft token)."""
+    STEP_DECAY = 0.98
+    """Weight of the past in the step-time fit (per step)."""
+
+    def __init__(self, max_k: int, *, adaptive: bool = True) -> None:
+        self.max_k = max_k
+        self.adaptive = adaptive
+        self._acceptance: dict[str, float] = {}
+        self._idle: dict[str, int] = {}
+        # weighted sums for the least-squares line seconds = fixed + per_token * tokens; a prior of two points
+        # (1 token: 1 unit, 9 tokens: 1.4 units) keeps it sane until steps are measured
+        self._n, self._x, self._y, self._xx, self._xy = 0.0, 0.0, 0.0, 0.0, 0.0
+        for tokens, seconds in ((1, 1e-3), (9, 1.4e-3)):
+            self._add(tokens, seconds, weight=0.5)
+        self._draft_step = 0.0
+        self._draft_steps_seen = 0
+
+    # ------------------------------------------------------------ measurements
+
+    def _add(self, tokens: float, seconds: float, *, weight: float = 1.0) -> None:
+        self._n += weight
+        self._x += weight * tokens
+        self._y += weight * seconds
+        self._xx += weight * tokens * tokens
+        self._xy += weight * tokens * seconds
+
+    def record_step(self, num_tokens: int, seconds: float) -> None:
+        """A target step over ``num_tokens`` tokens (decodes and verifications only) took ``seconds``."""
+        decay = self.STEP_DECAY
+        self._n, self._x, self._y, self._xx, self._xy = (decay * v for v in (self._n, self._x, self._y, self._xx,
+                                                                             self._xy))
+        self._add(num_tokens, seconds)
+
+    def record_drafting(self, forwards: int, seconds: float) -> None:
+        """Drafting took ``seconds`` for ``forwards`` batched draft forwards."""
+        if forwards < 1:
+            return
+        per = seconds / forwards
+        self._draft_steps_seen += 1
+        weight = max(0.1, 1.0 / self._draft_steps_seen)
+        self._draft_step = per if self._draft_steps_seen == 1 else (1 - weight) * self._draft_step + weight * per
+
+    def record_verification(self, request_id: str, proposed: int, accepted: int) -> None:
+        """A request's ``accepted`` of ``proposed`` drafts were kept."""
+        if proposed < 1:
+            return
+        acceptance = self._acceptance.get(request_id, self.PRIOR_ACCEPTANCE)
+        outcomes = [1.0] * accepted + ([0.0] if accepted < proposed else [])
+        for outcome in outcomes:
+            acceptance = self.ACCEPTANCE_DECAY * acceptance + (1 - self.ACCEPTANCE_DECAY) * outcome
+        self._acceptance[request_id] = acceptance
+
+    def step_costs(self) -> tuple[float, float]:
+        """``(fixed, per_token)`` seconds of a target step, as fitted."""
+        denominator = self._n * self._xx - self._x * self._x
+        if denominator <= 1e-12:
+            return self._y / self._n, 0.0
+        per_token = max(0.0, (self._n * self._xy - self._x * self._y) / denominator)
+        fixed = max(1e-6, (self._y - per_token * self._x) / self._n)
+        return fixed, per_token
+
+    # ------------------------------------------------------------ decisions
+
+    def lengths(self, request_ids: Sequence[str]) -> list[int]:
+        """k for each of this step's proposing requests (0: no drafts for it this time)."""
+        if not request_ids:
+            return []
+        if not self.adaptive:
+            return [self.max_k] * len(request_ids)
+        fixed, per_token = self.step_costs()
+        acceptances = [self._acceptance.get(r, self.PRIOR_ACCEPTANCE) for r in request_ids]
+        k = best_length(acceptances, self.max_k, step_fixed=fixed, step_per_token=per_token,
+                        draft_step=self._draft_step)
+        lengths = []
+        for request_id in request_ids:
+            if k > 0:
+                self._idle[request_id] = 0
+                lengths.append(k)
+                continue
+            idle = self._idle.get(request_id, 0) + 1
+            self._idle[request_id] = 0 if idle >= self.PROBE_EVERY else idle
+            lengths.append(1 if idle >= self.PROBE_EVERY else 0)
+        return lengths
+
+    def acceptance(self, request_id: str) -> float:
+        return self._acceptance.get(request_id, self.PRIOR_ACCEPTANCE)
+
+    def forget(self, request_id: str) -> None:
+        self._acceptance.pop(request_id, None)
+        self._idle.pop(request_id, None)
