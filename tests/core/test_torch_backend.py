@@ -84,6 +84,8 @@ def _reversed_slots(slots, block_size, top):
     ((5, 1, 3), (5, 9, 12)),           # prefill, decode and a chunked prefill together
     ((1, 1, 1, 1), (1, 4, 5, 17)),     # decode-only: the padded batch path
     ((1, 4, 1, 2), (6, 4, 13, 9)),     # decodes batched beside prefill chunks
+    ((1, 4, 5), (9, 13, 20)),          # speculative drafts verified beside a decode
+    ((18, 3), (18, 25)),               # a chunk too long for the short-query paths beside a short one
 ])
 @pytest.mark.parametrize("heads,kv_heads", [(4, 4), (4, 2), (6, 1)])
 @pytest.mark.parametrize("layout", ["views", "runs"])

@@ -142,6 +142,7 @@ class TorchCPUBackend(TorchBackend):
         self._mask_cache: tuple[AttentionMetadata, torch.Tensor] | None = None
         self._layout_cache: tuple[AttentionMetadata, list[int], bool] | None = None
         self._lengths_cache: tuple[AttentionMetadata, torch.Tensor] | None = None
+        self._rows_cache: tuple[AttentionMetadata, torch.Tensor, torch.Tensor] | None = None
         self._runs_cache: tuple[AttentionMetadata, list[tuple[tuple[int, int], ...]]] | None = None
         self.native: NativeKernels | None = kernels()
         """enigma's native CPU kernels, for the Linears of models this backend prepares and for
@@ -168,10 +169,15 @@ class TorchCPUBackend(TorchBackend):
         With the native kernels, float32 decode-only steps run theirs.
         """
         write_kv(kv_cache, key, value, metadata.slot_mapping)
-        if (self.native is not None and metadata.num_tokens == metadata.num_seqs
-                and query.dtype == kv_cache.dtype == torch.float32):
-            return self.native.decode_attention(query, kv_cache, metadata.block_tables, self._seq_lens(metadata),
-                                                window=metadata.sliding_window, scale=scale)
+        if self.native is not None and query.dtype == kv_cache.dtype == torch.float32:
+            if metadata.num_tokens == metadata.num_seqs:
+                return self.native.decode_attention(query, kv_cache, metadata.block_tables,
+                                                    self._seq_lens(metadata), window=metadata.sliding_window,
+                                                    scale=scale)
+            if max(metadata.query_lens) <= self.SHORT_QUERY_MAX:
+                tables, lengths = self._query_rows(metadata)
+                return self.native.decode_attention(query, kv_cache, tables, lengths,
+                                                    window=metadata.sliding_window, scale=scale)
         starts, padded = self._layout(metadata, kv_cache)
         if padded:
             return self._decode_padded(query, kv_cache, metadata, scale)
@@ -189,9 +195,18 @@ class TorchCPUBackend(TorchBackend):
                 num_blocks = -(-seq_len // kv_cache.shape[3])
                 blocks = self._gather(kv_cache, metadata.block_tables[index, :num_blocks])
                 keys, values = blocks[0].flatten(1, 2)[:, :seq_len], blocks[1].flatten(1, 2)[:, :seq_len]
+            if 1 < query_len <= self.SHORT_QUERY_MAX and query_len < seq_len:
+                outputs.append(_attend_short(query[start:start + query_len], keys, values, metadata.sliding_window,
+                                             scale))
+                continue
             outputs.append(attend_one(query[start:start + query_len], keys, values, metadata.sliding_window,
                                       scale))
         return outputs[0] if len(outputs) == 1 else torch.cat(outputs)
+
+    SHORT_QUERY_MAX = 16
+    """Chunks of up to this many new tokens after a history (verifying speculative drafts) attend by
+    matmuls with an additive causal mask: SDPA with a mask takes its slow generic path on CPU
+    (enigma-tiny, 5 queries over 133 keys: 137 us a layer against 35)."""
 
     MAX_DECODE_RUNS = 16
     """A decode whose blocks form more runs than this is gathered instead."""
@@ -228,6 +243,19 @@ class TorchCPUBackend(TorchBackend):
                     for table, length in zip(tables, metadata.seq_lens)]
             self._runs_cache = cached = (metadata, runs)
         return cached[1]
+
+    def _query_rows(self, metadata: AttentionMetadata) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every query as a decode of its own: its sequence's block table, and as length its position
+        + 1 (causal). Short chunks (drafts being verified) then run the native decode kernel; made once
+        per step."""
+        cached = self._rows_cache
+        if cached is None or cached[0] is not metadata:
+            counts = torch.tensor(metadata.query_lens, dtype=torch.int64)
+            tables = metadata.block_tables.repeat_interleave(counts, dim=0)
+            lengths = [length - count + offset + 1 for length, count in zip(metadata.seq_lens, metadata.query_lens)
+                       for offset in range(count)]
+            self._rows_cache = cached = (metadata, tables, torch.tensor(lengths, dtype=torch.int64))
+        return cached[1], cached[2]
 
     def _seq_lens(self, metadata: AttentionMetadata) -> torch.Tensor:
         """``metadata.seq_lens`` as a tensor, made once per step (every layer asks)."""
@@ -284,6 +312,33 @@ class TorchCPUBackend(TorchBackend):
         mask = visible[:, None, None, :]
         self._mask_cache = (metadata, mask)
         return mask
+
+
+def _attend_short(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, window: int | None,
+                  scale: float) -> torch.Tensor:
+    """A few queries (``[q, heads, dim]``, the last ``q`` positions) over ``keys``/``values``
+    (``[kv_heads, len, dim]``), causal: the heads of a KV head attend together, one matmul each way."""
+    query_len, heads, head_dim = query.shape
+    kv_heads, seq_len = keys.shape[0], keys.shape[1]
+    group = heads // kv_heads
+    grouped = query.view(query_len, kv_heads, group, head_dim).permute(1, 2, 0, 3).reshape(
+        kv_heads, group * query_len, head_dim)
+    scores = torch.matmul(grouped, keys.transpose(1, 2)).mul_(scale).view(kv_heads, group, query_len, seq_len)
+    scores.add_(_short_causal_bias(query_len, seq_len, window, query.device, scores.dtype))
+    probs = scores.softmax(dim=-1).view(kv_heads, group * query_len, seq_len)
+    out = torch.matmul(probs, values).view(kv_heads, group, query_len, head_dim)
+    return out.permute(2, 0, 1, 3).reshape(query_len, heads, head_dim)
+
+
+def _short_causal_bias(query_len: int, seq_len: int, window: int | None, device: torch.device,
+                       dtype: torch.dtype) -> torch.Tensor:
+    """``[q, len]``: 0 where query ``i`` (position ``len - q + i``) sees the key, -inf elsewhere."""
+    query_pos = torch.arange(seq_len - query_len, seq_len, device=device)[:, None]
+    key_pos = torch.arange(seq_len, device=device)[None, :]
+    hidden = key_pos > query_pos
+    if window is not None:
+        hidden |= key_pos <= query_pos - window
+    return torch.zeros((query_len, seq_len), dtype=dtype, device=device).masked_fill_(hidden, float("-inf"))
 
 
 def _decode_in_place(query: torch.Tensor, kv_cache: torch.Tensor, runs: tuple[tuple[int, int], ...],
