@@ -290,3 +290,44 @@ def test_one_shot_run_answers_through_a_running_server(enigma, model_folder, eni
 def test_serve_refuses_an_unknown_model_before_starting(enigma):
     result = enigma("serve", "no-such-model", "--port", "9")
     assert result.returncode == 1 and "model 'no-such-model' not found" in result.stderr
+
+
+def test_speculative_decoding_from_a_modelfile_and_the_flags(enigma, model_folder, tmp_path, enigma_home):
+    """`PARAMETER draft` is kept in the store and used by run and serve; `--draft` does the same; the
+    served engine reports vLLM's speculative counters in /metrics."""
+    import httpx
+    from serving import launch, stop
+
+    assert enigma("pull", str(model_folder), "--name", "tiny").returncode == 0
+    (tmp_path / "Modelfile").write_text("FROM tiny\nPARAMETER draft [ngram]\nPARAMETER num_speculative_tokens 3\n")
+    assert enigma("create", "tiny-spec", "-f", str(tmp_path / "Modelfile")).returncode == 0
+    shown = json.loads(enigma("show", "tiny-spec", "--json").stdout)
+    assert shown["speculative"] == {"model": "[ngram]", "num_speculative_tokens": 3}
+    assert "speculative decoding" in enigma("show", "tiny-spec").stdout
+    plain = enigma("run", "tiny", "ab ab ab ab", "--max-tokens", "12", "--temperature", "0", "--local")
+    drafted = enigma("run", "tiny-spec", "ab ab ab ab", "--max-tokens", "12", "--temperature", "0", "--local")
+    flagged = enigma("run", "tiny", "ab ab ab ab", "--max-tokens", "12", "--temperature", "0", "--local",
+                     "--draft", "[self]")
+    assert plain.returncode == drafted.returncode == flagged.returncode == 0, drafted.stderr + flagged.stderr
+    assert plain.stdout == drafted.stdout == flagged.stdout  # greedy: the same answer
+
+    (tmp_path / "Bad").write_text("FROM tiny\nPARAMETER num_speculative_tokens 3\n")
+    result = enigma("create", "bad", "-f", str(tmp_path / "Bad"))
+    assert result.returncode == 1 and "needs PARAMETER draft" in result.stderr
+    result = enigma("run", "tiny", "hi", "--num-speculative-tokens", "2", "--local")
+    assert result.returncode == 2 and "--num-speculative-tokens needs --draft" in result.stderr
+
+    env = {**os.environ, "ENIGMA_HOME": str(enigma_home)}
+    process, base = launch(env, "tiny", "--draft", "[ngram]", "--num-speculative-tokens", "4",
+                           log_path=enigma_home / "server.log")
+    try:
+        response = httpx.post(f"{base}/v1/completions", json={
+            "model": "tiny", "prompt": "ab ab ab ab ab ab", "max_tokens": 24, "temperature": 0})
+        assert response.status_code == 200, response.text
+        metrics = httpx.get(f"{base}/metrics").text
+        drafts = [line for line in metrics.splitlines()
+                  if line.startswith('enigma:spec_decode_num_draft_tokens_total{model_name="tiny"}')]
+        assert drafts and float(drafts[0].rsplit(" ", 1)[1]) > 0
+        assert "enigma:spec_decode_draft_acceptance_rate" in metrics
+    finally:
+        stop(process)

@@ -35,6 +35,10 @@ PARAMETERS: dict[str, tuple[str, type]] = {
     "repetition_penalty": ("repetition_penalty", float), "presence_penalty": ("presence_penalty", float),
     "frequency_penalty": ("frequency_penalty", float), "stop": ("stop", str),
 }
+ENGINE_PARAMETERS: dict[str, tuple[str, type]] = {
+    # Modelfile name: (SpeculativeConfig field, type): how the model is served, not how requests sample
+    "draft": ("model", str), "num_speculative_tokens": ("num_speculative_tokens", int),
+}
 
 
 @attrs.define
@@ -49,6 +53,8 @@ class Modelfile:
     adapter: str | None = None
     parameters: dict[str, Any] = attrs.field(factory=dict)
     """SamplingParams field -> value (``stop`` is a list)."""
+    speculative: dict[str, Any] = attrs.field(factory=dict)
+    """SpeculativeConfig fields (``PARAMETER draft``, ``PARAMETER num_speculative_tokens``)."""
 
 
 def parse_modelfile(text: str, *, source: str = "Modelfile") -> Modelfile:
@@ -91,6 +97,16 @@ def parse_modelfile(text: str, *, source: str = "Modelfile") -> Modelfile:
             _add_parameter(result, value, f"{source}:{number}")
     if result.from_ is None:
         raise BadRequestError(f"{source}: no FROM instruction; a Modelfile starts with FROM <model>")
+    if result.speculative:
+        from enigma.speculative import SpeculativeConfig
+
+        if "model" not in result.speculative:
+            raise BadRequestError(f"{source}: PARAMETER num_speculative_tokens needs PARAMETER draft (a draft "
+                                  "model, [ngram] or [self])")
+        try:
+            SpeculativeConfig.build(speculative_config=result.speculative)
+        except BadRequestError as exc:
+            raise BadRequestError(f"{source}: {exc}") from None
     return result
 
 
@@ -102,8 +118,16 @@ def _add_parameter(result: Modelfile, value: str, where: str) -> None:
     if len(parts) != 2:
         raise BadRequestError(f"{where}: PARAMETER takes a name and one value, as in PARAMETER temperature 0.7")
     name, raw = parts[0].lower(), parts[1]
+    if name in ENGINE_PARAMETERS:
+        field, kind = ENGINE_PARAMETERS[name]
+        try:
+            result.speculative[field] = kind(raw)
+        except ValueError:
+            raise BadRequestError(f"{where}: parameter {name} needs a {kind.__name__}, got {raw!r}") from None
+        return
     if name not in PARAMETERS:
-        raise BadRequestError(f"{where}: unknown parameter {parts[0]!r}; known: {', '.join(sorted(PARAMETERS))}")
+        known = ", ".join(sorted([*PARAMETERS, *ENGINE_PARAMETERS]))
+        raise BadRequestError(f"{where}: unknown parameter {parts[0]!r}; known: {known}")
     field, kind = PARAMETERS[name]
     try:
         converted = kind(raw)
@@ -169,10 +193,15 @@ def _create(spec: Modelfile, path: Path, target: Any, folder: Path, store: Any, 
     original = store.manifest_for(base, folder)
     if original is not None:
         inherited = {"system": original.system, "template": original.template,
-                     "defaults": dict(original.defaults), "license": original.license}
+                     "defaults": dict(original.defaults), "license": original.license,
+                     "speculative": dict(original.speculative)}
     if spec.template is not None:
         _check_template(spec.template, spec.source)
     defaults = {**inherited.get("defaults", {}), **spec.parameters}
+    speculative = {**inherited.get("speculative", {}), **spec.speculative}
+    draft = speculative.get("model")
+    if draft is not None and (Path(path).parent / draft).expanduser().is_dir():  # a folder beside the Modelfile
+        speculative["model"] = str((Path(path).parent / draft).expanduser().resolve())
     files = sorted(str(p.relative_to(folder)) for p in folder.rglob("*")
                    if p.is_file() and needed(str(p.relative_to(folder)), local=True))
     extra = {}
@@ -187,7 +216,7 @@ def _create(spec: Modelfile, path: Path, target: Any, folder: Path, store: Any, 
         target, folder, files, source=f"modelfile:{base}", extra_files=extra,
         system=spec.system if spec.system is not None else inherited.get("system"),
         template=spec.template if spec.template is not None else inherited.get("template"),
-        defaults=defaults, adapter=ADAPTER_DIR if spec.adapter else None,
+        defaults=defaults, adapter=ADAPTER_DIR if spec.adapter else None, speculative=speculative,
         **({"license": spec.license or inherited.get("license")} if (spec.license or inherited.get("license"))
            else {}))
 

@@ -61,6 +61,8 @@ def open_model(name: str, **llm_options: Any) -> OpenedModel:
         llm_options = {**llm_options, "adapters": {**llm_options.get("adapters", {}),
                                                    adapter: str(folder / manifest.adapter)},
                        "default_adapter": adapter}
+    if manifest is not None and manifest.speculative and "speculative_config" not in llm_options:
+        llm_options = {**llm_options, "speculative_config": dict(manifest.speculative)}
     try:
         llm = LLM(folder, served_model_name=name, **llm_options)
     except Exception as exc:

@@ -98,6 +98,8 @@ class Manifest:
     defaults: dict[str, Any] = attrs.field(factory=dict)
     """Default sampling parameters (Modelfile ``PARAMETER``)."""
     adapter: str | None = None
+    speculative: dict[str, Any] = attrs.field(factory=dict)
+    """Speculative decoding the model is served with (Modelfile ``PARAMETER draft``): SpeculativeConfig fields."""
 
     @property
     def model_name(self) -> ModelName:

@@ -106,7 +106,8 @@ def model_details(model: str) -> dict[str, Any]:
     details.update(info)
     template = manifest.template if manifest and manifest.template else _chat_template(folder)
     details.update({"chat_template": template, "system": manifest.system if manifest else None,
-                    "parameters_defaults": manifest.defaults if manifest else {}, "files": files})
+                    "parameters_defaults": manifest.defaults if manifest else {},
+                    "speculative": manifest.speculative if manifest else {}, "files": files})
     return details
 
 
@@ -147,6 +148,10 @@ def show(model: str, as_json: bool) -> None:
         click.echo("\n  parameters")
         for key, value in details["parameters_defaults"].items():
             click.echo(f"    {key:<14}{value}")
+    if details.get("speculative"):
+        click.echo("\n  speculative decoding")
+        for key, value in details["speculative"].items():
+            click.echo(f"    {'draft' if key == 'model' else key:<14}{value}")
     click.echo("\n  chat template")
     click.echo("    " + (details["chat_template"] or "(none: plain completion)").replace("\n", "\n    "))
     click.echo("\n  files")

@@ -7,7 +7,7 @@ from typing import Any
 
 import click
 
-from enigma_cli.commands.engine_flags import engine_flags
+from enigma_cli.commands.engine_flags import engine_flags, speculative_flags, speculative_options
 
 HELP = """\
 Available commands:
@@ -41,9 +41,10 @@ Examples:
 @click.option("--seed", type=int, help="Seed for reproducible sampling.")
 @click.option("--system", help="System message.")
 @click.option("--local", is_flag=True, help="Load the model here even when a running `enigma serve` has it.")
+@speculative_flags
 @engine_flags
 def run(model: str | None, prompt: tuple[str, ...], local: bool, backend: str | None, scheduler: str | None,
-        cache: str | None, **options: Any) -> None:
+        cache: str | None, draft: str | None, num_speculative_tokens: int | None, **options: Any) -> None:
     """Run a model: answer PROMPT and exit, or start an interactive chat.
 
     Reads the prompt from stdin when it is piped. MODEL defaults to the
@@ -61,7 +62,10 @@ def run(model: str | None, prompt: tuple[str, ...], local: bool, backend: str | 
         text = f"{text}\n\n{piped}".strip() if text else piped.strip()
         if not text:
             raise click.UsageError("the piped prompt is empty")
-    engine = {"backend": backend, "scheduler": scheduler, "cache": cache}
+    engine: dict[str, Any] = {"backend": backend, "scheduler": scheduler, "cache": cache}
+    speculative = speculative_options(draft, num_speculative_tokens)
+    if speculative:
+        engine["speculative_config"] = speculative
     if text and not local and not any(engine.values()):
         from enigma_cli.commands.remote import answer_remotely, find_server
 

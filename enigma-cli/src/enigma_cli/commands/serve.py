@@ -6,7 +6,7 @@ import logging
 
 import click
 
-from enigma_cli.commands.engine_flags import engine_flags
+from enigma_cli.commands.engine_flags import engine_flags, speculative_flags, speculative_options
 
 
 @click.command(epilog="""
@@ -38,10 +38,12 @@ Then, with the openai SDK:
 @click.option("--tool-parser", type=click.Choice(["hermes", "llama3_json", "mistral"]), default=None,
               help="How the models write tool calls [default: as each model's chat template asks; hermes "
                    "when it does not say].")
+@speculative_flags
 @engine_flags
 def serve(models: tuple[str, ...], host: str | None, port: int | None, max_body_mb: float, no_auth: bool,
           graceful_timeout: float, loras: tuple[str, ...], max_loras: int, tool_parser: str | None,
-          backend: str | None, scheduler: str | None, cache: str | None) -> None:
+          backend: str | None, scheduler: str | None, cache: str | None, draft: str | None,
+          num_speculative_tokens: int | None) -> None:
     """Serve models over HTTP: the OpenAI API (/v1/...), health routes, and installed transports.
 
     One process serves every request: its engine batches them continuously,
@@ -57,6 +59,7 @@ def serve(models: tuple[str, ...], host: str | None, port: int | None, max_body_
 
     config = load_config()
     names = list(models) or [config.get("models.default")]
+    speculative = speculative_options(draft, num_speculative_tokens)
     from enigma.llm import resolve_model_path
 
     for name in names:  # an unknown name fails now, not after the server is up
@@ -91,7 +94,7 @@ def serve(models: tuple[str, ...], host: str | None, port: int | None, max_body_
                             ip_token_rate_limit=config.get("server.ip_token_rate_limit"),
                             llm_options={**engine_options(config, backend=backend, scheduler=scheduler,
                                                           cache=cache), "max_loras": max_loras},
-                            adapters=adapters, tool_parser=tool_parser)
+                            adapters=adapters, tool_parser=tool_parser, speculative=speculative)
     served = ", ".join(names + list(adapters))
     click.echo(f"enigma serving {served} on http://{host}:{port} (OpenAI API at /v1)", err=True)
     asyncio.run(serve_async(context, host, port, graceful_timeout=graceful_timeout))

@@ -87,6 +87,19 @@ class EngineCollector:
                                                                    "cache."),
     }
 
+    COUNTERS = {
+        # vLLM's speculative-decoding counters (its v1 names), for engines that speculate
+        "enigma:spec_decode_num_drafts": ("spec_decode_num_drafts", "Verifications of draft tokens."),
+        "enigma:spec_decode_num_draft_tokens": ("spec_decode_num_draft_tokens", "Draft tokens proposed."),
+        "enigma:spec_decode_num_accepted_tokens": ("spec_decode_num_accepted_tokens", "Draft tokens accepted."),
+    }
+    SPEC_GAUGES = {
+        "enigma:spec_decode_draft_acceptance_rate": ("spec_decode_draft_acceptance_rate",
+                                                     "Share of draft tokens accepted."),
+        "enigma:spec_decode_mean_accepted_length": ("spec_decode_mean_accepted_length",
+                                                    "Tokens emitted per verification (accepted drafts + 1)."),
+    }
+
     def __init__(self, owner: Metrics) -> None:
         self.owner = owner
 
@@ -94,23 +107,37 @@ class EngineCollector:
         return []
 
     def collect(self) -> Iterator[Any]:
-        from prometheus_client.core import GaugeMetricFamily
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
         families = {name: GaugeMetricFamily(name, doc, labels=["model_name"])
-                    for name, (_, doc) in self.GAUGES.items()}
+                    for name, (_, doc) in {**self.GAUGES, **self.SPEC_GAUGES}.items()}
+        counters = {name: CounterMetricFamily(name, doc, labels=["model_name"])
+                    for name, (_, doc) in self.COUNTERS.items()}
+        per_position = CounterMetricFamily("enigma:spec_decode_num_accepted_tokens_per_pos",
+                                           "Draft tokens accepted, by position in the draft.",
+                                           labels=["model_name", "position"])
         usage = GaugeMetricFamily("enigma:kv_cache_usage_perc", "Share of KV-cache blocks in use (0-1).",
                                   labels=["model_name"])
         for context in self.owner.contexts:
             for model, stats in context.stats().items():
                 if not stats:
                     continue
-                for name, (key, _) in self.GAUGES.items():
+                for name, (key, _) in {**self.GAUGES, **self.SPEC_GAUGES}.items():
                     if key in stats:
                         families[name].add_metric([model], float(stats[key]))
+                for name, (key, _) in self.COUNTERS.items():
+                    if key in stats:
+                        counters[name].add_metric([model], float(stats[key]))
+                for key, value in stats.items():
+                    if key.startswith("spec_decode_num_accepted_tokens_pos"):
+                        position = key.removeprefix("spec_decode_num_accepted_tokens_pos")
+                        per_position.add_metric([model, position], float(value))
                 total = stats.get("kv_blocks_total") or 0
                 usage.add_metric([model], stats.get("kv_blocks_used", 0) / total if total else 0.0)
         yield from families.values()
         yield usage
+        yield from counters.values()
+        yield per_position
 
 
 class MetricsTransport:
