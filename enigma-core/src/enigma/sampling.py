@@ -267,11 +267,13 @@ def sampling_probs(logits: torch.Tensor, rows: Sequence[SamplingRow]) -> torch.T
     :func:`process_logits`, temperature, top-k, top-p and min-p; for greedy rows all the mass on
     the argmax. What :func:`sample` draws from, and what speculative decoding must reproduce."""
     logits = process_logits(logits, rows)
-    probs = torch.empty_like(logits)
+    probs = torch.zeros_like(logits)
+    greedy = [index for index, row in enumerate(rows) if row.params.greedy]
+    if greedy:
+        chosen = torch.tensor(greedy, device=logits.device)
+        probs[chosen, logits[chosen].argmax(dim=-1)] = 1.0
     for index, row in enumerate(rows):
-        if row.params.greedy:
-            probs[index].zero_()[logits[index].argmax()] = 1.0
-        else:
+        if not row.params.greedy:
             probs[index] = _filter(logits[index], row.params).softmax(-1)
     return probs
 

@@ -59,3 +59,22 @@ def test_writes_text_and_answers_through_its_chat_template(llm):
                       SamplingParams(max_tokens=80, temperature=0))[0].outputs[0]
     assert answer.finish_reason == "stop" and "<|im_end|>" not in answer.text
     assert answer.text.split()[0][0].isupper()  # answers in the docs' voice: "Return ..."
+
+
+def test_its_draft_is_small_registered_and_accepted(llm):
+    """enigma-tiny-draft: ≤ 5 MB, enigma-tiny's vocabulary, and as a draft for enigma-tiny it gives
+    enigma-tiny's greedy tokens with most of its drafts accepted (a random draft would see almost none)."""
+    import enigma_tiny
+
+    models = {impl.name: impl for impl in get_host().registry.implementations("model")}
+    assert models["enigma-tiny-draft"].distribution == "enigma-plugin-tiny"
+    folder = enigma_tiny.draft_path()
+    assert sum(p.stat().st_size for p in folder.iterdir()) <= 5 * 2**20
+    record = json.loads((folder / "training.json").read_text())
+    assert record["teacher"] == "enigma-tiny" and record["steps"] > 0
+    speculative = LLM("enigma-tiny", speculative_model="enigma-tiny-draft", num_speculative_tokens=4)
+    params = SamplingParams(temperature=0, max_tokens=64)
+    prompt = "A tuple is an immutable sequence. Tuples are written as"
+    assert (speculative.generate([prompt], params)[0].outputs[0].token_ids
+            == llm.generate([prompt], params)[0].outputs[0].token_ids)
+    assert speculative.engine.stats()["spec_decode_draft_acceptance_rate"] > 0.4

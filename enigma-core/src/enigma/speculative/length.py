@@ -44,12 +44,13 @@ def best_length(acceptances: Sequence[float], max_k: int, *, step_fixed: float, 
 class SpeculationLength:
     """Measured costs and acceptances, and the k they call for (see the module's docstring)."""
 
-    PROBE_EVERY = 16
+    PROBE_EVERY = 8
     """Steps a request goes without drafts before it tries one again."""
     PRIOR_ACCEPTANCE = 0.7
-    """A new request's acceptance until its first verification."""
-    ACCEPTANCE_DECAY = 0.7
-    """Weight of the past in each request's acceptance (per verified draft token)."""
+    """The acceptance assumed before any draft was verified."""
+    ACCEPTANCE_DECAY = 0.9
+    """Weight of the past in each request's acceptance (per verified draft token); a new request starts
+    from the acceptance of all requests so far."""
     STEP_DECAY = 0.98
     """Weight of the past in the step-time fit (per step)."""
 
@@ -65,6 +66,7 @@ class SpeculationLength:
             self._add(tokens, seconds, weight=0.5)
         self._draft_step = 0.0
         self._draft_steps_seen = 0
+        self._overall = self.PRIOR_ACCEPTANCE
 
     # ------------------------------------------------------------ measurements
 
@@ -95,10 +97,11 @@ class SpeculationLength:
         """A request's ``accepted`` of ``proposed`` drafts were kept."""
         if proposed < 1:
             return
-        acceptance = self._acceptance.get(request_id, self.PRIOR_ACCEPTANCE)
+        acceptance = self._acceptance.get(request_id, self._overall)
         outcomes = [1.0] * accepted + ([0.0] if accepted < proposed else [])
         for outcome in outcomes:
             acceptance = self.ACCEPTANCE_DECAY * acceptance + (1 - self.ACCEPTANCE_DECAY) * outcome
+            self._overall = 0.99 * self._overall + 0.01 * outcome
         self._acceptance[request_id] = acceptance
 
     def step_costs(self) -> tuple[float, float]:
@@ -119,7 +122,7 @@ class SpeculationLength:
         if not self.adaptive:
             return [self.max_k] * len(request_ids)
         fixed, per_token = self.step_costs()
-        acceptances = [self._acceptance.get(r, self.PRIOR_ACCEPTANCE) for r in request_ids]
+        acceptances = [self._acceptance.get(r, self._overall) for r in request_ids]
         k = best_length(acceptances, self.max_k, step_fixed=fixed, step_per_token=per_token,
                         draft_step=self._draft_step)
         lengths = []
@@ -134,7 +137,7 @@ class SpeculationLength:
         return lengths
 
     def acceptance(self, request_id: str) -> float:
-        return self._acceptance.get(request_id, self.PRIOR_ACCEPTANCE)
+        return self._acceptance.get(request_id, self._overall)
 
     def forget(self, request_id: str) -> None:
         self._acceptance.pop(request_id, None)
