@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +15,8 @@ Examples:
   enigma train --data chats.jsonl --model ./my-llama --out ./tuned --epochs 3 --lr 2e-5
   enigma train --data 'corpus/*.txt' --model config.json --tokenizer ./tok --out ./scratch --max-steps 2000
   enigma train --config train.toml --resume
+  enigma train --data corpus/ --model ./my-llama --out ./tuned --nproc 2 --zero 2
+  torchrun --nnodes 2 --nproc-per-node 8 --rdzv-endpoint HOST:29500 -m enigma_cli train ... --zero 2
 """
 
 
@@ -49,6 +52,9 @@ Examples:
 @click.option("--save-interval", type=int, help="Steps between checkpoints [200].")
 @click.option("--seed", type=int, help="Seed for initialization and data order [0].")
 @click.option("--threads", type=int, help="CPU threads for torch.")
+@click.option("--nproc", type=int, help="Ranks to start on this machine (data parallel; enigma-plugin-zero) [1].")
+@click.option("--zero", type=click.IntRange(0, 2),
+              help="ZeRO stage across ranks: 0 replicated, 1 optimizer state sharded, 2 and gradients sharded [0].")
 @click.option("--save-dtype", type=click.Choice(["auto", "fp32", "bf16", "fp16"]), help="dtype of saved weights.")
 @click.option("--resume", is_flag=True, default=None, help="Continue the run in --out from its last checkpoint.")
 def train(ctx: click.Context, config_file: Path | None, data: tuple[str, ...], data_format: str | None,
@@ -80,7 +86,8 @@ def train(ctx: click.Context, config_file: Path | None, data: tuple[str, ...], d
         where = f"the last checkpoint is {checkpoint}; continue with --resume" if checkpoint else "no checkpoint yet"
         click.echo(f"Interrupted: {where}", err=True)
         raise SystemExit(130) from None
-    click.echo(f"Model saved to {out}")
+    if os.environ.get("RANK", "0") == "0":  # under torchrun, the main rank saves and says so
+        click.echo(f"Model saved to {out}")
 
 
 def method_flags(args: list[str]) -> dict[str, str | bool]:

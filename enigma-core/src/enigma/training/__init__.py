@@ -19,15 +19,31 @@ def train(config: TrainConfig, *, progress: ProgressCallback | None = None) -> P
 
     ``config.options`` (method-specific options from ``--<option>`` flags or the
     TOML file's ``[train.options]``) are checked against the options class the
-    trainer registered and handed to it as an instance of that class."""
+    trainer registered and handed to it as an instance of that class. A run on several processes
+    (``config.distributed``) goes to the ``zero`` trainer, which starts the ranks and runs the method
+    in each."""
     import attrs
 
     from enigma.plugins import get_host
 
-    implementation = get_host().select("trainer", config.trainer)
+    host = get_host()
+    implementation = host.select("trainer", config.trainer)
     options = trainer_options(implementation, config.options)
+    if config.distributed:
+        implementation = sharded_trainer(host)
     trainer = implementation.create()
     return Path(trainer.train(attrs.evolve(config, options=options), progress=progress))
+
+
+def sharded_trainer(host: object) -> object:
+    """The trainer that runs a method across processes (``enigma-plugin-zero``'s ``zero``)."""
+    from enigma.errors import ConfigError, NotFoundError
+
+    try:
+        return host.select("trainer", "zero")
+    except NotFoundError:
+        raise ConfigError("training on several processes (--nproc, --zero, or under torchrun) needs "
+                          "enigma-plugin-zero: pip install enigma-plugin-zero") from None
 
 
 def trainer_options(implementation: object, raw: object) -> object:

@@ -70,6 +70,11 @@ class TrainConfig:
     seed: int = 0
     resume: bool = False
     threads: int | None = attrs.field(default=None, validator=_positive)
+    nproc: int = attrs.field(default=1, validator=_positive)
+    """Processes (ranks) to start on this machine; above 1 the run is data-parallel (enigma-plugin-zero)."""
+    zero: int = 0
+    """ZeRO stage of a multi-process run: 0 (replicated, plain data parallelism), 1 (optimizer state
+    sharded) or 2 (optimizer state and gradients sharded)."""
     save_dtype: str = "auto"
     """dtype of the saved weights: ``auto`` (the model's), fp32, bf16 or fp16."""
     options: Any = attrs.field(factory=dict)
@@ -82,10 +87,20 @@ class TrainConfig:
             raise ConfigError(f"training option dtype = {self.dtype!r} is not supported; choose {', '.join(DTYPES)}")
         if self.save_dtype not in ("auto", "fp32", "bf16", "fp16"):
             raise ConfigError(f"training option save_dtype = {self.save_dtype!r}; choose auto, fp32, bf16, fp16")
+        if self.zero not in (0, 1, 2):
+            raise ConfigError(f"training option zero = {self.zero!r}: ZeRO stages are 0, 1 and 2")
         if self.streaming and self.max_steps is None:
             raise ConfigError("streaming data has no known length: set max_steps (--max-steps) as well")
         if not self.data:
             raise ConfigError("training option data is empty: name at least one file, folder or glob")
+
+    @property
+    def distributed(self) -> bool:
+        """Whether the run spans processes: ``nproc`` or ``zero`` asked for it, or it runs as a rank of a
+        job torchrun started."""
+        import os
+
+        return self.nproc > 1 or self.zero > 0 or int(os.environ.get("WORLD_SIZE", "1")) > 1
 
     def checkpointed_layers(self, num_layers: int) -> frozenset[int]:
         """The layer indices ``gradient_checkpointing`` names."""

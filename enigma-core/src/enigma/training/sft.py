@@ -30,8 +30,9 @@ from enigma.models import architecture_class
 from enigma.saving import save_model_folder
 from enigma.tokenizer import Tokenizer
 from enigma.training.attention import causal_lm_loss
-from enigma.training.checkpoint import checkpoints_dir, latest_checkpoint, load_checkpoint, save_checkpoint
+from enigma.training.checkpoint import checkpoints_dir, latest_checkpoint
 from enigma.training.config import TrainConfig
+from enigma.training.distribution import SingleProcess
 from enigma.training.progress import ProgressCallback, TrainProgress
 
 RUN_RECORD = "enigma_training.json"
@@ -150,7 +151,13 @@ class SFTTrainer:
     :meth:`prepare_model` (freeze parts, wrap Linears with adapters) and what
     it writes by overriding :meth:`save_result`; the optimizer and the
     checkpoints take the parameters that still require gradients.
+
+    :attr:`distribution` says where the work happens: this process alone
+    (the default), or one rank of a data-parallel or ZeRO job, which
+    ``enigma-plugin-zero`` sets before calling :meth:`train`.
     """
+
+    distribution = SingleProcess()
 
     def build(self, config: TrainConfig) -> tuple[torch.nn.Module, dict[str, Any], Path]:
         """The model to start from (loaded in float32, or freshly initialized), its config.json and
@@ -185,7 +192,8 @@ class SFTTrainer:
                           generation_config=generation_config)
 
     def train(self, config: TrainConfig, *, progress: ProgressCallback | None = None) -> Path:
-        report = progress or (lambda event: None)
+        dist = self.distribution
+        report = (progress or (lambda event: None)) if dist.is_main else (lambda event: None)
         if config.threads:
             torch.set_num_threads(config.threads)
         out = Path(config.out).expanduser()
@@ -205,21 +213,23 @@ class SFTTrainer:
             raise ConfigError(f"the tokenizer in {tokenizer_folder} has {tokenizer.vocab_size} tokens but the "
                               f"model's vocab_size is {vocab}; use the model's tokenizer or raise vocab_size")
         model.checkpointed_layers = config.checkpointed_layers(model.num_layers)
+        torch.manual_seed(config.seed)  # what prepare_model initializes (adapters) is the same every run, every rank
         model = self.prepare_model(model, config)
 
         data = self.load_data(config, tokenizer, model)
+        micro_batches_per_step = config.grad_accum * dist.world_size
         total_steps = config.max_steps or max(1, math.ceil(
-            config.epochs * data.batches_per_epoch(config.batch_size) / config.grad_accum))
+            config.epochs * data.batches_per_epoch(config.batch_size) / micro_batches_per_step))
 
-        optimizer = make_optimizer(model, config)
+        model = dist.shard_model(model)
+        optimizer = dist.make_optimizer(model, lambda module: make_optimizer(module, config))
         warmup = min(config.warmup_steps, total_steps)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(
             step, warmup=warmup, total=total_steps, min_ratio=config.min_lr_ratio))
         step = 0
         if config.resume:
             assert checkpoint is not None
-            state = load_checkpoint(checkpoint, model)
-            optimizer.load_state_dict(state["optimizer"])
+            state = dist.load_checkpoint(checkpoint, model, optimizer)
             scheduler.load_state_dict(state["scheduler"])
             torch.set_rng_state(state["rng"])
             step = int(state["step"])
@@ -234,14 +244,16 @@ class SFTTrainer:
 
         autocast = (torch.autocast("cpu", dtype=torch.bfloat16) if config.dtype == "bf16"
                     else contextlib.nullcontext())
-        batches = data.train_batches(config.batch_size, seed=config.seed, start=step * config.grad_accum)
+        batches = dist.micro_batches(data.train_batches(config.batch_size, seed=config.seed,
+                                                        start=step * micro_batches_per_step))
         window_loss, window_steps, window_start, window_tokens = 0.0, 0, time.perf_counter(), 0
         window_metrics: dict[str, float] = {}
         total_tokens = 0
         run_start, steps_this_run = time.perf_counter(), 0
         val_loss = None
         while step < total_steps:
-            for _ in range(config.grad_accum):
+            for micro in range(config.grad_accum):
+                dist.sync_gradients(model, micro == config.grad_accum - 1)
                 with autocast:
                     result = self.compute_loss(model, next(batches))
                 (result.loss / config.grad_accum).backward()
@@ -250,7 +262,7 @@ class SFTTrainer:
                 for name, value in result.metrics.items():
                     window_metrics[name] = window_metrics.get(name, 0.0) + value / config.grad_accum
             if config.grad_clip:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+                dist.clip_grad_norm(model, config.grad_clip)
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
@@ -260,10 +272,13 @@ class SFTTrainer:
             if step % config.log_interval == 0 or step == total_steps:
                 elapsed = time.perf_counter() - window_start
                 per_step = (time.perf_counter() - run_start) / steps_this_run
+                names = sorted(window_metrics)
+                window_loss, *averaged = dist.mean([window_loss, *(window_metrics[name] for name in names)])
+                window_tokens = round(dist.total(window_tokens))
                 report(TrainProgress(event="step", step=step, total_steps=total_steps,
                                      loss=window_loss / window_steps, lr=scheduler.get_last_lr()[0],
                                      tokens_per_s=window_tokens / elapsed, eta_s=per_step * (total_steps - step),
-                                     metrics={k: v / window_steps for k, v in window_metrics.items()}))
+                                     metrics={name: value / window_steps for name, value in zip(names, averaged)}))
                 total_tokens += window_tokens
                 window_loss, window_steps, window_start, window_tokens = 0.0, 0, time.perf_counter(), 0
                 window_metrics = {}
@@ -272,18 +287,22 @@ class SFTTrainer:
                 if val_loss is not None:
                     report(TrainProgress(event="eval", step=step, total_steps=total_steps, val_loss=val_loss))
             if step % config.save_interval == 0 and step < total_steps:
-                state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                         "rng": torch.get_rng_state(), "step": step}
-                path = save_checkpoint(out, step, model, state, keep=config.keep_checkpoints)
+                state = {"scheduler": scheduler.state_dict(), "rng": torch.get_rng_state(), "step": step}
+                path = dist.save_checkpoint(out, step, model, optimizer, state, keep=config.keep_checkpoints)
                 report(TrainProgress(event="save", step=step, total_steps=total_steps, path=str(path)))
 
-        save_dtype = None if config.save_dtype == "auto" else torch_dtype(config.save_dtype)
-        self.save_result(model, hf_config, out, tokenizer_folder=tokenizer_folder, dtype=save_dtype,
-                         generation_config=generation_config_for(tokenizer, hf_config, base_folder=model_folder))
-        tokens = round(total_tokens / max(steps_this_run, 1) * step)  # a resumed run: at this run's rate
-        record = {"config": config.to_dict(), "steps": step, "tokens": tokens,
-                  "val_loss": val_loss, "val_perplexity": None if val_loss is None else math.exp(val_loss)}
-        atomic_write_text(out / RUN_RECORD, json.dumps(record, indent=2) + "\n")
+        optimizer_bytes = dist.optimizer_state_bytes(optimizer)
+        final = dist.final_model(model, lambda: self.prepare_model(self.build(config)[0], config))
+        if final is not None:
+            save_dtype = None if config.save_dtype == "auto" else torch_dtype(config.save_dtype)
+            self.save_result(final, hf_config, out, tokenizer_folder=tokenizer_folder, dtype=save_dtype,
+                             generation_config=generation_config_for(tokenizer, hf_config, base_folder=model_folder))
+            tokens = round(total_tokens / max(steps_this_run, 1) * step)  # a resumed run: at this run's rate
+            record = {"config": config.to_dict(), "steps": step, "tokens": tokens, "distribution": dist.name,
+                      "world_size": dist.world_size, "optimizer_state_bytes_per_rank": optimizer_bytes,
+                      "val_loss": val_loss, "val_perplexity": None if val_loss is None else math.exp(val_loss)}
+            atomic_write_text(out / RUN_RECORD, json.dumps(record, indent=2) + "\n")
+        dist.barrier()
         report(TrainProgress(event="done", step=step, total_steps=total_steps, val_loss=val_loss, path=str(out)))
         return out
 
