@@ -33,7 +33,8 @@ def test_builtins_are_discovered_through_entry_points(plugin_host):
                         ("cache", "contiguous"): "paged", ("scheduler", "continuous"): "continuous",
                         ("trainer", "sft"): "sft", ("architecture", "LlamaForCausalLM"): "llama",
                         ("architecture", "MistralForCausalLM"): "llama", ("architecture", "Qwen2ForCausalLM"): "llama",
-                        ("architecture", "BertModel"): "bert", ("weight_source", "safetensors"): "safetensors"}
+                        ("architecture", "BertModel"): "bert", ("weight_source", "safetensors"): "safetensors",
+                        ("executor", "local"): "local"}
 
 
 def test_installed_plugin_is_found_with_its_distribution(installed_plugins):

@@ -258,6 +258,17 @@ def enigma_register_weight_sources(register: Register) -> None:
     """
 
 
+@hookspec
+def enigma_register_executors(register: Register) -> None:
+    """Register executors: where a model's forward passes run for the engine.
+
+    Called once per plugin while plugins load. Each implementation must satisfy
+    :class:`enigma.kinds.Executor`. Today: ``local`` (enigma-core: this process),
+    ``tensor-parallel`` (enigma-plugin-zero: a driver and worker processes, each
+    holding a shard of every layer).
+    """
+
+
 @hookspec(firstresult=True)
 def enigma_import_model_file(path: Path, folder: Path) -> bool | None:
     """Make a model folder from a single-file model (``x.gguf``): ``enigma pull x.gguf``, ``FROM x.gguf``,
@@ -364,5 +375,6 @@ REGISTER_HOOKS: dict[str, str] = {
     "model": "enigma_register_models",
     "architecture": "enigma_register_architectures",
     "weight_source": "enigma_register_weight_sources",
+    "executor": "enigma_register_executors",
 }
 """The registration hook of each kind."""

@@ -45,6 +45,7 @@ KINDS: tuple[str, ...] = (
     "model",
     "architecture",
     "weight_source",
+    "executor",
 )
 """Every kind an implementation can be registered as, in documentation order."""
 
@@ -295,6 +296,18 @@ class Quantizer(Protocol):
     def transform(self, model: torch.nn.Module, *, context: LoadContext) -> None:
         """Swap the unmaterialised ``model``'s modules (on the meta device) for ones
         whose parameters and buffers are named like the artifact's tensors."""
+
+
+@runtime_checkable
+class Executor(Protocol):
+    """Runs a causal LM's forward passes for the engine: in this process (``local``), or split over worker
+    processes (``tensor-parallel``, enigma-plugin-zero). The engine, scheduler and KV pool above it are the
+    same either way."""
+
+    def create_runner(self, loaded: Any, backend: Any, *, block_size: int, options: Any) -> Any:
+        """A :class:`enigma.runner.ModelRunner` (or one that behaves as it does: ``execute``, ``resize``,
+        ``bytes_per_block``, ``close``) for ``loaded`` on ``backend``; ``options`` an
+        :class:`enigma.runner.ExecutorOptions`."""
 
 
 @runtime_checkable

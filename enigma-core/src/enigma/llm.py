@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from enigma.errors import BadRequestError, NotAvailableError, NotFoundError
+from enigma.errors import BadRequestError, ConfigError, NotAvailableError, NotFoundError
 from enigma.outputs import EmbeddingOutput, EmbeddingRequestOutput, RequestOutput
 from enigma.sampling import SamplingParams
 
@@ -90,7 +90,7 @@ class LLM:
                  adapters: dict[str, str | Path] | None = None, max_loras: int = 4,
                  default_adapter: str | None = None, enable_lora: bool = False,
                  speculative_model: str | Path | None = None, num_speculative_tokens: int | None = None,
-                 speculative_config: Any = None) -> None:
+                 speculative_config: Any = None, tensor_parallel_size: int = 1) -> None:
         from enigma.loader import load_model
         from enigma.plugins import get_host
         from enigma.tokenizer import Tokenizer
@@ -116,9 +116,16 @@ class LLM:
             self.max_model_len = read_max_seq_length(folder, self.loaded.hf_config)
         else:
             from enigma.engine.engine import Engine
-            from enigma.runner import ModelRunner
+            from enigma.runner import ExecutorOptions
 
-            self._runner = ModelRunner(self.loaded, self.backend, block_size=block_size)
+            if tensor_parallel_size > 1 and (speculative_model is not None or speculative_config is not None):
+                raise ConfigError("speculative decoding does not run under tensor parallelism yet; "
+                                  "use one of them")
+            executor = self._executor(tensor_parallel_size)
+            self._runner = executor.create_runner(self.loaded, self.backend, block_size=block_size,
+                                                  options=ExecutorOptions(tensor_parallel_size=tensor_parallel_size,
+                                                                          backend=backend, device=device,
+                                                                          load_options=load_options))
             speculator = self._speculator(speculative_model, num_speculative_tokens, speculative_config, dtype)
             blocks = num_kv_blocks or kv_blocks_for(self._runner, kv_cache_memory, max_num_seqs,
                                                     extra_bytes_per_block=_draft_bytes_per_block(speculator))
@@ -130,6 +137,31 @@ class LLM:
             if default_adapter is not None:
                 self.engine.default_adapter = default_adapter
         self.eos_token_ids = self.tokenizer.eos_token_ids
+
+    @staticmethod
+    def _executor(tensor_parallel_size: int) -> Any:
+        from enigma.plugins import get_host
+
+        if tensor_parallel_size < 1:
+            raise ConfigError(f"tensor_parallel_size={tensor_parallel_size}: give 1 or more processes")
+        if tensor_parallel_size == 1:
+            return get_host().create("executor", "local")
+        try:
+            return get_host().create("executor", "tensor-parallel")
+        except NotFoundError:
+            raise ConfigError(f"tensor_parallel_size={tensor_parallel_size} needs the tensor-parallel executor: "
+                              "pip install enigma-plugin-zero") from None
+
+    def close(self) -> None:
+        """Stop what the model holds beyond this process's memory (a tensor-parallel run's workers)."""
+        if self._runner is not None:
+            self._runner.close()
+
+    def __enter__(self) -> LLM:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     def _speculator(self, speculative_model: Any, num_speculative_tokens: int | None, speculative_config: Any,
                     dtype: Any) -> Any:

@@ -9,7 +9,8 @@ pass and returns logits.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import attrs
 import torch
@@ -82,6 +83,9 @@ class ModelRunner:
                           for _ in range(self.model.num_layers)]
         self.num_blocks = num_blocks
 
+    def close(self) -> None:
+        """Release what the runner holds beyond its tensors (an executor's worker processes)."""
+
     def metadata(self, chunks: Sequence[SequenceChunk]) -> AttentionMetadata:
         block_size = self.block_size
         slots: list[int] = []
@@ -119,3 +123,28 @@ class ModelRunner:
                 full[index] = self.model.compute_logits(hidden[start:start + len(chunk.token_ids)])
             start += len(chunk.token_ids)
         return StepLogits(self.model.compute_logits(hidden[ends]), full)
+
+
+@attrs.frozen(kw_only=True)
+class ExecutorOptions:
+    """What an executor needs beyond the loaded model: how to load it again elsewhere (workers)."""
+
+    tensor_parallel_size: int = 1
+    backend: str = "auto"
+    """The backend's name as asked for (a worker creates its own)."""
+    device: str | None = None
+    load_options: Mapping[str, Any] | None = None
+
+
+class LocalExecutor:
+    """The ``local`` executor: one :class:`ModelRunner` in this process."""
+
+    def create_runner(self, loaded: LoadedModel, backend: object, *, block_size: int,
+                      options: ExecutorOptions) -> ModelRunner:
+        if options.tensor_parallel_size != 1:
+            from enigma.errors import ConfigError
+
+            raise ConfigError(f"the local executor runs one process; tensor_parallel_size="
+                              f"{options.tensor_parallel_size} needs the tensor-parallel executor "
+                              "(pip install enigma-plugin-zero)")
+        return ModelRunner(loaded, backend, block_size=block_size)

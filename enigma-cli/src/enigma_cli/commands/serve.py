@@ -38,12 +38,15 @@ Then, with the openai SDK:
 @click.option("--tool-parser", type=click.Choice(["hermes", "llama3_json", "mistral"]), default=None,
               help="How the models write tool calls [default: as each model's chat template asks; hermes "
                    "when it does not say].")
+@click.option("--tensor-parallel", "tensor_parallel", type=click.IntRange(min=1), default=1, show_default=True,
+              metavar="N", help="Split the first model's layers over N processes (enigma-plugin-zero): each holds "
+                                "1/N of the weights and of the KV cache.")
 @speculative_flags
 @engine_flags
 def serve(models: tuple[str, ...], host: str | None, port: int | None, max_body_mb: float, no_auth: bool,
           graceful_timeout: float, loras: tuple[str, ...], max_loras: int, tool_parser: str | None,
           backend: str | None, scheduler: str | None, cache: str | None, draft: str | None,
-          num_speculative_tokens: int | None) -> None:
+          num_speculative_tokens: int | None, tensor_parallel: int) -> None:
     """Serve models over HTTP: the OpenAI API (/v1/...), health routes, and installed transports.
 
     One process serves every request: its engine batches them continuously,
@@ -94,7 +97,8 @@ def serve(models: tuple[str, ...], host: str | None, port: int | None, max_body_
                             ip_token_rate_limit=config.get("server.ip_token_rate_limit"),
                             llm_options={**engine_options(config, backend=backend, scheduler=scheduler,
                                                           cache=cache), "max_loras": max_loras},
-                            adapters=adapters, tool_parser=tool_parser, speculative=speculative)
+                            adapters=adapters, tool_parser=tool_parser, speculative=speculative,
+                            tensor_parallel_size=tensor_parallel)
     served = ", ".join(names + list(adapters))
     click.echo(f"enigma serving {served} on http://{host}:{port} (OpenAI API at /v1)", err=True)
     asyncio.run(serve_async(context, host, port, graceful_timeout=graceful_timeout))

@@ -451,6 +451,7 @@ class Engine:
             self._mask_pool.shutdown(wait=True)
             self._mask_pool = None
         self._host.broadcast("enigma_engine_stopped", engine=self)
+        self.runner.close()
 
 
 __all__ = ["Engine", "RequestStatus"]

@@ -64,13 +64,16 @@ class ServerContext:
                  max_body_bytes: int = 4 * 2**20, auth: bool = True, rate_limit: int = 0, ip_rate_limit: int = 0,
                  token_rate_limit: int = 0, ip_token_rate_limit: int = 0,
                  keys_path: Any = None, adapters: dict[str, str] | None = None,
-                 tool_parser: str | None = None, speculative: dict[str, Any] | None = None) -> None:
+                 tool_parser: str | None = None, speculative: dict[str, Any] | None = None,
+                 tensor_parallel_size: int = 1) -> None:
         self.model_names = list(model_names)
         self.tool_parser = tool_parser
         """How models write tool calls (``hermes``, ``llama3_json``, ``mistral``); None: as each model's chat
         template asks."""
         self.speculative = dict(speculative or {})
         """Speculative decoding for the first model (``enigma serve --draft``): SpeculativeConfig fields."""
+        self.tensor_parallel_size = tensor_parallel_size
+        """Processes the first model's layers are split over (``enigma serve --tensor-parallel``)."""
         self.adapters = dict(adapters or {})
         """LoRA adapters (name -> folder) served on the first model: each is a model of its own name."""
         self.llm_options = llm_options or {}
@@ -97,6 +100,8 @@ class ServerContext:
                     options["adapters"] = self.adapters
                 if index == 0 and self.speculative:
                     options["speculative_config"] = self.speculative
+                if index == 0 and self.tensor_parallel_size > 1:
+                    options["tensor_parallel_size"] = self.tensor_parallel_size
                 self.models[name] = load_served_model(name, **options)
             if self.adapters:
                 base = self.models[self.model_names[0]]

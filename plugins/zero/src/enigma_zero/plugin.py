@@ -17,3 +17,9 @@ def _available() -> Availability:
 def enigma_register_trainers(register):
     register("zero", "enigma_zero.trainer:ZeroTrainer", available=_available,
              summary="runs --method on several ranks: data parallel, ZeRO-1 or ZeRO-2 (--nproc N --zero 2)")
+
+
+@hookimpl
+def enigma_register_executors(register):
+    register("tensor-parallel", "enigma_zero.executor:TensorParallelExecutor", available=_available,
+             summary="each layer split over N processes (tensor_parallel_size=N, enigma serve --tensor-parallel N)")
