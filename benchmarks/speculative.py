@@ -4,9 +4,12 @@
 
 Batch 1 (one request at a time, greedy unless said), tokens per second, median of interleaved rounds:
 
-- ``extractive``: prompts that hold a passage and ask for it back; prompt lookup (``[ngram]``, k=8).
+- ``extractive``: prompts that already hold the answer, as in editing, extraction and RAG answers that
+  quote their sources. enigma-tiny (5M parameters) does not follow "repeat the text above", so each
+  prompt is a documentation passage's opening, what enigma-tiny writes after it, and the opening again:
+  what it writes next copies from its prompt. Prompt lookup (``[ngram]``, k=8).
 - ``ordinary``: documentation-style openings and questions (none of them in the draft's
-  distillation data); the trained draft ``enigma-tiny-draft`` (k=4), the self-draft (``[self]``, the
+  distillation data); the trained draft ``enigma-tiny-draft`` (adaptive k up to 8), the self-draft (``[self]``, the
   first 2 of 6 layers) and prompt lookup; also sampled at enigma-tiny's defaults (temperature 0.6, top-p 0.9).
 - ``low acceptance``: a draft with enigma-tiny's tokenizer and random weights, almost never right:
   adaptive k must keep speculation from costing more than a few percent.
@@ -46,8 +49,11 @@ QUESTIONS = ["What does itertools.chain do?", "What is a generator?", "What does
              "What is a virtual environment?"]
 
 
-def extractive_prompts() -> list[str]:
-    return [f"Text: {passage}\n\nRepeat the text above.\n\nText: {passage[:48]}" for passage in PASSAGES]
+def extractive_prompts(llm, params) -> list[str]:
+    """Prompts that hold their answers: opening, enigma-tiny's continuation of it, the opening again."""
+    openings = [passage[:64] for passage in PASSAGES]
+    continuations = [output.outputs[0].text for output in llm.generate(openings, params)]
+    return [f"{opening}{continuation}\n\n{opening}" for opening, continuation in zip(openings, continuations)]
 
 
 def random_draft(folder: Path) -> Path:
@@ -108,17 +114,18 @@ def main() -> None:
     engines = {
         "plain": LLM("enigma-tiny"),
         "[ngram] k=8": LLM("enigma-tiny", speculative_model="[ngram]", num_speculative_tokens=8),
-        "draft k=4": LLM("enigma-tiny", speculative_model="enigma-tiny-draft", num_speculative_tokens=4),
+        "draft k<=8": LLM("enigma-tiny", speculative_model="enigma-tiny-draft", num_speculative_tokens=8),
         "[self] 2 layers k=4": LLM("enigma-tiny", speculative_config={"method": "self", "draft_layers": 2}),
-        "random draft k=4": LLM("enigma-tiny", speculative_model=str(bad_draft), num_speculative_tokens=4),
+        "random draft k<=8": LLM("enigma-tiny", speculative_model=str(bad_draft), num_speculative_tokens=8),
     }
     cases = [  # (workload, prompts, params, batch, engines)
-        ("extractive, greedy, batch 1", extractive_prompts(), greedy, False, ["plain", "[ngram] k=8"]),
+        ("extractive, greedy, batch 1", extractive_prompts(engines["plain"], greedy), greedy, False,
+         ["plain", "[ngram] k=8"]),
         ("ordinary, greedy, batch 1", ordinary, greedy, False,
-         ["plain", "draft k=4", "[self] 2 layers k=4", "[ngram] k=8"]),
-        ("ordinary, sampled, batch 1", ordinary, sampled, False, ["plain", "draft k=4"]),
-        ("low acceptance, greedy, batch 1", ordinary, greedy, False, ["plain", "random draft k=4"]),
-        ("ordinary, greedy, batch 16", (ordinary * 2)[:16], greedy, True, ["plain", "draft k=4", "[ngram] k=8"]),
+         ["plain", "draft k<=8", "[self] 2 layers k=4", "[ngram] k=8"]),
+        ("ordinary, sampled, batch 1", ordinary, sampled, False, ["plain", "draft k<=8"]),
+        ("low acceptance, greedy, batch 1", ordinary, greedy, False, ["plain", "random draft k<=8"]),
+        ("ordinary, greedy, batch 16", (ordinary * 2)[:16], greedy, True, ["plain", "draft k<=8", "[ngram] k=8"]),
     ]
     for _, prompts, params, batch, names in cases:  # warm every engine on its workload once
         for name in names:

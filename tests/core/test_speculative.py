@@ -247,16 +247,36 @@ def test_expected_tokens_and_the_best_length():
     assert best_length([0.6] * 32, 6, step_fixed=0.01, step_per_token=1.0, draft_step=0.0) == 0
 
 
+def test_every_so_often_a_step_drafts_nothing_to_measure_plain_steps():
+    length = SpeculationLength(4)
+    for _ in range(30):
+        length.record_step(1, 1e-3)
+        length.record_step(5, 2e-3)
+    chosen = [length.lengths(["r"])[0] for _ in range(3 * SpeculationLength.EXPLORE_EVERY)]
+    assert [i for i, k in enumerate(chosen) if k == 0] == [15, 31, 47]
+
+
 def test_lengths_shrink_when_drafts_are_rejected_and_probe_again():
     length = SpeculationLength(4)
+    length.EXPLORE_EVERY = 10**9  # probes alone here
     for _ in range(30):
         length.record_step(1, 1e-3)
         length.record_step(5, 2e-3)  # each verified token costs a quarter of a step
     assert length.lengths(["r"])[0] >= 2  # the prior acceptance (0.7) pays for a few drafts
-    for _ in range(6):
+    for _ in range(20):
         length.record_verification("r", 4, 0)
+    assert length.acceptance("r") < 0.1
+    wait = SpeculationLength.PROBE_EVERY
+    for _ in range(3):  # each rejected probe doubles the wait before the next
+        chosen = [length.lengths(["r"])[0] for _ in range(wait)]
+        assert chosen[:-1] == [0] * (wait - 1) and chosen[-1] == 1
+        length.record_verification("r", 1, 0)
+        wait *= 2
+    chosen = [length.lengths(["r"])[0] for _ in range(wait)]
+    assert chosen[-1] == 1
+    length.record_verification("r", 1, 1)  # an accepted probe: back to the first wait
     chosen = [length.lengths(["r"])[0] for _ in range(SpeculationLength.PROBE_EVERY)]
-    assert chosen[:-1] == [0] * (SpeculationLength.PROBE_EVERY - 1) and chosen[-1] == 1
+    assert chosen[-1] == 1
 
 
 def test_a_useless_draft_is_soon_dropped(target, draft):

@@ -9,8 +9,13 @@ step time as ``fixed + per_token * tokens`` over the decode steps it sees
 request's acceptance, and each step picks the k (0 .. ``num_speculative_tokens``)
 that maximises emitted tokens per second for the batch. When nothing pays —
 acceptance near zero, or a batch large enough for verification to cost what
-it saves — k is 0, and every ``PROBE_EVERY`` steps a request tries one draft
-token so that a change in acceptance is noticed.
+it saves — k is 0, and after ``PROBE_EVERY`` steps a request tries one draft
+token so that a change in acceptance is noticed; each probe that is rejected
+doubles the wait (up to ``PROBE_MAX``), one that is accepted resets it, so a
+draft that is never right costs next to nothing. Every ``EXPLORE_EVERY``-th
+step drafts nothing at all, so that plain steps at the batch size of the moment
+are measured beside verifications: without them the fit would only see steps
+of one size and could not tell fixed from per-token cost.
 """
 
 from __future__ import annotations
@@ -45,7 +50,11 @@ class SpeculationLength:
     """Measured costs and acceptances, and the k they call for (see the module's docstring)."""
 
     PROBE_EVERY = 8
-    """Steps a request goes without drafts before it tries one again."""
+    """Steps a request goes without drafts before it tries one again (at first)."""
+    PROBE_MAX = 256
+    """The longest wait between probes, after rejected ones."""
+    EXPLORE_EVERY = 16
+    """Every this many steps, one without drafts (see the module's docstring)."""
     PRIOR_ACCEPTANCE = 0.7
     """The acceptance assumed before any draft was verified."""
     ACCEPTANCE_DECAY = 0.9
@@ -59,6 +68,10 @@ class SpeculationLength:
         self.adaptive = adaptive
         self._acceptance: dict[str, float] = {}
         self._idle: dict[str, int] = {}
+        self._probe_wait: dict[str, int] = {}
+        self._probing: set[str] = set()
+        self._last_wait = self.PROBE_EVERY  # where a new request's wait starts: the latest probe's verdict
+        self._steps = 0
         # weighted sums for the least-squares line seconds = fixed + per_token * tokens; a prior of two points
         # (1 token: 1 unit, 9 tokens: 1.4 units) keeps it sane until steps are measured
         self._n, self._x, self._y, self._xx, self._xy = 0.0, 0.0, 0.0, 0.0, 0.0
@@ -97,6 +110,11 @@ class SpeculationLength:
         """A request's ``accepted`` of ``proposed`` drafts were kept."""
         if proposed < 1:
             return
+        if request_id in self._probing:
+            self._probing.discard(request_id)
+            wait = self._probe_wait.get(request_id, self._last_wait)
+            self._probe_wait[request_id] = self._last_wait = (self.PROBE_EVERY if accepted else
+                                                              min(2 * wait, self.PROBE_MAX))
         acceptance = self._acceptance.get(request_id, self._overall)
         outcomes = [1.0] * accepted + ([0.0] if accepted < proposed else [])
         for outcome in outcomes:
@@ -121,6 +139,9 @@ class SpeculationLength:
             return []
         if not self.adaptive:
             return [self.max_k] * len(request_ids)
+        self._steps += 1
+        if self._steps % self.EXPLORE_EVERY == 0:
+            return [0] * len(request_ids)
         fixed, per_token = self.step_costs()
         acceptances = [self._acceptance.get(r, self._overall) for r in request_ids]
         k = best_length(acceptances, self.max_k, step_fixed=fixed, step_per_token=per_token,
@@ -132,8 +153,11 @@ class SpeculationLength:
                 lengths.append(k)
                 continue
             idle = self._idle.get(request_id, 0) + 1
-            self._idle[request_id] = 0 if idle >= self.PROBE_EVERY else idle
-            lengths.append(1 if idle >= self.PROBE_EVERY else 0)
+            probe = idle >= self._probe_wait.setdefault(request_id, self._last_wait)
+            self._idle[request_id] = 0 if probe else idle
+            if probe:
+                self._probing.add(request_id)
+            lengths.append(1 if probe else 0)
         return lengths
 
     def acceptance(self, request_id: str) -> float:
@@ -142,3 +166,5 @@ class SpeculationLength:
     def forget(self, request_id: str) -> None:
         self._acceptance.pop(request_id, None)
         self._idle.pop(request_id, None)
+        self._probe_wait.pop(request_id, None)
+        self._probing.discard(request_id)

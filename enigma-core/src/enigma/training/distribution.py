@@ -64,6 +64,10 @@ class SingleProcess:
         """Bytes of optimizer state (Adam's moments) each rank holds, by rank."""
         return [held_optimizer_bytes(optimizer)]
 
+    def peak_memory_bytes(self) -> list[int]:
+        """The most resident memory each rank's process has held so far, by rank."""
+        return [peak_resident_bytes()]
+
     def save_checkpoint(self, out: Path, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
                         state: dict[str, Any], *, keep: int) -> Path:
         """Write the checkpoint of ``step`` (weights, optimizer state and ``state``) atomically."""
@@ -86,6 +90,15 @@ class SingleProcess:
 
     def close(self) -> None:
         """Release what the distribution holds (process groups)."""
+
+
+def peak_resident_bytes() -> int:
+    """This process's peak resident set size (``getrusage``; 0 where it is not available)."""
+    try:
+        import resource
+    except ImportError:  # pragma: no cover - Windows
+        return 0
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def held_optimizer_bytes(optimizer: torch.optim.Optimizer) -> int:

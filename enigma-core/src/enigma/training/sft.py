@@ -291,7 +291,7 @@ class SFTTrainer:
                 path = dist.save_checkpoint(out, step, model, optimizer, state, keep=config.keep_checkpoints)
                 report(TrainProgress(event="save", step=step, total_steps=total_steps, path=str(path)))
 
-        optimizer_bytes = dist.optimizer_state_bytes(optimizer)
+        optimizer_bytes, peak_bytes = dist.optimizer_state_bytes(optimizer), dist.peak_memory_bytes()
         final = dist.final_model(model, lambda: self.prepare_model(self.build(config)[0], config))
         if final is not None:
             save_dtype = None if config.save_dtype == "auto" else torch_dtype(config.save_dtype)
@@ -300,6 +300,7 @@ class SFTTrainer:
             tokens = round(total_tokens / max(steps_this_run, 1) * step)  # a resumed run: at this run's rate
             record = {"config": config.to_dict(), "steps": step, "tokens": tokens, "distribution": dist.name,
                       "world_size": dist.world_size, "optimizer_state_bytes_per_rank": optimizer_bytes,
+                      "peak_rss_bytes_per_rank": peak_bytes,
                       "val_loss": val_loss, "val_perplexity": None if val_loss is None else math.exp(val_loss)}
             atomic_write_text(out / RUN_RECORD, json.dumps(record, indent=2) + "\n")
         dist.barrier()

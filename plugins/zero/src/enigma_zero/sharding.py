@@ -31,7 +31,7 @@ import torch.distributed as dist
 from enigma.errors import ConfigError
 from enigma.fsutil import atomic_write_text, default_dir_mode
 from enigma.training.checkpoint import LATEST, checkpoints_dir, trained_parameters
-from enigma.training.distribution import SingleProcess, held_optimizer_bytes
+from enigma.training.distribution import SingleProcess, held_optimizer_bytes, peak_resident_bytes
 
 OPTIMIZER_DIR = "optimizer"
 """Inside a checkpoint: the sharded optimizer state (torch.distributed.checkpoint's files, or one file per rank)."""
@@ -76,7 +76,13 @@ class DataParallel(SingleProcess):
     """Where the loop's numbers are exchanged (gloo; the builtin loop trains on the CPU)."""
 
     def optimizer_state_bytes(self, optimizer: torch.optim.Optimizer) -> list[int]:
-        held = torch.tensor([self._held(optimizer)], dtype=torch.int64, device=self.device)
+        return self._gather(self._held(optimizer))
+
+    def peak_memory_bytes(self) -> list[int]:
+        return self._gather(peak_resident_bytes())
+
+    def _gather(self, value: int) -> list[int]:
+        held = torch.tensor([value], dtype=torch.int64, device=self.device)
         every = [torch.zeros_like(held) for _ in range(self.world_size)]
         dist.all_gather(every, held)
         return [int(t.item()) for t in every]
