@@ -45,7 +45,7 @@ def train_runs(work: Path, steps: int) -> list[dict]:
     enigma = Path(sys.executable).with_name("enigma")
     common = ["--data", str(work / "corpus.txt"), "--model", str(work / "config.json"), "--tokenizer",
               str(work / "tok"), "--seq-len", "128", "--batch-size", "4", "--max-steps", str(steps),
-              "--log-interval", "5", "--eval-interval", str(steps), "--save-interval", str(10 * steps)]
+              "--eval-interval", str(steps), "--save-interval", str(10 * steps)]
     results = []
     for label, extra in (("1 process", ["--grad-accum", "2"]),
                          ("2 ranks, ZeRO-2", ["--nproc", "2", "--zero", "2"]),
@@ -141,7 +141,8 @@ def main() -> int:
 
     print(f"training, {args.steps} steps of 8 x 128 tokens (a {CONFIG['num_hidden_layers']}-layer Llama, "
           f"hidden {CONFIG['hidden_size']})")
-    print(f"{'run':<18} {'tok/s (wall)':>13} {'tok/s (steps)':>14} {'peak RSS MiB/rank':>20} {'optimizer MiB/rank':>20}")
+    print(f"{'run':<18} {'tok/s (wall)':>13} {'tok/s (steps)':>14} {'peak RSS MiB/rank':>20} "
+          f"{'optimizer MiB/rank':>20}")
     base = training[0]
     for run in training:
         print(f"{run['label']:<18} {run['tokens_per_s']:>13.0f} {run['steady_tokens_per_s']:>14.0f} "
