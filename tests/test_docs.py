@@ -19,7 +19,7 @@ HOOKS = sorted(name for name in vars(hookspecs) if name.startswith("enigma_")
 
 def test_hookspecs_are_found():
     assert "enigma_register_backends" in HOOKS and "enigma_commands" in HOOKS
-    assert len(HOOKS) == 23
+    assert len(HOOKS) == 24
 
 
 @pytest.mark.parametrize("hook", HOOKS)
