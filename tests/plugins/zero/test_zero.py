@@ -183,3 +183,15 @@ def test_lora_adapters_train_the_same_on_two_ranks(base):
                 for out in ("lora-one", "lora-again", "lora-two")}
     assert largest_difference(adapters["lora-one"], adapters["lora-again"]) == 0
     assert largest_difference(adapters["lora-one"], adapters["lora-two"]) <= 1e-6
+
+
+def test_the_rank_that_died_is_named_not_the_ones_the_launcher_stopped(tmp_path):
+    from types import SimpleNamespace
+
+    from enigma_zero.launch import root_cause
+
+    stopped = SimpleNamespace(exitcode=-signal.SIGTERM, timestamp=100)
+    killed = SimpleNamespace(exitcode=-signal.SIGKILL, timestamp=100)  # same second: the launcher's clock
+    assert root_cause(SimpleNamespace(failures={0: stopped, 1: killed}), tmp_path)[0] == 1
+    (tmp_path / "rank-0.txt").write_text("bad data")
+    assert root_cause(SimpleNamespace(failures={0: stopped, 1: killed}), tmp_path)[0] == 0

@@ -67,7 +67,7 @@ def launch(config: TrainConfig, progress: ProgressCallback | None) -> Path:
 
 def failure_message(exc: object, errors: Path, world_size: int, out: Path) -> str:
     """Which rank failed, how, and where the run can continue from."""
-    rank, failure = exc.get_first_failure()  # type: ignore[attr-defined]
+    rank, failure = root_cause(exc, errors)
     reason = (errors / f"rank-{rank}.txt").read_text(encoding="utf-8").strip() if (
         errors / f"rank-{rank}.txt").is_file() else ""
     if not reason and failure.exitcode < 0:
@@ -79,6 +79,21 @@ def failure_message(exc: object, errors: Path, world_size: int, out: Path) -> st
     where = (f"the last checkpoint is {checkpoint}; continue with --resume" if checkpoint
              else "no checkpoint was written yet")
     return f"rank {rank} of {world_size} failed ({reason}); the other ranks were stopped; {where}"
+
+
+def root_cause(exc: object, errors: Path) -> tuple[int, object]:
+    """The rank that failed first of its own accord: one that explained its error, else one that was not
+    stopped by the launcher's SIGTERM (sent to the others once a rank dies), else the earliest failure."""
+    import signal
+
+    failures = sorted(exc.failures.items(), key=lambda item: item[1].timestamp)  # type: ignore[attr-defined]
+    for rank, failure in failures:
+        if (errors / f"rank-{rank}.txt").is_file():
+            return rank, failure
+    for rank, failure in failures:
+        if failure.exitcode != -signal.SIGTERM:
+            return rank, failure
+    return failures[0]
 
 
 class ProgressRelay:
