@@ -30,7 +30,7 @@ import torch.distributed as dist
 
 from enigma.errors import ConfigError
 from enigma.fsutil import atomic_write_text, default_dir_mode
-from enigma.training.checkpoint import LATEST, checkpoints_dir, trained_parameters
+from enigma.training.checkpoint import LATEST, checkpoints_dir, load_checkpoint, trained_parameters
 from enigma.training.distribution import SingleProcess, held_optimizer_bytes, peak_resident_bytes
 
 OPTIMIZER_DIR = "optimizer"
@@ -145,7 +145,7 @@ class DataParallel(SingleProcess):
         return {name: p.detach().cpu().contiguous() for name, p in trained_parameters(model).items()}
 
     def load_trained_weights(self, folder: Path, model: torch.nn.Module) -> None:
-        load_checkpoint_weights(folder, model)
+        load_checkpoint(folder, model)  # the single-process loop's reader (state.pt is read by the caller)
 
     def save_optimizer(self, optimizer: torch.optim.Optimizer, model: torch.nn.Module, folder: Path) -> None:
         if self.is_main:  # replicated: one copy is the whole state
@@ -266,21 +266,6 @@ def shard_zero2(model: torch.nn.Module) -> torch.nn.Module:
         fully_shard(layer, reshard_after_forward=False)
     fully_shard(model, reshard_after_forward=False)
     return model
-
-
-def load_checkpoint_weights(folder: Path, model: torch.nn.Module) -> None:
-    """The replicated stages' weights: as the single-process loop reads them (all of ``state.pt`` is
-    re-read by the caller)."""
-    from safetensors.torch import load_file
-
-    saved = load_file(str(folder / "model.safetensors"))
-    expected = trained_parameters(model)
-    if set(saved) != set(expected):
-        raise ConfigError(f"checkpoint {folder} trained other parameters than this run does; start over "
-                          "without --resume")
-    with torch.no_grad():
-        for name, tensor in saved.items():
-            expected[name].copy_(tensor)
 
 
 STAGES = {0: DataParallel, 1: ZeroStage1, 2: ZeroStage2}
