@@ -91,8 +91,17 @@ def stack(built):
             return len(states) == 3 and all(state == "healthy" for state in states)
 
         wait_until(healthy, timeout=240, what="three healthy enigma-api replicas")
-        wait_until(lambda: httpx.get("http://127.0.0.1:11500/health/ready").status_code == 200, timeout=60,
-                   what="the load balancer")
+        seen: set[str] = set()
+
+        def balancer_knows_all_three() -> bool:
+            # Docker calls a replica healthy before haproxy's DNS discovery and its own health checks
+            # (every 2 s) put it in rotation; with nothing open, leastconn rounds the ones it has
+            reply = httpx.get("http://127.0.0.1:11500/health/ready")
+            if reply.status_code == 200:
+                seen.add(reply.headers["x-enigma-replica"])
+            return len(seen) == 3
+
+        wait_until(balancer_knows_all_three, timeout=90, what="the load balancer with three replicas")
         yield "http://127.0.0.1:11500"
     finally:
         logs = compose("logs", "--no-color", "--tail", "30", check=False).stdout
