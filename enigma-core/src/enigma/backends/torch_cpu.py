@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from enigma.attention import AttentionMetadata
 from enigma.backends.torch_backend import TorchBackend, attend_one, write_kv
 from enigma.native import NativeKernels, kernels
+from enigma.native.decoder import NativeProjection
 
 
 def block_runs(block_table: Sequence[int]) -> tuple[tuple[int, int], ...]:
@@ -87,6 +88,15 @@ class CPULinear(torch.nn.Linear):
     @staticmethod
     def supported(linear: torch.nn.Linear) -> bool:
         return linear.weight.dtype == torch.float32 and linear.weight.device.type == "cpu"
+
+    def native_projection(self) -> NativeProjection | None:
+        """This Linear in the native decoder (:mod:`enigma.backends.fused_layers`): the native float32
+        matmul up to :attr:`NATIVE_MAX_ROWS` rows; None without the native kernels."""
+        if self.native is None or not self.weight.is_contiguous():
+            return None
+        return NativeProjection(function=self.native.f32_matmul, weight=self.weight.detach(),
+                                in_features=self.in_features, out_features=self.out_features,
+                                bias=None if self.bias is None else self.bias.detach(), max_rows=self.NATIVE_MAX_ROWS)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad):
@@ -155,7 +165,19 @@ class TorchCPUBackend(TorchBackend):
         quantizer's) are left as they are."""
         model = super().prepare(model, dtype=dtype)
         use_cpu_linears(model, native=self.native)
+        if self.native is not None:
+            from enigma.backends.fused_layers import fuse_llama_layers
+
+            fuse_llama_layers(model, self.native, self)
         return model
+
+    def attention_rows(self, metadata: AttentionMetadata) -> tuple[torch.Tensor, torch.Tensor]:
+        """Block tables and lengths with one row per query token, as the native decode attention reads
+        them: a decode-only step's own; otherwise each query as a decode of its own (see
+        :meth:`_query_rows`)."""
+        if metadata.num_tokens == metadata.num_seqs:
+            return metadata.block_tables, self._seq_lens(metadata)
+        return self._query_rows(metadata)
 
     def attention(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, *,
                   kv_cache: torch.Tensor, metadata: AttentionMetadata, scale: float) -> torch.Tensor:

@@ -204,6 +204,10 @@ class LlamaForCausalLM(nn.Module):
         self.register_buffer("inv_freq", torch.empty(config.head_dim // 2), persistent=False)
         self.checkpointed_layers: frozenset[int] = frozenset()
         """Layers whose activations are recomputed in the backward pass instead of kept (training)."""
+        self.__dict__["fused_layers"] = None
+        """A backend's runner of the whole decoder stack (torch-cpu's native decoder), called in inference
+        as ``fused_layers(embeddings, positions, context, num_layers)``: the hidden states after the
+        final norm, or None for a step it does not take. Not a submodule."""
         self.post_materialize()
 
     def post_materialize(self) -> None:
@@ -235,6 +239,10 @@ class LlamaForCausalLM(nn.Module):
         """Hidden states ``[num_tokens, hidden]`` after the final norm; with ``num_layers``, of the
         first that many layers only (a self-draft for speculative decoding)."""
         x = self.model.embed_tokens(input_ids)
+        if self.fused_layers is not None and not torch.is_grad_enabled():
+            hidden = self.fused_layers(x, positions, context, num_layers)
+            if hidden is not None:
+                return hidden
         cos, signed_sin = cos_sin(positions, self.inv_freq, x.dtype)
         recompute = self.checkpointed_layers if torch.is_grad_enabled() else ()
         layers = self.model.layers if num_layers is None else self.model.layers[:num_layers]

@@ -53,6 +53,10 @@ class NativeKernels:
             library = ctypes.CDLL(str(path))  # ctypes releases the GIL during each call
         except OSError as error:
             raise NativeBuildError(f"could not load {path}: {error}; delete it to rebuild") from error
+        self.library = library
+        """The ctypes library, for callers with their own bindings (:mod:`enigma.native.decoder`)."""
+        self.f32_matmul = ctypes.cast(library.enigma_f32_matmul, ctypes.c_void_p).value
+        """Address of the float32 matmul in the native decoder's matmul signature (no bias)."""
         self._linear = library.enigma_linear
         self._linear.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p,
                                  ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int32]

@@ -4,6 +4,7 @@
  * it compiles on, and OpenMP splits the work over torch's threads.
  */
 #include <math.h>
+#include <stddef.h>
 #include <stdint.h>
 
 /* Four weight rows against the m rows of x, two rows of x at a time: each
@@ -152,4 +153,161 @@ int64_t enigma_decode_attention(const float *query, int64_t num_seqs, int64_t he
         }
     }
     return bad;
+}
+
+/* ------------------------------------------------------------------ the decoder stack in one call
+ *
+ * A decode step of a Llama-family model, every layer (RMSNorm, q/k/v, rotary, KV write, paged
+ * attention, o, RMSNorm, gate/up, SiLU * up, down, residuals) and the final norm, for a few rows:
+ * in torch each of those is an operator dispatch and a Python call, ~10 us apiece, which is most of a
+ * small model's step. The matmuls go through function pointers with enigma_qmatmul's signature, so
+ * a plugin's kernels (the ggml plugin's GGUF block products) run inside the same call; float32
+ * weights run enigma_f32_matmul. Layouts are enigma.native.decoder's ctypes structures. */
+
+typedef int (*enigma_matmul_fn)(int kind, const void *weight, int64_t out, int64_t in, const float *x,
+                                int64_t rows, uint8_t *scratch, float *y, int threads);
+
+typedef struct {
+    enigma_matmul_fn fn;
+    const void *weight;
+    const float *bias;     /* [out] or NULL */
+    int64_t kind;          /* the kernel's own tag (ggml's type number for the block kernels) */
+    int64_t out;
+} enigma_projection;
+
+typedef struct {
+    const float *input_norm, *post_norm;
+    enigma_projection qkv[3];      /* n_qkv 1: one fused [q; k; v]; 3: q, k, v */
+    enigma_projection o;
+    enigma_projection gate_up[2];  /* n_gate_up 1: one fused [gate; up]; 2: gate, up */
+    enigma_projection down;
+    int64_t n_qkv, n_gate_up;
+    int64_t window;                /* 0: full attention */
+} enigma_layer;
+
+typedef struct {
+    int64_t hidden, heads, kv_heads, head_dim, intermediate;
+    float eps, scale;
+    const float *inv_freq;         /* [head_dim / 2] */
+    const float *final_norm;       /* [hidden] or NULL */
+} enigma_decoder;
+
+int enigma_f32_matmul(int kind, const void *weight, int64_t out, int64_t in, const float *x, int64_t rows,
+                      uint8_t *scratch, float *y, int threads) {
+    (void)kind; (void)scratch;
+    enigma_linear(x, rows, in, (const float *)weight, out, NULL, y, threads);
+    return 0;
+}
+
+static void rms_norm(const float *x, const float *w, int64_t rows, int64_t n, float eps, float *y) {
+    for (int64_t r = 0; r < rows; r++) {
+        const float *xr = x + r * n;
+        float sum = 0;
+#pragma omp simd reduction(+ : sum)
+        for (int64_t i = 0; i < n; i++) sum += xr[i] * xr[i];
+        float inverse = 1.0f / sqrtf(sum / (float)n + eps);
+#pragma omp simd
+        for (int64_t i = 0; i < n; i++) y[r * n + i] = xr[i] * inverse * w[i];
+    }
+}
+
+/* y[:, column:column+p->out] of a [rows, width] matrix = x @ W^T + bias; tmp holds rows * p->out. */
+static int project(const enigma_projection *p, int64_t in, const float *x, int64_t rows, float *y, int64_t width,
+                   int64_t column, float *tmp, uint8_t *qscratch, int threads) {
+    float *target = (width == p->out && column == 0) ? y : tmp;
+    if (p->fn(p->kind, p->weight, p->out, in, x, rows, qscratch, target, threads)) return 1;
+    for (int64_t r = 0; r < rows; r++) {
+        float *dst = y + r * width + column;
+        const float *src = target + r * p->out;
+        if (target != y) for (int64_t j = 0; j < p->out; j++) dst[j] = src[j];
+        if (p->bias) for (int64_t j = 0; j < p->out; j++) dst[j] += p->bias[j];
+    }
+    return 0;
+}
+
+/* Halves-layout rotary (Llama checkpoints): for i < d/2, (x_i, x_{i+d/2}) turned by position * inv_freq_i. */
+static void rotate(float *x, int64_t heads, int64_t dim, const float *cos_, const float *sin_) {
+    int64_t half = dim / 2;
+    for (int64_t h = 0; h < heads; h++) {
+        float *xh = x + h * dim;
+        for (int64_t i = 0; i < half; i++) {
+            float a = xh[i], b = xh[i + half];
+            xh[i] = a * cos_[i] - b * sin_[i];
+            xh[i + half] = b * cos_[i] + a * sin_[i];
+        }
+    }
+}
+
+/* Floats of scratch enigma_decode_layers needs for `rows` rows. */
+int64_t enigma_decoder_scratch_floats(const enigma_decoder *m, int64_t rows) {
+    int64_t q = m->heads * m->head_dim, kv = m->kv_heads * m->head_dim;
+    int64_t widest = q + 2 * kv > 2 * m->intermediate ? q + 2 * kv : 2 * m->intermediate;
+    if (m->hidden > widest) widest = m->hidden;
+    return rows * (m->hidden + (q + 2 * kv) + q + q + 2 * m->intermediate + m->intermediate + widest + m->head_dim);
+}
+
+/* Runs layers 0..num_layers-1 over x ([rows, hidden], the embeddings; updated in place as the residual
+ * stream), then the final norm into out ([rows, hidden]; x itself when the decoder has none). Row r is
+ * at position positions[r], writes its key and value to cache slot slots[r] of each layer's cache
+ * (caches[l], the torch backend's [2, kv_heads, num_blocks, block_size, head_dim]) and attends over the
+ * first lengths[r] positions of the blocks in tables[r] ([rows, max_blocks]). scratch holds
+ * enigma_decoder_scratch_floats floats, qscratch what the largest matmul's kernel asks per row times
+ * rows. Returns 0; 1 when a matmul kernel refused, 2 for a slot outside the pool, 3 for a block table
+ * too short or naming a block outside the pool. */
+int enigma_decode_layers(const enigma_decoder *m, const enigma_layer *layers, int64_t num_layers,
+                         float *const *caches, int64_t num_blocks, int64_t block_size, float *x, int64_t rows,
+                         const int64_t *positions, const int64_t *slots, const int64_t *tables, int64_t max_blocks,
+                         const int64_t *lengths, float *scratch, uint8_t *qscratch, float *out, int threads) {
+    const int64_t hidden = m->hidden, dim = m->head_dim, q = m->heads * dim, kv = m->kv_heads * dim;
+    const int64_t qkv_width = q + 2 * kv, inter = m->intermediate, half = dim / 2;
+    const int64_t pool = num_blocks * block_size;
+    float *h = scratch, *qkv = h + rows * hidden, *query = qkv + rows * qkv_width, *attn = query + rows * q;
+    float *gate_up = attn + rows * q, *act = gate_up + rows * 2 * inter, *tmp = act + rows * inter;
+    int64_t widest = qkv_width > 2 * inter ? qkv_width : 2 * inter;
+    if (hidden > widest) widest = hidden;
+    float *cos_ = tmp + rows * widest, *sin_ = cos_ + rows * half;  /* rows * dim floats: cos, sin halves */
+    for (int64_t r = 0; r < rows; r++) {
+        if (slots[r] < 0 || slots[r] >= pool) return 2;
+        for (int64_t i = 0; i < half; i++) {
+            float angle = (float)positions[r] * m->inv_freq[i];
+            cos_[r * half + i] = cosf(angle);
+            sin_[r * half + i] = sinf(angle);
+        }
+    }
+    for (int64_t l = 0; l < num_layers; l++) {
+        const enigma_layer *layer = layers + l;
+        rms_norm(x, layer->input_norm, rows, hidden, m->eps, h);
+        for (int64_t p = 0, column = 0; p < layer->n_qkv; column += layer->qkv[p].out, p++)
+            if (project(&layer->qkv[p], hidden, h, rows, qkv, qkv_width, column, tmp, qscratch, threads)) return 1;
+        float *cache = caches[l];
+        for (int64_t r = 0; r < rows; r++) {
+            float *row = qkv + r * qkv_width;
+            rotate(row, m->heads + m->kv_heads, dim, cos_ + r * half, sin_ + r * half);  /* q and k */
+            for (int64_t j = 0; j < q; j++) query[r * q + j] = row[j];
+            for (int64_t k = 0; k < m->kv_heads; k++) {
+                float *key = cache + (k * pool + slots[r]) * dim, *value = cache + ((m->kv_heads + k) * pool + slots[r]) * dim;
+                for (int64_t d = 0; d < dim; d++) {
+                    key[d] = row[q + k * dim + d];
+                    value[d] = row[q + kv + k * dim + d];
+                }
+            }
+        }
+        if (enigma_decode_attention(query, rows, m->heads, m->kv_heads, dim, cache, num_blocks, block_size, tables,
+                                    max_blocks, lengths, layer->window, m->scale, attn, threads)) return 3;
+        if (project(&layer->o, q, attn, rows, tmp, hidden, 0, tmp, qscratch, threads)) return 1;
+        for (int64_t i = 0; i < rows * hidden; i++) x[i] += tmp[i];
+        rms_norm(x, layer->post_norm, rows, hidden, m->eps, h);
+        for (int64_t p = 0, column = 0; p < layer->n_gate_up; column += layer->gate_up[p].out, p++)
+            if (project(&layer->gate_up[p], hidden, h, rows, gate_up, 2 * inter, column, tmp, qscratch, threads))
+                return 1;
+        for (int64_t r = 0; r < rows; r++) {
+            const float *g = gate_up + r * 2 * inter, *u = g + inter;
+            for (int64_t j = 0; j < inter; j++) act[r * inter + j] = g[j] / (1.0f + expf(-g[j])) * u[j];
+        }
+        if (project(&layer->down, inter, act, rows, tmp, hidden, 0, tmp, qscratch, threads)) return 1;
+        for (int64_t i = 0; i < rows * hidden; i++) x[i] += tmp[i];
+    }
+    if (m->final_norm) rms_norm(x, m->final_norm, rows, hidden, m->eps, out);
+    else if (out != x) for (int64_t i = 0; i < rows * hidden; i++) out[i] = x[i];
+    return 0;
 }

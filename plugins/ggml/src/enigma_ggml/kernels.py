@@ -298,6 +298,25 @@ class GGMLLinear(nn.Module):
             start += part.out_features
         return fused
 
+    def native_projection(self) -> Any:
+        """This Linear in the core's native decoder (``enigma.native.decoder``): the block kernels up to
+        :data:`NATIVE_MAX_ROWS` rows; None for a type they do not take, off the CPU, or without them."""
+        library = native_qmatmul()
+        kind = NATIVE_TYPES.get(self.type_name)
+        if library is None or kind is None or not self.qweight.is_cpu or not self.qweight.is_contiguous():
+            return None
+        scratch = library.enigma_activation_row_bytes(kind, self.in_features)
+        if scratch == 0 or (self.bias is not None and self.bias.dtype != torch.float32):
+            return None
+        import ctypes
+
+        from enigma.native.decoder import NativeProjection
+
+        return NativeProjection(function=ctypes.cast(library.enigma_qmatmul, ctypes.c_void_p).value,
+                                weight=self.qweight, in_features=self.in_features, out_features=self.out_features,
+                                bias=None if self.bias is None else self.bias.detach(), kind=kind,
+                                scratch_bytes_per_row=scratch, max_rows=NATIVE_MAX_ROWS)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return packed_linear(x, self.qweight, self.type_name, self.in_features, self.bias)
 

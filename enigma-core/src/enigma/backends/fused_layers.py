@@ -1,0 +1,117 @@
+"""The torch-cpu backend's native decode path: a Llama's layers as one native call per step.
+
+:func:`fuse_llama_layers` looks at a prepared Llama-family model; where every
+projection can run natively (a float32 :class:`~enigma.backends.torch_cpu.CPULinear`,
+or a module answering ``native_projection()``, such as the ggml plugin's
+``GGMLLinear``) it sets ``model.fused_layers`` to a :class:`FusedLlamaLayers`.
+The model's forward hands it each step; it runs the steps it can take —
+inference, float32, few rows, each sequence's new tokens no more than a short
+verify chunk, no adapters — through :class:`~enigma.native.decoder.NativeDecoder`
+and gives the others back (None), which then run the torch path, the
+reference. A model changed after preparation (a projection wrapped by an
+adapter, a forward hook added by tensor parallelism) is seen at the next step
+and runs the torch path from then on.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+
+from enigma.attention import ForwardContext
+from enigma.native import NativeKernels
+from enigma.native.decoder import NativeDecoder, NativeLayer, NativeProjection
+
+log = logging.getLogger(__name__)
+
+
+def native_projection(module: Any) -> NativeProjection | None:
+    """How the native decoder runs ``module``, or None when it cannot."""
+    answer = getattr(module, "native_projection", None)
+    return answer() if callable(answer) else None
+
+
+class FusedLlamaLayers:
+    """A prepared Llama's decoder stack for steps the native decoder takes (see the module's doc)."""
+
+    def __init__(self, model: torch.nn.Module, decoder: NativeDecoder, backend: Any, watched: list[tuple]) -> None:
+        self.decoder = decoder
+        self.backend = backend
+        self._watched = watched
+        """(dict, key, module) that must still hold: the modules the decoder read its weights from."""
+        self._hooked = [module for layer in model.model.layers for module in (layer, layer.self_attn, layer.mlp)]
+        self._short = getattr(backend, "SHORT_QUERY_MAX", 16)
+        self.enabled = True
+
+    def __call__(self, x: torch.Tensor, positions: torch.Tensor, context: ForwardContext,
+                 num_layers: int | None) -> torch.Tensor | None:
+        """The hidden states after the final norm, or None: this step runs the torch path."""
+        metadata = context.metadata
+        if (not self.enabled or context.adapters or x.dtype != torch.float32
+                or not 0 < x.shape[0] <= self.decoder.max_rows or max(metadata.query_lens) > self._short
+                or metadata.sliding_window is not None):
+            return None
+        if not self._unchanged():
+            log.info("the model changed after preparation (an adapter or a hook): its steps run the torch path")
+            self.enabled = False
+            return None
+        tables, lengths = self.backend.attention_rows(metadata)
+        return self.decoder(x.contiguous(), positions.to(torch.int64).contiguous(), metadata.slot_mapping,
+                            context.kv_caches, tables, lengths, num_layers=num_layers)
+
+    def _unchanged(self) -> bool:
+        return (all(holder.get(key) is module for holder, key, module in self._watched)
+                and not any(m._forward_hooks or m._forward_pre_hooks for m in self._hooked))
+
+
+def fuse_llama_layers(model: torch.nn.Module, native: NativeKernels, backend: Any) -> FusedLlamaLayers | None:
+    """Set ``model.fused_layers`` when every layer of ``model`` (a Llama-family model, after
+    ``fuse_projections``) can run natively; returns it, or None (the reason logged at debug)."""
+    config = getattr(model, "config", None)
+    if not hasattr(model, "fused_layers") or config is None:
+        return None
+    layers, watched = [], []
+    for layer in model.model.layers:
+        attention, mlp = layer.self_attn, layer.mlp
+        qkv = _projections(attention, ("qkv_proj",) if attention.qkv_proj is not None
+                           else ("q_proj", "k_proj", "v_proj"), watched)
+        gate_up = _projections(mlp, ("gate_up_proj",) if mlp.gate_up_proj is not None
+                               else ("gate_proj", "up_proj"), watched)
+        o = _projections(attention, ("o_proj",), watched)
+        down = _projections(mlp, ("down_proj",), watched)
+        norms = (layer.input_layernorm.weight, layer.post_attention_layernorm.weight)
+        if None in (qkv, gate_up, o, down) or any(n.dtype != torch.float32 for n in norms):
+            log.debug("native decoder not used: a projection or norm of layer %d has no native kernel",
+                      attention.layer_index)
+            return None
+        watched += [(layer._modules, "input_layernorm", layer.input_layernorm),
+                    (layer._modules, "post_attention_layernorm", layer.post_attention_layernorm)]
+        layers.append(NativeLayer(input_norm=norms[0].detach(), post_norm=norms[1].detach(), qkv=qkv, o=o[0],
+                                  gate_up=gate_up, down=down[0], window=attention.sliding_window))
+    final_norm = model.model.norm.weight.detach()
+    if final_norm.dtype != torch.float32 or model.inv_freq.dtype != torch.float32:
+        return None
+    decoder = NativeDecoder(native.library, layers, hidden=config.hidden_size, heads=config.num_heads,
+                            kv_heads=config.num_kv_heads, head_dim=config.head_dim,
+                            intermediate=config.intermediate_size, eps=config.rms_norm_eps,
+                            inv_freq=model.inv_freq.contiguous(), final_norm=final_norm)
+    fused = FusedLlamaLayers(model, decoder, backend, watched)
+    model.__dict__["fused_layers"] = fused
+    return fused
+
+
+def _projections(owner: torch.nn.Module, names: tuple[str, ...], watched: list[tuple]) -> list[NativeProjection] | None:
+    """The native projections of ``owner``'s modules ``names`` (submodules, or fused ones it holds in its
+    ``__dict__``), each recorded in ``watched``; None if one has no native kernel."""
+    found = []
+    for name in names:
+        holder = owner.__dict__ if owner.__dict__.get(name) is not None else owner._modules
+        module = holder.get(name)
+        projection = None if module is None else native_projection(module)
+        if projection is None:
+            return None
+        watched.append((holder, name, module))
+        found.append(projection)
+    return found

@@ -1,0 +1,200 @@
+"""The torch-cpu backend's native decoder: a Llama's whole stack in one native call per step.
+
+The torch path is the reference: the same steps through two runners of one
+checkpoint, one with the native decoder switched off, give the same logits;
+steps it does not take (grad, too many rows, long chunks, a model changed
+after preparation) run the torch path."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from enigma import native
+from enigma.backends.torch_cpu import TorchCPUBackend
+from enigma.loader import load_model
+from enigma.runner import ModelRunner, SequenceChunk
+
+pytestmark = pytest.mark.skipif(native.kernels() is None, reason="no C compiler: the native kernels cannot be built")
+
+
+def runners(folder, *, block_size: int = 4, num_blocks: int = 48) -> tuple[ModelRunner, ModelRunner]:
+    """(native, torch): two runners of ``folder``; the second has the native decoder off."""
+    fused = ModelRunner(load_model(folder), TorchCPUBackend(), block_size=block_size, num_blocks=num_blocks)
+    plain = ModelRunner(load_model(folder), TorchCPUBackend(), block_size=block_size, num_blocks=num_blocks)
+    assert fused.model.fused_layers is not None
+    plain.model.fused_layers.enabled = False
+    return fused, plain
+
+
+def calls(runner: ModelRunner) -> list[int]:
+    """Counts the native decoder's steps (rows per step)."""
+    seen: list[int] = []
+    decoder = runner.model.fused_layers.decoder
+    original = decoder.__call__
+
+    class Counting:
+        def __getattr__(self, name):
+            return getattr(decoder, name)
+
+        def __call__(self, x, *args, **kwargs):
+            seen.append(x.shape[0])
+            return original(x, *args, **kwargs)
+
+    runner.model.fused_layers.decoder = Counting()
+    return seen
+
+
+def same_steps(fused: ModelRunner, plain: ModelRunner, steps: list[list[SequenceChunk]], atol: float = 1e-4) -> None:
+    for chunks in steps:
+        expected = plain.execute(chunks)
+        got = fused.execute(chunks)
+        torch.testing.assert_close(got.last, expected.last, atol=atol, rtol=0)
+        for index, logits in expected.full.items():
+            torch.testing.assert_close(got.full[index], logits, atol=atol, rtol=0)
+
+
+def ids(n: int, seed: int) -> list[int]:
+    return torch.randint(3, 250, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
+
+
+@pytest.mark.parametrize("arch", ["llama-gqa", "llama3-rope", "qwen2", "qwen2-window", "mistral"])
+def test_decode_and_verify_steps_equal_the_torch_path(tiny_model, arch):
+    fused, plain = runners(tiny_model(arch))
+    seen = calls(fused)
+    a, b = ids(40, 1), ids(9, 2)
+    table_a, table_b = [11, 3, 20, 7, 1, 30, 31, 32, 33, 34, 35, 36], [5, 9, 2, 40, 41]
+    steps = [
+        [SequenceChunk(a[:20], 0, table_a)],                                  # 20 new tokens: the torch path
+        [SequenceChunk(a[20:30], 20, table_a, all_logits=True), SequenceChunk(b[:6], 0, table_b)],  # short chunks
+    ]
+    steps += [[SequenceChunk([a[30 + i]], 30 + i, table_a), SequenceChunk([b[6 + i]], 6 + i, table_b)]
+              for i in range(3)]                                              # decode-only, non-contiguous blocks
+    steps.append([SequenceChunk(a[33:38], 33, table_a, all_logits=True)])    # a verify chunk of five
+    same_steps(fused, plain, steps)
+    assert seen == [16, 2, 2, 2, 5]
+
+
+@settings(max_examples=12, deadline=None)
+@given(heads=st.sampled_from([(4, 4), (4, 2), (6, 1)]), head_dim=st.sampled_from([8, 16, 32]),
+       layers=st.integers(1, 3), rows=st.integers(1, 12), bias=st.booleans(), seed=st.integers(0, 1000))
+def test_any_shape_equals_the_torch_path(tmp_path_factory, heads, head_dim, layers, rows, bias, seed):
+    from enigma.models.llama import LlamaForCausalLM
+    from enigma.training.sft import init_weights
+
+    num_heads, kv_heads = heads
+    config = {"architectures": ["Qwen2ForCausalLM" if bias else "LlamaForCausalLM"], "vocab_size": 97,
+              "hidden_size": num_heads * head_dim, "intermediate_size": 3 * head_dim + 5, "num_hidden_layers": layers,
+              "num_attention_heads": num_heads, "num_key_value_heads": kv_heads, "max_position_embeddings": 512,
+              "rms_norm_eps": 1e-5, "head_dim": head_dim}
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM.from_hf_config(config)
+    init_weights(model, std=0.3)
+    twin = LlamaForCausalLM.from_hf_config(config)
+    twin.load_state_dict(model.state_dict())
+    built = []
+    for module in (model, twin):
+        backend = TorchCPUBackend()
+        built.append(ModelRunner(None, backend, block_size=8, num_blocks=64, dtype=torch.float32,
+                                 prepared=backend.prepare(module, dtype=torch.float32)))
+    built[1].model.fused_layers.enabled = False
+    generator = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(1, 39, (rows,), generator=generator).tolist()
+    tables = [list(range(5 * r, 5 * r + 5)) for r in range(rows)]
+    prompts = [torch.randint(0, 97, (n + 1,), generator=generator).tolist() for n in lengths]
+    same_steps(*built, [[SequenceChunk(p[:-1], 0, t) for p, t in zip(prompts, tables)],
+                        [SequenceChunk(p[-1:], n, t) for p, n, t in zip(prompts, lengths, tables)]])
+
+
+def test_greedy_tokens_equal_with_batching_and_prefix_sharing(tiny_model):
+    from enigma import LLM, SamplingParams
+
+    folder = tiny_model("llama-gqa")
+    prompts = [ids(12, 3), ids(12, 3)[:8] + ids(4, 4), ids(5, 5)]
+    params = SamplingParams(temperature=0, max_tokens=24, logprobs=1)
+    fused = LLM(folder, block_size=4)
+    plain = LLM(folder, block_size=4)
+    plain.engine.runner.model.fused_layers.enabled = False
+    for ours, theirs in zip(fused.generate(prompts, params), plain.generate(prompts, params)):
+        assert ours.outputs[0].token_ids == theirs.outputs[0].token_ids
+        for a, b in zip(ours.outputs[0].logprobs, theirs.outputs[0].logprobs):
+            token = next(iter(b))
+            assert abs(a[token].logprob - b[token].logprob) < 1e-4
+
+
+def test_a_hook_added_after_preparation_is_honoured(tiny_model):
+    fused, plain = runners(tiny_model("llama-gqa"))
+    seen = calls(fused)
+    a, table = ids(8, 6), [0, 1, 2, 3]
+    same_steps(fused, plain, [[SequenceChunk(a[:6], 0, table)]])
+    for runner in (fused, plain):  # what a tensor-parallel shard does: a forward hook on a block
+        runner.model.model.layers[0].mlp.register_forward_hook(lambda module, args, out: out * 0.5)
+    same_steps(fused, plain, [[SequenceChunk([a[6]], 6, table)], [SequenceChunk([a[7]], 7, table)]])
+    assert seen == [6] and not fused.model.fused_layers.enabled
+
+
+def test_a_projection_replaced_after_preparation_is_honoured(tiny_model):
+    fused, plain = runners(tiny_model("llama-gqa"))
+    seen = calls(fused)
+
+    class Scaled(torch.nn.Module):  # an adapter's wrapper, say
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, x):
+            return self.inner(x) * 2
+
+    for runner in (fused, plain):
+        layer = runner.model.model.layers[1]
+        layer.self_attn.o_proj = Scaled(layer.self_attn.o_proj)
+    a = ids(4, 7)
+    same_steps(fused, plain, [[SequenceChunk(a, 0, [0])]])
+    assert seen == [] and not fused.model.fused_layers.enabled
+
+
+def test_training_and_large_steps_take_the_torch_path(tiny_model):
+    fused, _ = runners(tiny_model("llama-gqa"), num_blocks=64)
+    seen = calls(fused)
+    fused.execute([SequenceChunk(ids(3, 8), 0, [0])])
+    fused.execute([SequenceChunk([5], 0, [1 + s]) for s in range(40)])             # 40 rows > 32
+    assert seen == [3]
+    model = fused.model
+    with torch.enable_grad():
+        x = torch.tensor([5, 6])
+        context = _context(fused, [SequenceChunk([5, 6], 0, [50])])
+        hidden = model(x, torch.tensor([0, 1]), context)
+    assert seen == [3] and hidden.shape == (2, model.config.hidden_size)
+
+
+def _context(runner: ModelRunner, chunks):
+    from enigma.attention import ForwardContext
+
+    return ForwardContext(backend=runner.backend, metadata=runner.metadata(chunks), kv_caches=runner.kv_caches)
+
+
+@pytest.mark.parametrize("damage, message", [
+    ("slot", "outside the KV pool"),
+    ("table", "block table is shorter"),
+    ("dtype", "float32 rows"),
+    ("rows", "1..32"),
+])
+def test_bad_input_is_refused_with_a_reason(tiny_model, damage, message):
+    fused, _ = runners(tiny_model("llama-gqa"), num_blocks=8)
+    decoder = fused.model.fused_layers.decoder
+    hidden = fused.model.config.hidden_size
+    x = torch.randn(1, hidden)
+    positions, slots = torch.tensor([0]), torch.tensor([0])
+    tables, lengths = torch.tensor([[0]]), torch.tensor([1])
+    if damage == "slot":
+        slots = torch.tensor([8 * 4])
+    elif damage == "table":
+        lengths = torch.tensor([9])
+    elif damage == "dtype":
+        x = x.double()
+    else:
+        x = torch.randn(33, hidden)
+    with pytest.raises(ValueError, match=message):
+        decoder(x, positions, slots, fused.kv_caches, tables, lengths)
