@@ -57,10 +57,20 @@ static void one_row(const float *x, int64_t m, int64_t in, const float *w, float
 void enigma_linear(const float *x, int64_t m, int64_t in, const float *w, int64_t out,
                    const float *bias, float *y, int32_t threads) {
     int64_t blocks = out / 4;
+    /* Short rows (a small model's, or a head over a vocabulary at hidden 192) end before the hardware
+     * prefetcher has ramped up: fetch the next four ahead (measured, 32000x192: 12 -> 17 GB/s; for rows
+     * of 768 and more it gains nothing). */
+    int prefetch = in * (int64_t)sizeof(float) <= 1024;
 #pragma omp parallel num_threads(threads)
     {
 #pragma omp for schedule(static) nowait
-        for (int64_t b = 0; b < blocks; b++) four_rows(x, m, in, w + b * 4 * in, y + b * 4, out);
+        for (int64_t b = 0; b < blocks; b++) {
+            if (prefetch && b + 1 < blocks) {
+                const char *next = (const char *)(w + (b + 1) * 4 * in);
+                for (int64_t at = 0; at < 4 * in * (int64_t)sizeof(float); at += 64) __builtin_prefetch(next + at, 0, 3);
+            }
+            four_rows(x, m, in, w + b * 4 * in, y + b * 4, out);
+        }
 #pragma omp for schedule(static)
         for (int64_t j = blocks * 4; j < out; j++) one_row(x, m, in, w + j * in, y + j, out);
         if (bias) {
