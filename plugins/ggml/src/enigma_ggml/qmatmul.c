@@ -332,16 +332,39 @@ static float dot_q4_1_avx2(const uint8_t *w, const void *x, int64_t n) { return 
 static float dot_q5_0_avx2(const uint8_t *w, const void *x, int64_t n) { return dot_legacy_avx2(TYPE_Q5_0, w, x, n); }
 static float dot_q5_1_avx2(const uint8_t *w, const void *x, int64_t n) { return dot_legacy_avx2(TYPE_Q5_1, w, x, n); }
 
+/* The eight 6-bit scales and eight 6-bit mins of a Q4_K/Q5_K block's 12 bytes, as bytes: scales in
+ * words 0-1, mins in words 2-3 (the same values as scale_min_k4, four at a time by 32-bit masks). */
+static inline void scales_mins_k4(const uint8_t *packed, uint32_t out[4]) {
+    uint32_t w[3];
+    memcpy(w, packed, 12);
+    out[0] = w[0] & 0x3f3f3f3f;
+    out[1] = (w[2] & 0x0f0f0f0f) | (((w[0] >> 6) & 0x03030303) << 4);
+    out[2] = w[1] & 0x3f3f3f3f;
+    out[3] = ((w[2] >> 4) & 0x0f0f0f0f) | (((w[1] >> 6) & 0x03030303) << 4);
+}
+
 static float dot_q45_K_avx2(const uint8_t *w, const block_q8_K *x, int64_t blocks, int five) {
     const int64_t size = five ? 176 : 144;
     const __m256i low4 = _mm256_set1_epi8(0xF), bit = _mm256_set1_epi8(1);
-    float sum = 0.f;
+    /* byte shuffles broadcasting 16-bit scale k to every lane of a 128-bit half */
+    __m256i spread[8];
+    for (int k = 0; k < 8; k++) spread[k] = _mm256_set1_epi16((short)((2 * k) | ((2 * k + 1) << 8)));
+    __m256 total = _mm256_setzero_ps();
+    __m128 total_mins = _mm_setzero_ps();
     for (int64_t i = 0; i < blocks; i++, w += size) {
         uint16_t dh, mh;
         memcpy(&dh, w, 2);
         memcpy(&mh, w + 2, 2);
-        uint8_t scales[8], mins[8];
-        for (int s_ = 0; s_ < 8; s_++) scale_min_k4(s_, w + 4, &scales[s_], &mins[s_]);
+        uint32_t packed[4];
+        scales_mins_k4(w + 4, packed);
+        const __m256i scales_mins = _mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i *)packed));
+        const __m128i mins = _mm256_extracti128_si256(scales_mins, 1);
+        const __m256i scales = _mm256_permute2x128_si256(scales_mins, scales_mins, 0x00);  /* both halves */
+        /* mins: sum over the eight 32-value groups of min * (sum of the group's activations) */
+        const __m256i bsums = _mm256_loadu_si256((const __m256i *)x[i].bsums);
+        const __m128i pair_sums = _mm_hadd_epi16(_mm256_castsi256_si128(bsums), _mm256_extracti128_si256(bsums, 1));
+        total_mins = _mm_fmadd_ps(_mm_set1_ps(x[i].d * from_half(mh)), _mm_cvtepi32_ps(_mm_madd_epi16(mins, pair_sums)),
+                                  total_mins);
         const uint8_t *qs = w + (five ? 48 : 16);
         const __m256i high = five ? _mm256_loadu_si256((const __m256i *)(w + 16)) : _mm256_setzero_si256();
         __m256i acc = _mm256_setzero_si256();
@@ -356,14 +379,14 @@ static float dot_q45_K_avx2(const uint8_t *w, const block_q8_K *x, int64_t block
             }
             const __m256i y_lo = _mm256_loadu_si256((const __m256i *)(x[i].qs + 64 * c));
             const __m256i y_hi = _mm256_loadu_si256((const __m256i *)(x[i].qs + 64 * c + 32));
-            acc = _mm256_add_epi32(acc, scaled_dot(lo, y_lo, _mm256_set1_epi16(scales[2 * c])));
-            acc = _mm256_add_epi32(acc, scaled_dot(hi, y_hi, _mm256_set1_epi16(scales[2 * c + 1])));
+            acc = _mm256_add_epi32(acc, scaled_dot(lo, y_lo, _mm256_shuffle_epi8(scales, spread[2 * c])));
+            acc = _mm256_add_epi32(acc, scaled_dot(hi, y_hi, _mm256_shuffle_epi8(scales, spread[2 * c + 1])));
         }
-        int32_t summ = 0;
-        for (int s_ = 0; s_ < 8; s_++) summ += mins[s_] * (x[i].bsums[2 * s_] + x[i].bsums[2 * s_ + 1]);
-        sum += x[i].d * (from_half(dh) * (float)hsum_i32(acc) - from_half(mh) * (float)summ);
+        total = _mm256_fmadd_ps(_mm256_set1_ps(x[i].d * from_half(dh)), _mm256_cvtepi32_ps(acc), total);
     }
-    return sum;
+    __m128 m = _mm_add_ps(total_mins, _mm_movehl_ps(total_mins, total_mins));
+    m = _mm_add_ss(m, _mm_movehdup_ps(m));
+    return hsum_f32(total) - _mm_cvtss_f32(m);
 }
 
 static float dot_q6_K_avx2(const uint8_t *w, const void *xq, int64_t blocks) {
