@@ -118,3 +118,80 @@ def test_growing_past_a_claim_does_not_evict_a_cached_neighbour():
     assert cache.allocate("a", 3)                         # grows past its claim
     assert cache.block_table("a")[2] not in {2, 3, 4, 5}
     assert cache.lookup_prefix("probe", [1, 2, 3, 4, 0]) == 4
+
+
+class ReferencePlacement(PagedCache):
+    """The placement rule written as a plain scan over every block (the implementation before the
+    numpy one): the oracle for :meth:`PagedCache._place`."""
+
+    def _place(self, request_id: str, want: int) -> int:
+        owner = self._claim_owner
+        unclaimed = self._runs(lambda i: owner[i] is None or owner[i] == request_id)
+        fitting = [(first, length) for first, length in unclaimed if length >= want]
+        if fitting:
+            recency = [0] * self.num_blocks
+            for rank, block in enumerate(self._free.values(), start=1):
+                if block.block_hash is not None:
+                    recency[block.block_id] = rank
+            cached_before, recency_before = [0], [0]
+            for value in recency:
+                cached_before.append(cached_before[-1] + (value > 0))
+                recency_before.append(recency_before[-1] + value)
+            *_, start = min((cached_before[at + want] - cached_before[at],
+                             recency_before[at + want] - recency_before[at], at)
+                            for first, length in fitting for at in range(first, first + length - want + 1))
+            length = want
+        elif unclaimed:
+            start, length = max(unclaimed, key=lambda run: run[1])
+        else:
+            first, length = max(self._runs(lambda i: True), key=lambda run: run[1])
+            start = first + length // 2
+            length -= length // 2
+        claim = range(start, start + min(want, length))
+        self._release_claim(request_id)
+        for index in claim:
+            owner[index] = request_id
+        self._is_claimed[claim.start:claim.stop] = True
+        self._claims[request_id] = claim
+        return start
+
+    def _runs(self, eligible) -> list[tuple[int, int]]:
+        runs, start = [], None
+        for index in range(self.num_blocks + 1):
+            ok = index < self.num_blocks and index in self._free and eligible(index)
+            if ok and start is None:
+                start = index
+            elif not ok and start is not None:
+                runs.append((start, index - start))
+                start = None
+        return runs
+
+
+operations = st.lists(st.tuples(st.sampled_from(["grow", "free", "commit"]), st.integers(0, 5),
+                                st.integers(1, 30), st.integers(0, 60)), min_size=1, max_size=60)
+
+
+@settings(max_examples=150, deadline=None)
+@given(operations, st.integers(4, 40), st.booleans())
+def test_placement_equals_the_plain_scan(ops, num_blocks, prefix_caching):
+    ours = PagedCache(num_blocks, 2, enable_prefix_caching=prefix_caching)
+    reference = ReferencePlacement(num_blocks, 2, enable_prefix_caching=prefix_caching)
+    lengths: dict[str, int] = {}
+    for op, request, grow_by, expected in ops:
+        name = f"r{request}"
+        for cache in (ours, reference):
+            if op == "grow":
+                if name not in cache._tables:  # a new request: its cached prefix first, as admission does
+                    cache.lookup_prefix(name, [request] * (lengths.get(name, 0) + grow_by))
+                    cache.expect(name, expected + grow_by)
+                cache.allocate(name, lengths.get(name, 0) + grow_by)
+            elif op == "commit" and name in cache._tables:
+                cache.commit(name, [request] * lengths.get(name, 0))
+            elif op == "free":
+                cache.free(name)
+        if op == "grow":
+            granted = len(ours.block_table(name)) * 2
+            lengths[name] = min(lengths.get(name, 0) + grow_by, granted)
+        elif op == "free":
+            lengths.pop(name, None)
+        assert {r: ours.block_table(r) for r in lengths} == {r: reference.block_table(r) for r in lengths}

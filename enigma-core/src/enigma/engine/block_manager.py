@@ -26,6 +26,7 @@ from collections import OrderedDict
 from collections.abc import Sequence
 
 import attrs
+import numpy as np
 
 
 @attrs.define(eq=False)
@@ -38,6 +39,30 @@ class Block:
 def chain_hash(parent: int | None, tokens: Sequence[int]) -> int:
     """The hash of a full block: its tokens and everything before them."""
     return hash((parent, tuple(tokens)))
+
+
+def _stretches(mask: np.ndarray) -> list[tuple[int, int]]:
+    """Maximal runs ``(first, length)`` of True in ``mask``."""
+    edges = np.flatnonzero(np.diff(np.concatenate(([False], mask, [False])).astype(np.int8)))
+    return [(int(first), int(last - first)) for first, last in zip(edges[::2], edges[1::2])]
+
+
+def _best_window(eligible: np.ndarray, cached: np.ndarray, recency: np.ndarray, want: int) -> int | None:
+    """The start of the ``want`` consecutive ``eligible`` blocks holding the fewest ``cached`` ones, then
+    the least ``recency`` in all, then the lowest; None when no run is that long."""
+    if want > len(eligible):
+        return None
+    def window_sums(values: np.ndarray) -> np.ndarray:
+        before = np.concatenate(([0], np.cumsum(values, dtype=np.int64)))
+        return before[want:] - before[:-want]
+    fits = window_sums(eligible) == want
+    if not fits.any():
+        return None
+    starts = np.flatnonzero(fits)
+    cost = window_sums(cached)[starts]
+    starts = starts[cost == cost.min()]
+    age = window_sums(recency)[starts]
+    return int(starts[np.argmin(age)])  # argmin: the first, the lowest start
 
 
 class PagedCache:
@@ -61,16 +86,25 @@ class PagedCache:
         self._last_lookup: dict[str, tuple[int, int]] = {}
         self._claim_owner: list[str | None] = [None] * num_blocks  # who placed its next blocks here
         self._claims: dict[str, range] = {}
+        # the same facts as arrays, for placement's scans over the whole pool (numpy, not Python loops:
+        # a small model's pool has tens of thousands of blocks)
+        self._is_free = np.ones(num_blocks, dtype=bool)
+        self._is_claimed = np.zeros(num_blocks, dtype=bool)
+        self._has_hash = np.zeros(num_blocks, dtype=bool)
+        self._freed_at = np.zeros(num_blocks, dtype=np.int64)  # when last freed: the order of ``_free``
+        self._clock = 0
         self._expected: dict[str, int] = {}  # request -> tokens it may grow to (placement hints)
 
     # ------------------------------------------------------------ pool
 
     def _take(self, block: Block) -> Block:
         del self._free[block.block_id]
+        self._is_free[block.block_id] = False
         if block.block_hash is not None:           # evict its cached content
             if self._by_hash.get(block.block_hash) is block:
                 del self._by_hash[block.block_hash]
             block.block_hash = None
+            self._has_hash[block.block_id] = False
         block.ref_count = 1
         return block
 
@@ -96,58 +130,48 @@ class PagedCache:
         failing that (others claimed every free block) the second half of the
         longest free stretch, taken from its claimant.
         """
-        owner = self._claim_owner
-        unclaimed = self._free_stretches(lambda i: owner[i] is None or owner[i] == request_id)
-        fitting = [(first, length) for first, length in unclaimed if length >= want]
-        if fitting:
-            recency = [0] * self.num_blocks         # cached free blocks: 1 + rank in freeing order
-            for rank, block in enumerate(self._free.values(), start=1):
-                if block.block_hash is not None:
-                    recency[block.block_id] = rank
-            cached_before, recency_before = [0], [0]  # prefix sums over block ids
-            for value in recency:
-                cached_before.append(cached_before[-1] + (value > 0))
-                recency_before.append(recency_before[-1] + value)
-            *_, start = min((cached_before[at + want] - cached_before[at],
-                             recency_before[at + want] - recency_before[at], at)
-                            for first, length in fitting for at in range(first, first + length - want + 1))
-            length = want
-        elif unclaimed:
-            start, length = max(unclaimed, key=lambda run: run[1])
-        else:
-            first, length = max(self._free_stretches(lambda i: True), key=lambda run: run[1])
-            start = first + length // 2
-            length -= length // 2
+        eligible = self._is_free & ~self._is_claimed
+        for index in self._claims.get(request_id, ()):  # its own claim, where nobody took it over
+            if self._claim_owner[index] == request_id and self._is_free[index]:
+                eligible[index] = True
+        start = _best_window(eligible, self._is_free & self._has_hash, self._recency(), want)
+        length = want
+        if start is None:
+            stretches = _stretches(eligible)
+            if stretches:
+                start, length = max(stretches, key=lambda run: run[1])
+            else:
+                first, length = max(_stretches(self._is_free), key=lambda run: run[1])
+                start = first + length // 2
+                length -= length // 2
         claim = range(start, start + min(want, length))
         self._release_claim(request_id)
         for index in claim:
-            owner[index] = request_id
+            self._claim_owner[index] = request_id
+        self._is_claimed[claim.start:claim.stop] = True
         self._claims[request_id] = claim
         return start
 
-    def _free_stretches(self, eligible) -> list[tuple[int, int]]:
-        """Maximal runs ``(first, length)`` of free blocks that are ``eligible``."""
-        free = self._free
-        stretches = []
-        start = None
-        for index in range(self.num_blocks + 1):
-            ok = index < self.num_blocks and index in free and eligible(index)
-            if ok and start is None:
-                start = index
-            elif not ok and start is not None:
-                stretches.append((start, index - start))
-                start = None
-        return stretches
+    def _recency(self) -> np.ndarray:
+        """Per block: for a free cached block 1 + its place in the freeing order (oldest first), else 0."""
+        free_ids = np.flatnonzero(self._is_free)
+        rank = np.empty(len(free_ids), dtype=np.int64)
+        rank[np.argsort(self._freed_at[free_ids], kind="stable")] = np.arange(1, len(free_ids) + 1)
+        recency = np.zeros(self.num_blocks, dtype=np.int64)
+        recency[free_ids] = rank * self._has_hash[free_ids]
+        return recency
 
     def _release_claim(self, request_id: str) -> None:
         owner = self._claim_owner
         for index in self._claims.pop(request_id, ()):
             if owner[index] == request_id:
                 owner[index] = None
+                self._is_claimed[index] = False
 
     def _share(self, block: Block) -> None:
         if block.ref_count == 0:
             del self._free[block.block_id]
+            self._is_free[block.block_id] = False
         block.ref_count += 1
 
     def _release(self, block: Block) -> None:
@@ -155,6 +179,9 @@ class PagedCache:
         assert block.ref_count >= 0, "block released more often than taken"
         if block.ref_count == 0:
             self._free[block.block_id] = block
+            self._is_free[block.block_id] = True
+            self._clock += 1
+            self._freed_at[block.block_id] = self._clock
 
     # ------------------------------------------------------------ requests
 
@@ -233,6 +260,7 @@ class PagedCache:
             block = table[index]
             parent = chain_hash(parent, token_ids[index * self.block_size:(index + 1) * self.block_size])
             block.block_hash = parent
+            self._has_hash[block.block_id] = True
             self._by_hash.setdefault(parent, block)
         self._hashed[request_id] = max(done, full)
 
