@@ -198,3 +198,32 @@ def test_bad_input_is_refused_with_a_reason(tiny_model, damage, message):
         x = torch.randn(33, hidden)
     with pytest.raises(ValueError, match=message):
         decoder(x, positions, slots, fused.kv_caches, tables, lengths)
+
+
+def test_a_self_draft_runs_the_first_layers_over_its_own_caches(tiny_model):
+    """A speculative self-draft: the target's first layers, a runner with caches for those layers only."""
+    fused, plain = runners(tiny_model("llama-gqa"))
+    drafts = [ModelRunner(None, runner.backend, block_size=4, num_blocks=16, prepared=runner.model,
+                          dtype=torch.float32) for runner in (fused, plain)]
+    for draft in drafts:
+        draft.kv_caches = draft.kv_caches[:1]
+    first_layer = [SelfDraft(runner.model) for runner in drafts]
+    for draft, model in zip(drafts, first_layer):
+        draft.model = model
+    seen = calls(fused)
+    a = ids(6, 9)
+    same_steps(drafts[0], drafts[1], [[SequenceChunk(a[:5], 0, [0, 1])], [SequenceChunk([a[5]], 5, [0, 1])]])
+    assert seen == [5, 1]
+
+
+class SelfDraft(torch.nn.Module):
+    def __init__(self, model):
+        super().__init__()
+        self.target = model
+        self.config = model.config
+
+    def forward(self, input_ids, positions, context):
+        return self.target(input_ids, positions, context, num_layers=1)
+
+    def compute_logits(self, hidden):
+        return self.target.compute_logits(hidden)

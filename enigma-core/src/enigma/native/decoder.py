@@ -168,7 +168,7 @@ class NativeDecoder:
             raise ValueError(f"native decoder takes 1..{self.max_rows} contiguous float32 rows of {self.hidden}; "
                              f"got {x.dtype} {list(x.shape)}")
         layers = self.num_layers if num_layers is None else num_layers
-        caches = self._cache_pointers(kv_caches)
+        caches = self._cache_pointers(kv_caches, layers)
         _, _, num_blocks, block_size, _ = kv_caches[0].shape
         out = torch.empty_like(x)
         status = self._function(ctypes.byref(self._decoder), self._layers, layers, caches, num_blocks, block_size,
@@ -179,13 +179,15 @@ class NativeDecoder:
             raise ValueError(f"native decoder: {ERRORS.get(status, f'status {status}')}")
         return out
 
-    def _cache_pointers(self, kv_caches: Sequence[torch.Tensor]) -> ctypes.Array:
+    def _cache_pointers(self, kv_caches: Sequence[torch.Tensor], layers: int) -> ctypes.Array:
         """The caches' addresses as a C array, made again only when the pool was reallocated."""
+        if not 0 < layers <= min(self.num_layers, len(kv_caches)):
+            raise ValueError(f"native decoder: {layers} layers to run over {len(kv_caches)} caches of a "
+                             f"{self.num_layers}-layer stack")
         key = tuple(cache.data_ptr() for cache in kv_caches)
         if self._caches is None or self._caches[0] != key:
-            if len(kv_caches) < self.num_layers or any(
-                    cache.dtype != torch.float32 or not cache.is_contiguous() for cache in kv_caches):
-                raise ValueError("native decoder needs a contiguous float32 cache for every layer")
+            if any(cache.dtype != torch.float32 or not cache.is_contiguous() for cache in kv_caches):
+                raise ValueError("native decoder: every layer's cache must be contiguous float32")
             self._caches = (key, (ctypes.c_void_p * len(key))(*key))
         return self._caches[1]
 
