@@ -59,7 +59,9 @@ void enigma_linear(const float *x, int64_t m, int64_t in, const float *w, int64_
     int64_t blocks = out / 4;
     /* Short rows (a small model's, or a head over a vocabulary at hidden 192) end before the hardware
      * prefetcher has ramped up: fetch the next four ahead (measured, 32000x192: 12 -> 17 GB/s; for rows
-     * of 768 and more it gains nothing). */
+     * of 768 and more it gains nothing). A weight hot in L2 loses a quarter to the extra instructions,
+     * but in a model's step they are not hot: enigma-tiny decodes 1.1-1.25x faster with it than without
+     * (or with it only for weights over 8 MB), interleaved in one process. */
     int prefetch = in * (int64_t)sizeof(float) <= 1024;
 #pragma omp parallel num_threads(threads)
     {
