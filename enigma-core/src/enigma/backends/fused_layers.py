@@ -98,6 +98,9 @@ def fuse_llama_layers(model: torch.nn.Module, native: NativeKernels, backend: An
                             intermediate=config.intermediate_size, eps=config.rms_norm_eps,
                             inv_freq=model.inv_freq.contiguous(), final_norm=final_norm)
     fused = FusedLlamaLayers(model, decoder, backend, watched)
+    if not fused._unchanged():  # hooked already (a tensor-parallel shard's all-reduces): nothing to fuse
+        log.debug("native decoder not used: the model's layers have forward hooks")
+        return None
     model.__dict__["fused_layers"] = fused
     return fused
 
