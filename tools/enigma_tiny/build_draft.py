@@ -25,9 +25,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(Path(__file__).parent))
 
-import corpus  # noqa: E402
-
+# this folder's build.py (first on sys.path), not PyPI's `build`
 import build  # noqa: E402
+import corpus  # noqa: E402
 
 DEST = ROOT / "plugins" / "tiny" / "src" / "enigma_tiny" / "draft"
 SHIPPED = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "generation_config.json")
