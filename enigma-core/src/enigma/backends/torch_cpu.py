@@ -191,15 +191,11 @@ class TorchCPUBackend(TorchBackend):
         With the native kernels, float32 decode-only steps run theirs.
         """
         write_kv(kv_cache, key, value, metadata.slot_mapping)
-        if self.native is not None and query.dtype == kv_cache.dtype == torch.float32:
-            if metadata.num_tokens == metadata.num_seqs:
-                return self.native.decode_attention(query, kv_cache, metadata.block_tables,
-                                                    self._seq_lens(metadata), window=metadata.sliding_window,
-                                                    scale=scale)
-            if max(metadata.query_lens) <= self.SHORT_QUERY_MAX:
-                tables, lengths = self._query_rows(metadata)
-                return self.native.decode_attention(query, kv_cache, tables, lengths,
-                                                    window=metadata.sliding_window, scale=scale)
+        if (self.native is not None and query.dtype == kv_cache.dtype == torch.float32
+                and max(metadata.query_lens) <= self.SHORT_QUERY_MAX):
+            tables, lengths = self.attention_rows(metadata)
+            return self.native.decode_attention(query, kv_cache, tables, lengths, window=metadata.sliding_window,
+                                                scale=scale)
         starts, padded = self._layout(metadata, kv_cache)
         if padded:
             return self._decode_padded(query, kv_cache, metadata, scale)
