@@ -4,7 +4,8 @@ It serves model folders as repositories so that huggingface_hub's real code
 path runs against it (set ``HF_ENDPOINT`` to :attr:`FakeHub.url`):
 
 - ``GET /api/models/{repo}[/revision/{rev}]`` — repository info with every
-  file's size, git blob id and (for weights) LFS sha256;
+  file's size, git blob id and (for weights) LFS sha256; a repository may
+  have branches besides ``main`` (EXL2 repositories publish one per bpw);
 - ``HEAD``/``GET /{repo}/resolve/{rev}/{path}`` — the file, with the hub's
   ``X-Repo-Commit`` and ``ETag`` headers and ``Range`` support.
 
@@ -34,6 +35,7 @@ def git_blob_id(data: bytes) -> str:
 class FakeHub:
     def __init__(self) -> None:
         self.repos: dict[str, Path] = {}
+        self.branches: dict[tuple[str, str], Path] = {}
         self.corrupt: set[str] = set()
         self.bytes_per_second: float | None = None
         self.requests: list[tuple[str, str, str | None]] = []
@@ -64,8 +66,23 @@ class FakeHub:
         self.server.shutdown()
         self.server.server_close()
 
-    def add_repo(self, repo: str, folder: Path) -> None:
-        self.repos[repo] = folder
+    def add_repo(self, repo: str, folder: Path, *, revision: str = "main") -> None:
+        """Serve ``folder`` as ``repo`` (at branch ``revision``; ``main`` is also the default)."""
+        if revision == "main":
+            self.repos[repo] = folder
+        else:
+            self.repos.setdefault(repo, folder)
+            self.branches[(repo, revision)] = folder
+
+    def _at(self, repo: str, revision: str) -> tuple[Path, str] | None:
+        """The folder and commit a revision (branch name or commit) of ``repo`` names, or None."""
+        if revision in ("", "main", COMMIT):
+            return self.repos[repo], COMMIT
+        for (name, branch), folder in self.branches.items():
+            commit = hashlib.sha1(branch.encode(), usedforsecurity=False).hexdigest()
+            if name == repo and revision in (branch, commit):
+                return folder, commit
+        return None
 
     # ------------------------------------------------------------ routes
 
@@ -77,7 +94,7 @@ class FakeHub:
             return
         parts = path.lstrip("/").split("/")
         if len(parts) >= 5 and parts[2] == "resolve":
-            self.resolve(request, f"{parts[0]}/{parts[1]}", "/".join(parts[4:]), body=body)
+            self.resolve(request, f"{parts[0]}/{parts[1]}", parts[3], "/".join(parts[4:]), body=body)
             return
         self.error(request, 404, "EntryNotFound")
 
@@ -86,11 +103,12 @@ class FakeHub:
         if repo not in self.repos:
             self.error(request, 404, "RepoNotFound")
             return
-        if revision and revision not in ("main", COMMIT):
+        found = self._at(repo, revision)
+        if found is None:
             self.error(request, 404, "RevisionNotFound")
             return
         siblings = []
-        folder = self.repos[repo]
+        folder, commit = found
         for file in sorted(p for p in folder.rglob("*") if p.is_file()):
             data = file.read_bytes()
             name = str(file.relative_to(folder))
@@ -98,14 +116,19 @@ class FakeHub:
             if name.endswith(LFS_SUFFIXES):
                 sibling["lfs"] = {"size": len(data), "sha256": hashlib.sha256(data).hexdigest(), "pointerSize": 134}
             siblings.append(sibling)
-        payload = json.dumps({"id": repo, "modelId": repo, "sha": COMMIT, "private": False, "siblings": siblings})
+        payload = json.dumps({"id": repo, "modelId": repo, "sha": commit, "private": False, "siblings": siblings})
         self.send(request, 200, payload.encode(), {"Content-Type": "application/json"}, body=True)
 
-    def resolve(self, request, repo: str, name: str, *, body: bool) -> None:
-        file = self.repos.get(repo, Path("/nonexistent")) / name
+    def resolve(self, request, repo: str, revision: str, name: str, *, body: bool) -> None:
         if repo not in self.repos:
             self.error(request, 404, "RepoNotFound")
             return
+        found = self._at(repo, revision)
+        if found is None:
+            self.error(request, 404, "RevisionNotFound")
+            return
+        folder, commit = found
+        file = folder / name
         if not file.is_file():
             self.error(request, 404, "EntryNotFound")
             return
@@ -113,7 +136,7 @@ class FakeHub:
         etag = hashlib.sha256(data).hexdigest() if name.endswith(LFS_SUFFIXES) else git_blob_id(data)
         if name in self.corrupt:
             data = bytes([data[0] ^ 0xFF]) + data[1:]
-        headers = {"X-Repo-Commit": COMMIT, "ETag": f'"{etag}"', "Accept-Ranges": "bytes",
+        headers = {"X-Repo-Commit": commit, "ETag": f'"{etag}"', "Accept-Ranges": "bytes",
                    "Content-Type": "application/octet-stream"}
         status, start = 200, 0
         byte_range = request.headers.get("Range")

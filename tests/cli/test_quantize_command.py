@@ -10,14 +10,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from tiny_models import make_model
 
-WITHOUT_GGML = {"ENIGMA_DISABLE_PLUGINS": "ggml"}
+WITHOUT_QUANTIZERS = {"ENIGMA_DISABLE_PLUGINS": "ggml,exl2"}
 
 
 def test_without_quantizers_it_says_what_to_install(enigma):
-    listed = enigma("quantize", "--list", env=WITHOUT_GGML)
+    listed = enigma("quantize", "--list", env=WITHOUT_QUANTIZERS)
     assert listed.returncode == 0 and "No quantizer is installed" in listed.stdout
     assert "enigma-plugin-ggml" in listed.stdout
-    failed = enigma("quantize", "enigma-tiny", "--bits", "4", env=WITHOUT_GGML)
+    failed = enigma("quantize", "enigma-tiny", "--bits", "4", env=WITHOUT_QUANTIZERS)
     assert failed.returncode == 1
     assert "no quantizer is installed, so type 'Q4_K_M' cannot be made; install one" in failed.stderr
 

@@ -63,7 +63,7 @@ def test_quantize_into_the_store_records_the_quantization(installed_plugins, tin
 
 
 def test_types_are_listed_and_unknown_ones_named(installed_plugins, monkeypatch):
-    monkeypatch.setenv("ENIGMA_DISABLE_PLUGINS", "ggml")  # the int8 fixture alone
+    monkeypatch.setenv("ENIGMA_DISABLE_PLUGINS", "ggml,exl2")  # the int8 fixture alone
     host = load_plugins()
     assert [(t.name, t.quantizer, t.origin) for t in installed_types(host)] == [
         ("INT8", "int8", "enigma-plugin-int8")]
@@ -75,7 +75,7 @@ def test_types_are_listed_and_unknown_ones_named(installed_plugins, monkeypatch)
 
 
 def test_without_quantizers_the_error_says_what_to_install(enigma_home, monkeypatch):
-    monkeypatch.setenv("ENIGMA_DISABLE_PLUGINS", "ggml")
+    monkeypatch.setenv("ENIGMA_DISABLE_PLUGINS", "ggml,exl2")
     with pytest.raises(NotFoundError, match="no quantizer is installed.*enigma-plugin-ggml"):
         find_quantizer("Q4_K_M", load_plugins())
 

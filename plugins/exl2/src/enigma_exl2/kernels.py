@@ -18,7 +18,6 @@ import threading
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from enigma.errors import BadRequestError
@@ -106,6 +105,9 @@ class Plan:
                              self.perm.data_ptr(), len(groups), module.q_weight.shape[1], module.in_features,
                              module.out_features)
             self.descriptor = torch.frombuffer(bytearray(bytes(weight)), dtype=torch.uint8)
+            # whoever holds the descriptor (the native decoder) holds what its pointers point at
+            self.descriptor.keepalive = (module.q_weight, module.q_scale, self.scale_max, self.group_bits,
+                                         self.group_rows, self.group_qrow, self.perm)
         self.sources = (module.q_weight, module.q_scale, module.q_scale_max, module.q_groups, module.q_invperm)
 
     def current(self, module: EXL2Linear) -> bool:

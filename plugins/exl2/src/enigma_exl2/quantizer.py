@@ -57,8 +57,8 @@ class EXL2Quantizer:
             raise NotAvailableError(f"{model.folder} is quantized already ({model.quantization}); EXL2 is made "
                                     "from float weights")
         architecture = (model.hf_config.get("architectures") or ["?"])[0]
+        convert.check_model(model.module_tree(), architecture)
         loaded = model.load(dtype="float32")
-        convert.check_model(loaded.model, architecture)
         paths = options.get("calibration")
         if options.get("calibration_texts") is not None:
             texts, dataset = [str(t) for t in options["calibration_texts"]], "texts"

@@ -35,6 +35,10 @@ class GGMLQuantizer:
         from enigma_ggml.requantize import requantize_gguf
         from enigma_ggml.weights import gguf_path
 
+        unknown = sorted(set(options) - {"name"})
+        if unknown:
+            raise BadRequestError(f"ggml's types take no option {', '.join(unknown)} (those are other "
+                                  "quantizers'; --bpw, --head-bits and --calibration are EXL2's)")
         if type not in FILE_TYPES:
             raise BadRequestError(f"ggml makes no type {type!r}; it makes {', '.join(FILE_TYPES)}")
         method = (model.hf_config.get("quantization_config") or {}).get("quant_method")
