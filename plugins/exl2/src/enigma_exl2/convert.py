@@ -221,5 +221,18 @@ def quantize_model(model: nn.Module, calibration: Calibration, plan: list[dict[s
     return tensors
 
 
+def describe(plan: list[dict[str, Any]], model: nn.Module) -> list[dict[str, Any]]:
+    """The strategy as config.json records it: per layer and block, its accuracy, bits per weight, recipe."""
+    described = []
+    for layer, chosen in zip(model.model.layers, plan):
+        entry = {}
+        for block, option in chosen.items():
+            numel = sum(module.weight.numel() for module in _linears(layer, block).values())
+            entry[block] = {"accuracy": round(option["accuracy"], 6), "bpw": round(option["total_bits"] / numel, 4),
+                            "recipe": option["recipe"]}
+        described.append(entry)
+    return described
+
+
 def achieved_bpw(plan: list[dict[str, Any]], model: nn.Module) -> float:
     return sum(layer[block]["total_bits"] for layer in plan for block in layer) / decoder_weights(model)

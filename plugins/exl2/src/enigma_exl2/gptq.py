@@ -28,7 +28,6 @@ from enigma_exl2.qparams import QParams
 
 DAMPING = 0.12
 """Diagonal damping of the Hessian, as a fraction of its mean (exllamav2's percdamp)."""
-ERROR_NORM = 3.5
 P_MIN, P_MAX, P_GRID = 0.70, 1.20, 96
 
 
@@ -99,11 +98,10 @@ def find_scales(rows: torch.Tensor, bits: int) -> GroupScales:
     grid = torch.arange(P_GRID + 1, dtype=torch.float32) / P_GRID
     factors = P_MIN * (1 - grid) + P_MAX * grid
     errors = torch.empty(P_GRID + 1)
-    for start in range(0, P_GRID + 1, 16):
-        p = factors[start:start + 16, None, None]
-        scale = trial[None, None, :] * p
-        q = torch.clamp(torch.round(rows[None] / scale), -zero, maxq - zero)
-        errors[start:start + 16] = ((q * scale - rows[None]).abs() ** ERROR_NORM).sum(dim=(1, 2))
+    for index, factor in enumerate(factors.tolist()):   # one factor at a time: stays in cache
+        scale = trial * factor
+        error = torch.clamp(torch.round(rows / scale), -zero, maxq - zero).mul_(scale).sub_(rows).abs_()
+        errors[index] = (error.square() * error * error.sqrt()).sum()   # |e| ** 3.5
     best = factors[int(torch.argmin(errors))]
     scale_max = (group_max * best).to(torch.float16)
     scale = codes ** 2 * (scale_max.float() / 256)

@@ -167,12 +167,6 @@ class EXL2Linear(nn.Module):
             module.bias = nn.Parameter(tensors["bias"].float().clone(), requires_grad=False)
         return module
 
-    @property
-    def bits(self) -> float:
-        """Bits per weight the packed values take (no scales or tables)."""
-        groups = self.plan().groups
-        return sum(g.bits * g.rows for g in groups) / self.in_features
-
     def plan(self) -> Plan:
         """The derived tables for the tensors held now (made again after a reload or a move)."""
         plan = self.__dict__["_plan"]

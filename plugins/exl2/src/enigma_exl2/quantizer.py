@@ -41,9 +41,7 @@ class EXL2Quantizer:
         from safetensors.torch import save_file
 
         from enigma.paths import get_paths
-        from enigma.tokenizer import Tokenizer
         from enigma_exl2 import convert
-        from enigma_exl2.calibration import DEFAULT_LENGTH, DEFAULT_ROWS, calibration_rows, read_texts
 
         unknown = sorted(set(options) - set(OPTIONS))
         if unknown:
@@ -59,29 +57,17 @@ class EXL2Quantizer:
         architecture = (model.hf_config.get("architectures") or ["?"])[0]
         convert.check_model(model.module_tree(), architecture)
         loaded = model.load(dtype="float32")
-        paths = options.get("calibration")
-        if options.get("calibration_texts") is not None:
-            texts, dataset = [str(t) for t in options["calibration_texts"]], "texts"
-        else:
-            texts, dataset = read_texts([paths] if isinstance(paths, (str, Path)) else paths)
-        length = int(options.get("calibration_length", DEFAULT_LENGTH))
-        context = int(model.hf_config.get("max_position_embeddings") or length)
-        calibration = calibration_rows(Tokenizer(model.folder), texts, rows=int(options.get("calibration_rows",
-                                                                                            DEFAULT_ROWS)),
-                                       length=min(length, context), dataset=dataset)
+        calibration = _calibration(model, options)
         net = loaded.model
         layers = net.num_layers
         key = convert.fingerprint(model.folder, model.hf_config, calibration)
+        work = Path(options.get("work_dir") or get_paths().cache_dir / "exl2" / key)
         reused = options.get("measurement")
         steps = 2 * layers + 1 if reused is None else layers + 1
         report = (lambda done, total, offset=0: progress(offset + done, steps)) if progress else None
         if reused is not None:
-            measurement = json.loads(Path(reused).read_text(encoding="utf-8"))
-            if len(measurement.get("layers", ())) != layers:
-                raise BadRequestError(f"measurement {reused} covers {len(measurement.get('layers', ()))} layers; "
-                                      f"this model has {layers}: it was made for another model")
+            measurement = _read_measurement(Path(reused), layers)
         else:
-            work = Path(options.get("work_dir") or get_paths().cache_dir / "exl2" / key)
             measurement = convert.measure(net, calibration, work, key, progress=report)
         plan = convert.strategy(measurement, net, bpw)
         achieved = convert.achieved_bpw(plan, net)
@@ -100,21 +86,44 @@ class EXL2Quantizer:
         config = {**model.hf_config, "torch_dtype": "float16", "quantization_config": {
             "quant_method": "exl2", "type": "EXL2", "version": f"enigma-plugin-exl2 {__version__}",
             "bits": bpw, "head_bits": head_bits, "calibration": calibration.describe(),
-            "achieved_bpw": round(achieved, 4),
-            "strategy": [{block: {"accuracy": round(choice["accuracy"], 6), "bpw": round(
-                choice["total_bits"] / sum(_numel(net, index, block, n) for n in choice["recipe"]), 4),
-                "recipe": choice["recipe"]} for block, choice in layer.items()} for index, layer in enumerate(plan)]}}
+            "achieved_bpw": round(achieved, 4), "strategy": convert.describe(plan, net)}}
         (output / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
         if reused is None:
-            shutil.rmtree(Path(options.get("work_dir") or get_paths().cache_dir / "exl2" / key), ignore_errors=True)
+            shutil.rmtree(work, ignore_errors=True)           # the measurement now lives in the output
 
     def transform(self, model: nn.Module, *, context: Any) -> None:
         swap_exl2_modules(model, context.folder)
 
 
-def _numel(model: nn.Module, index: int, block: str, name: str) -> int:
-    owner = model.model.layers[index].self_attn if block == "attention" else model.model.layers[index].mlp
-    return getattr(owner, name).weight.numel()
+def _calibration(model: Any, options: Mapping[str, Any]) -> Any:
+    from enigma.tokenizer import Tokenizer
+    from enigma_exl2.calibration import DEFAULT_LENGTH, DEFAULT_ROWS, calibration_rows, read_texts
+
+    if options.get("calibration_texts") is not None:
+        texts, dataset = [str(t) for t in options["calibration_texts"]], "texts"
+    else:
+        paths = options.get("calibration")
+        texts, dataset = read_texts([paths] if isinstance(paths, (str, Path)) else paths)
+    length = int(options.get("calibration_length", DEFAULT_LENGTH))
+    context = int(model.hf_config.get("max_position_embeddings") or length)
+    return calibration_rows(Tokenizer(model.folder), texts, rows=int(options.get("calibration_rows", DEFAULT_ROWS)),
+                            length=min(length, context), dataset=dataset)
+
+
+def _read_measurement(path: Path, layers: int) -> dict[str, Any]:
+    from enigma_exl2.convert import MEASUREMENT_VERSION
+
+    try:
+        measurement = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise BadRequestError(f"measurement {path} cannot be read ({exc}); give the measurement.json of an "
+                              "earlier EXL2 conversion") from None
+    if measurement.get("version") != MEASUREMENT_VERSION:
+        raise BadRequestError(f"measurement {path} is of another version of the EXL2 ladder; measure again")
+    if len(measurement.get("layers", ())) != layers:
+        raise BadRequestError(f"measurement {path} covers {len(measurement.get('layers', ()))} layers; this "
+                              f"model has {layers}: it was made for another model")
+    return measurement
 
 
 def swap_exl2_modules(model: nn.Module, folder: Path) -> int:
