@@ -34,10 +34,10 @@ static inline void decode_row(const int32_t *words, int64_t columns, int64_t i, 
     const int shift = (int)(bit & 31);
     const uint32_t mask = (1u << bits) - 1u;
     if (shift + bits <= 32) {
-        for (int c = 0; c < n; c++) v[c] = (float)((w0[c] >> shift) & mask);
+        for (int c = 0; c < n; c++) v[c] = (float)(int32_t)((w0[c] >> shift) & mask);
     } else {
         const uint32_t *w1 = w0 + columns;
-        for (int c = 0; c < n; c++) v[c] = (float)(((w0[c] >> shift) | (w1[c] << (32 - shift))) & mask);
+        for (int c = 0; c < n; c++) v[c] = (float)(int32_t)(((w0[c] >> shift) | (w1[c] << (32 - shift))) & mask);
     }
 }
 
@@ -69,7 +69,7 @@ static void column_block(const struct exl2_weight *w, const float *xp, int64_t r
         const uint32_t *codes = (const uint32_t *)w->q_scale + g * (w->columns / 8);
         for (int c = 0; c < n; c++) {
             const int64_t col = c0 + c;
-            const float code = (float)(((codes[col >> 3] >> (4 * (col & 7))) & 15u) + 1u);
+            const float code = (float)(int32_t)(((codes[col >> 3] >> (4 * (col & 7))) & 15u) + 1u);
             scale[c] = code * code * w->scale_max[g];
         }
         for (int64_t r = 0; r < rows; r++)
@@ -77,6 +77,42 @@ static void column_block(const struct exl2_weight *w, const float *xp, int64_t r
         first += count;
     }
     for (int64_t r = 0; r < rows; r++) memcpy(y + r * w->out + c0, total[r], sizeof(float) * n);
+}
+
+/* One row (a decode step), a full block of ONE columns: the sums stay in registers through each group. */
+#define ONE 128
+static void column_block_one(const struct exl2_weight *w, const float *xp, int64_t c0, float *y) {
+    float total[ONE] = {0};
+    int64_t first = 0;
+    for (int64_t g = 0; g < w->groups; g++) {
+        const int bits = w->group_bits[g];
+        const uint32_t mask = (1u << bits) - 1u;
+        const int64_t count = w->group_rows[g];
+        const uint32_t *words = (const uint32_t *)w->q_weight + (int64_t)w->group_qrow[g] * w->columns + c0;
+        float acc[ONE] = {0}, xsum = 0.0f;
+        for (int64_t i = 0; i < count; i++) {
+            const float xi = xp[first + i];
+            const int64_t bit = i * bits;
+            const uint32_t *w0 = words + (bit >> 5) * w->columns;
+            const int shift = (int)(bit & 31);
+            xsum += xi;
+            if (shift + bits <= 32) {
+                for (int c = 0; c < ONE; c++) acc[c] += xi * (float)(int32_t)((w0[c] >> shift) & mask);
+            } else {
+                const uint32_t *w1 = w0 + w->columns;
+                for (int c = 0; c < ONE; c++)
+                    acc[c] += xi * (float)(int32_t)(((w0[c] >> shift) | (w1[c] << (32 - shift))) & mask);
+            }
+        }
+        const float zero = (float)(1 << (bits - 1));
+        const uint32_t *codes = (const uint32_t *)w->q_scale + g * (w->columns / 8) + c0 / 8;
+        for (int c = 0; c < ONE; c++) {
+            const float code = (float)(int32_t)(((codes[c >> 3] >> (4 * (c & 7))) & 15u) + 1u);
+            total[c] += code * code * w->scale_max[g] * (acc[c] - zero * xsum);
+        }
+        first += count;
+    }
+    for (int c = 0; c < ONE; c++) y[c0 + c] = total[c];
 }
 
 /* The core's native-decoder signature (enigma_qmatmul's): kind is unused, weight a struct exl2_weight,
@@ -89,6 +125,13 @@ int enigma_exl2_qmatmul(int kind, const void *weight, int64_t out, int64_t in, c
     float *xp = (float *)scratch;
     for (int64_t r = 0; r < rows; r++)
         for (int64_t i = 0; i < in; i++) xp[r * in + i] = x[r * in + w->perm[i]];
+    if (rows == 1) {
+        const int64_t full = out / ONE;
+#pragma omp parallel for num_threads(threads) schedule(static)
+        for (int64_t b = 0; b < full; b++) column_block_one(w, xp, b * ONE, y);
+        for (int64_t c0 = full * ONE; c0 < out; c0 += COLS) column_block(w, xp, 1, c0, y);  /* the rest */
+        return 0;
+    }
     const int64_t blocks = (out + COLS - 1) / COLS;
 #pragma omp parallel for num_threads(threads) schedule(static)
     for (int64_t b = 0; b < blocks; b++) column_block(w, xp, rows, b * COLS, y);
@@ -114,7 +157,7 @@ int enigma_exl2_dequantize(const void *weight, int64_t c0, int64_t c1, float *ou
             const int n = (int)((c1 - b) < COLS ? (c1 - b) : COLS);
             for (int c = 0; c < n; c++) {
                 const int64_t col = b + c;
-                const float code = (float)(((codes[col >> 3] >> (4 * (col & 7))) & 15u) + 1u);
+                const float code = (float)(int32_t)(((codes[col >> 3] >> (4 * (col & 7))) & 15u) + 1u);
                 scale[c] = code * code * w->scale_max[g];
             }
             for (int64_t i = 0; i < w->group_rows[g]; i++) {

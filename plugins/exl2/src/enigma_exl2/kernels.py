@@ -53,7 +53,7 @@ def _load_native() -> Any:
         return None
     try:
         path = build(get_paths().cache_dir / "native", package=__package__, source_name="exl2_matmul.c",
-                     name="enigma-exl2-matmul", flags=("-ffp-contract=off",))
+                     name="enigma-exl2-matmul")
         library = ctypes.CDLL(str(path))
     except (NativeBuildError, OSError) as error:
         log.warning("EXL2 native kernels unavailable, dequantizing per matmul: %s", error)
