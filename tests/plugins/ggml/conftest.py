@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ctypes
+import hashlib
 import os
 import shutil
 import subprocess
@@ -76,22 +77,39 @@ def _cpu_flags() -> set[str]:
     return set(next((line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), []))
 
 
-LLAMA_CPP_FLAGS = ("GGML_NATIVE=OFF", "GGML_AVX=ON", "GGML_AVX2=ON", "GGML_FMA=ON", "GGML_F16C=ON", "GGML_BMI2=ON",
-                   *(("GGML_AVX512=ON", "GGML_AVX512_VBMI=ON", "GGML_AVX512_VNNI=ON", "GGML_AVX512_BF16=ON",
-                      "GGML_AVX_VNNI=ON") if {"avx512f", "avx512_vnni", "avx512_bf16"} <= _cpu_flags() else ()),
-                   "LLAVA_BUILD=OFF", "LLAMA_BUILD_TOOLS=OFF", "LLAMA_BUILD_EXAMPLES=OFF", "LLAMA_BUILD_TESTS=OFF",
-                   "LLAMA_CURL=OFF")
-"""The CPU's vector extensions named one by one rather than -march=native: a native build here also
-turns on ggml's AMX kernels, whose Q8_0 path crashes in this sandbox (no AMX tile permission)."""
+GGML_CPU_FEATURES = {
+    "GGML_AVX": {"avx"}, "GGML_AVX2": {"avx2"}, "GGML_FMA": {"fma"}, "GGML_F16C": {"f16c"}, "GGML_BMI2": {"bmi2"},
+    "GGML_AVX512": {"avx512f", "avx512cd", "avx512vl", "avx512dq", "avx512bw"},
+    "GGML_AVX512_VBMI": {"avx512f", "avx512vbmi"}, "GGML_AVX512_VNNI": {"avx512f", "avx512_vnni"},
+    "GGML_AVX512_BF16": {"avx512f", "avx512_bf16"}, "GGML_AVX_VNNI": {"avx_vnni"},
+}
+"""Each of ggml's x86 options and the /proc/cpuinfo flags it needs. An option is turned on only where this CPU
+has every one of them: CI once died of SIGILL on an AMD EPYC with AVX-512 VNNI but not the VEX-coded AVX-VNNI,
+which the build had turned on with the AVX-512 set as a whole."""
+
+
+def llama_cpp_flags(cpu_flags: set[str]) -> tuple[str, ...]:
+    """CMake options for llama.cpp built for the CPU with ``cpu_flags``: its vector extensions named one by
+    one rather than -march=native, since a native build also turns on ggml's AMX kernels, whose Q8_0 path
+    crashes in a sandbox without AMX tile permission."""
+    vector = tuple(f"{option}=ON" for option, needs in GGML_CPU_FEATURES.items() if needs <= cpu_flags)
+    return ("GGML_NATIVE=OFF", *vector, "LLAVA_BUILD=OFF", "LLAMA_BUILD_TOOLS=OFF", "LLAMA_BUILD_EXAMPLES=OFF",
+            "LLAMA_BUILD_TESTS=OFF", "LLAMA_CURL=OFF")
+
+
+LLAMA_CPP_FLAGS = llama_cpp_flags(_cpu_flags())
 
 
 def llama_cpp_site(cache: Path) -> Path:
     """llama-cpp-python LLAMA_CPP_PYTHON (llama.cpp itself, as a library) built from its sdist once and unpacked
-    into the cache: about 4 minutes here with llama.cpp's tools and examples left out."""
-    site = cache / f"llama-cpp-python-{LLAMA_CPP_PYTHON}" / "site"
+    into the cache: about 4 minutes here with llama.cpp's tools and examples left out. The build's folder is
+    named after the options, so a cache carried to a CPU with fewer extensions is never loaded there."""
+    options = hashlib.sha256(" ".join(LLAMA_CPP_FLAGS).encode()).hexdigest()[:12]
+    build = cache / f"llama-cpp-python-{LLAMA_CPP_PYTHON}" / f"cpu-{options}"
+    site = build / "site"
     if (site / "llama_cpp" / "__init__.py").exists():
         return site
-    wheels = cache / "wheels"
+    wheels = build / "wheels"
     wheel = next(wheels.glob(f"llama_cpp_python-{LLAMA_CPP_PYTHON}-*.whl"), None)
     if wheel is None:
         wheels.mkdir(parents=True, exist_ok=True)
