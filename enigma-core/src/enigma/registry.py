@@ -147,7 +147,7 @@ class Registry:
             if not availability:
                 raise NotAvailableError(
                     f"{kind} {name!r} (from {implementation.origin}) is not available here: "
-                    f"{availability.reason}. {self._describe(kind).capitalize()}"
+                    f"{availability.reason}. {_sentence(self._describe(kind))}"
                 )
             return implementation
         available = [impl for impl in self.implementations(kind) if impl.availability()]
@@ -173,3 +173,9 @@ class Registry:
                 if availability else f"unavailable: {availability.reason}"
             parts.append(f"{impl.name} (from {impl.origin}; {state})")
         return f"installed {kind}s: " + "; ".join(parts)
+
+
+def _sentence(text: str) -> str:
+    """``text`` with its first letter in capitals and the rest as it was (``str.capitalize`` lowers the rest,
+    which turned names like 'CUDA' in the reasons it lists into 'cuda')."""
+    return text[:1].upper() + text[1:]

@@ -1,0 +1,88 @@
+"""The ``cuda-paged`` backend: the torch backend with Triton paged attention, on an NVIDIA GPU.
+
+Models, weights and the KV layout are the reference backend's; what changes is
+attention: every step — prefill chunks, decodes and drafts being verified
+together — runs one Triton kernel per layer that reads each sequence's KV
+blocks where they lie (:mod:`enigma_cuda_paged.kernels`). The kernel's
+per-step tables are built once per step and uploaded in one copy; the layers
+share them. The KV pool takes what ``gpu_memory_utilization`` (0.9 by default)
+leaves once the weights are in.
+
+With ``TRITON_INTERPRET=1`` and no GPU it also runs on the CPU, slowly, which is
+how its tests check it on machines without one.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from enigma.attention import AttentionMetadata
+from enigma.backends.torch_backend import TorchBackend, write_kv
+from enigma.errors import BadRequestError
+from enigma_cuda_paged import kernels
+
+
+class CudaPagedBackend(TorchBackend):
+    """Runs models on one CUDA device with paged-attention kernels.
+
+    An instance keeps the current step's kernel tables: it serves one engine,
+    stepping in one thread.
+    """
+
+    name = "cuda-paged"
+
+    DEFAULT_GPU_MEMORY_UTILIZATION = 0.9
+    """The share of the device's whole memory that weights, activations and the KV pool may use together."""
+
+    def __init__(self, *, device: str | torch.device | None = None) -> None:
+        device = torch.device(device or "cuda")
+        if device.type != "cuda" and not (device.type == "cpu" and kernels.interpreted()):
+            raise BadRequestError(f"backend 'cuda-paged' runs on a CUDA device, not on {device}; choose backend "
+                                  "'torch-cpu' or 'torch' for that device (the CPU runs it only under "
+                                  "TRITON_INTERPRET=1, for tests)")
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise BadRequestError("backend 'cuda-paged' needs a CUDA device and torch finds none; choose backend "
+                                  "'torch-cpu' on this machine")
+        super().__init__(device=device)
+        self._tables: tuple[torch.Tensor, int, kernels.StepTables] | None = None
+
+    def kv_cache_memory(self, requested: int | float | None) -> int:
+        """Bytes for the KV pool: ``requested`` bytes (an int) or share of the free memory (a float in (0, 1]);
+        by default what :attr:`DEFAULT_GPU_MEMORY_UTILIZATION` of the device's memory leaves once the weights
+        (and anything else on the device) are in."""
+        if requested is not None or self.device.type != "cuda":
+            return super().kv_cache_memory(requested)
+        free, total = torch.cuda.mem_get_info(self.device)
+        in_use = total - free
+        budget = int(total * self.DEFAULT_GPU_MEMORY_UTILIZATION) - in_use
+        if budget <= 0:
+            raise BadRequestError(f"the GPU has {free / 2**30:.1f} GiB free of {total / 2**30:.1f} GiB, no room "
+                                  f"for a KV pool within {self.DEFAULT_GPU_MEMORY_UTILIZATION:.0%} of it; give "
+                                  "kv_cache_memory (bytes) or free the device")
+        return budget
+
+    def kv_cache_shape(self, num_blocks: int, block_size: int, num_kv_heads: int,
+                       head_dim: int) -> tuple[int, ...]:
+        """The torch backend's layout, for block sizes the kernel takes (a power of two, at least 16)."""
+        if block_size < kernels.MIN_DOT or block_size & (block_size - 1):
+            raise BadRequestError(f"backend 'cuda-paged' needs a KV block size that is a power of two of at least "
+                                  f"{kernels.MIN_DOT}, not {block_size}; use block_size=16 (--block-size 16)")
+        return super().kv_cache_shape(num_blocks, block_size, num_kv_heads, head_dim)
+
+    def attention(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, *,
+                  kv_cache: torch.Tensor, metadata: AttentionMetadata, scale: float) -> torch.Tensor:
+        """Write this step's KV into ``kv_cache``, then attend with the paged kernel. See
+        :class:`enigma.kinds.Backend`."""
+        write_kv(kv_cache, key, value, metadata.slot_mapping)
+        tables = self.step_tables(metadata, group=query.shape[1] // kv_cache.shape[1])
+        return kernels.paged_attention(query, kv_cache, metadata.block_tables, tables, scale=scale,
+                                       sliding_window=metadata.sliding_window)
+
+    def step_tables(self, metadata: AttentionMetadata, *, group: int) -> kernels.StepTables:
+        """The kernel's tables for this step, made by the first layer that asks. A layer with its own sliding
+        window gets a copy of the metadata sharing the step's block tables, so those identify the step."""
+        cached = self._tables
+        if cached is None or cached[0] is not metadata.block_tables or cached[1] != group:
+            tables = kernels.step_tables(metadata.query_lens, metadata.seq_lens, group=group, device=self.device)
+            self._tables = cached = (metadata.block_tables, group, tables)
+        return cached[2]

@@ -1,0 +1,32 @@
+"""enigma-plugin-cuda-paged's hooks: the ``cuda-paged`` backend."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+
+from enigma import Availability, hookimpl
+
+
+def cuda_paged_availability() -> Availability:
+    """Available with Triton and a CUDA device; under ``TRITON_INTERPRET=1`` without one, only by name (the
+    kernels then run on the CPU, slowly: for tests)."""
+    if importlib.util.find_spec("triton") is None:
+        return Availability.no("Triton is not installed: pip install 'enigma-plugin-cuda-paged[triton]' "
+                               "(torch's CUDA wheels bring it)")
+    import torch
+
+    if torch.cuda.is_available():
+        return Availability.yes()
+    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+        return Availability.yes(auto=False, reason="no CUDA device: Triton's interpreter runs the kernels on the "
+                                                   "CPU (slowly, for tests); choose it by name")
+    return Availability.no("no CUDA device found (torch.cuda.is_available() is false); use backend 'torch-cpu'")
+
+
+@hookimpl
+def enigma_register_backends(register):
+    register("cuda-paged", "enigma_cuda_paged.backend:CudaPagedBackend", priority=100,
+             available=cuda_paged_availability,
+             summary="NVIDIA GPUs: Triton paged attention over the KV blocks in place, one kernel for "
+                     "prefills and decodes")

@@ -1,0 +1,101 @@
+"""The paged-attention kernel against the reference backend's gather-and-SDPA, on shuffled block tables."""
+
+from __future__ import annotations
+
+import attrs
+import pytest
+import torch
+from enigma_cuda_paged.kernels import paged_attention, step_tables, tile_tokens
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from enigma.attention import AttentionMetadata
+from enigma.backends.torch_backend import TorchBackend, write_kv
+
+
+def scattered(query_lens, seq_lens, *, block_size, window=None, spare=3, seed=0):
+    """Metadata whose sequences own blocks in a shuffled order (not consecutive), in a pool with spare blocks."""
+    metadata = AttentionMetadata.contiguous(query_lens, seq_lens, block_size=block_size, sliding_window=window)
+    used = int(metadata.block_tables.max()) + 1
+    order = torch.randperm(used + spare, generator=torch.Generator().manual_seed(seed))[:used]
+    tables = order[metadata.block_tables]
+    slots = order[metadata.slot_mapping // block_size] * block_size + metadata.slot_mapping % block_size
+    return attrs.evolve(metadata, block_tables=tables, slot_mapping=slots), used + spare
+
+
+def compare(query_lens, seq_lens, *, heads, kv_heads, head_dim, block_size=16, window=None,
+            dtype=torch.float32, device="cpu", seed=0):
+    """The kernel's output and the reference's, for one step over a cache holding random earlier tokens."""
+    metadata, blocks = scattered(query_lens, seq_lens, block_size=block_size, window=window, seed=seed)
+    generator = torch.Generator().manual_seed(seed)
+    tokens = sum(query_lens)
+    query, key, value = (torch.randn(tokens, n, head_dim, generator=generator).to(dtype)
+                         for n in (heads, kv_heads, kv_heads))
+    cache = torch.randn(2, kv_heads, blocks, block_size, head_dim, generator=generator).to(dtype)
+    expected = TorchBackend(device="cpu").attention(query.float(), key.float(), value.float(),
+                                                    kv_cache=cache.float().clone(), metadata=metadata,
+                                                    scale=head_dim ** -0.5)
+    cache = cache.to(device)
+    write_kv(cache, key.to(device), value.to(device), metadata.slot_mapping.to(device))
+    tables = step_tables(query_lens, seq_lens, group=heads // kv_heads, device=torch.device(device))
+    got = paged_attention(query.to(device), cache, metadata.block_tables.to(device), tables,
+                          scale=head_dim ** -0.5, sliding_window=window)
+    assert got.dtype == dtype and got.shape == query.shape
+    return got.float().cpu(), expected
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(data=st.data(), kv_heads=st.sampled_from([1, 2]), group=st.sampled_from([1, 2, 4, 8]),
+       head_dim=st.sampled_from([16, 32, 48, 80]), block_size=st.sampled_from([16, 32]),
+       window=st.sampled_from([None, 5, 20]))
+def test_kernel_matches_the_reference_on_any_step(data, kv_heads, group, head_dim, block_size, window, device):
+    seqs = data.draw(st.integers(1, 4))
+    query_lens, seq_lens = [], []
+    for _ in range(seqs):
+        seq_len = data.draw(st.integers(1, 70))
+        query_lens.append(data.draw(st.sampled_from([1, 1, min(3, seq_len), seq_len, data.draw(
+            st.integers(1, seq_len))])))
+        seq_lens.append(seq_len)
+    got, expected = compare(query_lens, seq_lens, heads=kv_heads * group, kv_heads=kv_heads, head_dim=head_dim,
+                            block_size=block_size, window=window, device=device)
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_caches(dtype, device):
+    got, expected = compare([1, 9, 1], [40, 9, 17], heads=8, kv_heads=2, head_dim=64, dtype=dtype, device=device)
+    # inputs rounded to 8 (bf16) or 11 (fp16) bits, products accumulated in float32
+    tolerance = 3e-2 if dtype == torch.bfloat16 else 4e-3
+    torch.testing.assert_close(got, expected, rtol=tolerance, atol=tolerance)
+
+
+def test_long_prefill_tiles_and_decodes_in_one_step(device):
+    # 150 new tokens in tiles of many rows beside decodes of long histories
+    assert tile_tokens(1, 150) == 64 and tile_tokens(8, 1) == 2 and tile_tokens(32, 1) == 1
+    got, expected = compare([150, 1, 1], [150, 300, 2], heads=4, kv_heads=4, head_dim=32, device=device)
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
+
+
+def test_step_tables_say_where_each_tile_starts():
+    tables = step_tables([3, 1, 40], [10, 7, 40], group=1, device=torch.device("cpu"))
+    assert tables.block_q == 64
+    assert tables.q_starts.tolist() == [0, 3, 4, 44] and tables.seq_lens.tolist() == [10, 7, 40]
+    assert tables.tile_seq.tolist() == [0, 1, 2] and tables.tile_first.tolist() == [0, 0, 0]
+    tables = step_tables([20, 1], [20, 9], group=4, device=torch.device("cpu"))
+    assert tables.block_q == 16
+    assert tables.tile_seq.tolist() == [0, 0, 1] and tables.tile_first.tolist() == [0, 16, 0]
+
+
+@pytest.mark.parametrize("block_size", [8, 24])
+def test_block_sizes_the_kernel_cannot_walk_are_refused(block_size):
+    cache = torch.zeros(2, 1, 4, block_size, 16)
+    tables = step_tables([1], [3], group=1, device=torch.device("cpu"))
+    with pytest.raises(ValueError, match="power of two of at least 16.*block_size=16"):
+        paged_attention(torch.zeros(1, 1, 16), cache, torch.zeros(1, 1, dtype=torch.long), tables, scale=1.0)
+
+
+def test_a_query_that_does_not_fit_the_cache_is_refused():
+    cache = torch.zeros(2, 2, 4, 16, 32)
+    tables = step_tables([1], [3], group=1, device=torch.device("cpu"))
+    with pytest.raises(ValueError, match=r"query \(1, 3, 32\) does not fit a cache of 2 KV heads"):
+        paged_attention(torch.zeros(1, 3, 32), cache, torch.zeros(1, 1, dtype=torch.long), tables, scale=1.0)
