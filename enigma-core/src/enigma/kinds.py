@@ -94,6 +94,12 @@ class Backend(Protocol):
     ``prepare`` places a freshly loaded model on the backend's device in the
     requested dtype (and may compile it); ``attention`` is the only attention
     the models call, so kernels and KV-cache layouts are the backend's choice.
+
+    Optionally, ``step_runner(runner)`` returns an object that runs some of a
+    :class:`~enigma.runner.ModelRunner`'s steps itself: its ``execute(chunks)``
+    returns the step's :class:`~enigma.runner.StepLogits`, or None to leave the
+    step to the runner's eager forward, and its ``reset()`` is called when the
+    KV pool is reallocated (cuda-paged replays decode steps from CUDA graphs).
     """
 
     device: torch.device

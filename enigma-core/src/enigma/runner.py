@@ -62,7 +62,12 @@ class ModelRunner:
         self.max_model_len = self.model.config.max_position_embeddings
         self.kv_caches: list[torch.Tensor] = []
         self.num_blocks = 0
+        self.step_runner: Any = None
         self.resize(num_blocks)
+        make_step_runner = getattr(backend, "step_runner", None)
+        self.step_runner = make_step_runner(self) if make_step_runner is not None else None
+        """What the backend runs some steps with instead of an eager forward (cuda-paged: CUDA graphs for
+        decodes); its ``execute(chunks)`` returns :class:`StepLogits`, or None to leave the step to the runner."""
 
     @property
     def bytes_per_block(self) -> int:
@@ -79,6 +84,8 @@ class ModelRunner:
         kv_heads, head_dim = self.model.kv_shape
         shape = self.backend.kv_cache_shape(num_blocks, self.block_size, kv_heads, head_dim)
         self.kv_caches = []  # free the old pool before allocating the new one
+        if self.step_runner is not None:
+            self.step_runner.reset()
         self.kv_caches = [torch.zeros(shape, dtype=self.dtype, device=self.device)
                           for _ in range(self.model.num_layers)]
         self.num_blocks = num_blocks
@@ -106,6 +113,10 @@ class ModelRunner:
     @torch.inference_mode()
     def execute(self, chunks: Sequence[SequenceChunk]) -> StepLogits:
         """One forward pass over every chunk; logits for each chunk's last token."""
+        if self.step_runner is not None:
+            logits = self.step_runner.execute(chunks)
+            if logits is not None:
+                return logits
         input_ids = torch.tensor([t for chunk in chunks for t in chunk.token_ids], dtype=torch.long,
                                  device=self.device)
         positions = torch.cat([torch.arange(chunk.start, chunk.start + len(chunk.token_ids))

@@ -5,8 +5,10 @@ attention: every step — prefill chunks, decodes and drafts being verified
 together — runs one Triton kernel per layer that reads each sequence's KV
 blocks where they lie (:mod:`enigma_cuda_paged.kernels`). The kernel's
 per-step tables are built once per step and uploaded in one copy; the layers
-share them. The KV pool takes what ``gpu_memory_utilization`` (0.9 by default)
-leaves once the weights are in.
+share them. Decode-only steps replay CUDA graphs (:mod:`enigma_cuda_paged.graphs`).
+The KV pool takes what ``gpu_memory_utilization`` (0.9 by default) leaves once
+the weights are in. Settings: ``[plugins.cuda-paged]``
+(:class:`~enigma_cuda_paged.settings.CudaPagedSettings`).
 
 With ``TRITON_INTERPRET=1`` and no GPU it also runs on the CPU, slowly, which is
 how its tests check it on machines without one.
@@ -14,12 +16,15 @@ how its tests check it on machines without one.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
 from enigma.attention import AttentionMetadata
 from enigma.backends.torch_backend import TorchBackend, write_kv
 from enigma.errors import BadRequestError
 from enigma_cuda_paged import kernels
+from enigma_cuda_paged.graphs import DecodeGraphs
 
 
 class CudaPagedBackend(TorchBackend):
@@ -31,9 +36,6 @@ class CudaPagedBackend(TorchBackend):
 
     name = "cuda-paged"
 
-    DEFAULT_GPU_MEMORY_UTILIZATION = 0.9
-    """The share of the device's whole memory that weights, activations and the KV pool may use together."""
-
     def __init__(self, *, device: str | torch.device | None = None) -> None:
         device = torch.device(device or "cuda")
         if device.type != "cuda" and not (device.type == "cpu" and kernels.interpreted()):
@@ -44,30 +46,43 @@ class CudaPagedBackend(TorchBackend):
             raise BadRequestError("backend 'cuda-paged' needs a CUDA device and torch finds none; choose backend "
                                   "'torch-cpu' on this machine")
         super().__init__(device=device)
+        from enigma.config import plugin_settings
+
+        self.settings = plugin_settings("cuda-paged")
         self._tables: tuple[torch.Tensor, int, kernels.StepTables] | None = None
 
     def kv_cache_memory(self, requested: int | float | None) -> int:
         """Bytes for the KV pool: ``requested`` bytes (an int) or share of the free memory (a float in (0, 1]);
-        by default what :attr:`DEFAULT_GPU_MEMORY_UTILIZATION` of the device's memory leaves once the weights
-        (and anything else on the device) are in."""
+        by default what ``gpu_memory_utilization`` of the device's memory leaves once the weights (and anything
+        else on the device) are in."""
         if requested is not None or self.device.type != "cuda":
             return super().kv_cache_memory(requested)
+        utilization = self.settings.gpu_memory_utilization
         free, total = torch.cuda.mem_get_info(self.device)
-        in_use = total - free
-        budget = int(total * self.DEFAULT_GPU_MEMORY_UTILIZATION) - in_use
+        budget = int(total * utilization) - (total - free)
         if budget <= 0:
             raise BadRequestError(f"the GPU has {free / 2**30:.1f} GiB free of {total / 2**30:.1f} GiB, no room "
-                                  f"for a KV pool within {self.DEFAULT_GPU_MEMORY_UTILIZATION:.0%} of it; give "
-                                  "kv_cache_memory (bytes) or free the device")
+                                  f"for a KV pool within gpu_memory_utilization={utilization} of it; raise it "
+                                  "(enigma config set plugins.cuda-paged.gpu_memory_utilization 0.95), give "
+                                  "kv_cache_memory in bytes, or free the device")
         return budget
 
     def kv_cache_shape(self, num_blocks: int, block_size: int, num_kv_heads: int,
                        head_dim: int) -> tuple[int, ...]:
-        """The torch backend's layout, for block sizes the kernel takes (a power of two, at least 16)."""
+        """The torch backend's layout, for block sizes the kernel takes (a power of two, at least 16), with one
+        spare block after the pool's: the padding rows of graph-replayed decodes write there."""
         if block_size < kernels.MIN_DOT or block_size & (block_size - 1):
             raise BadRequestError(f"backend 'cuda-paged' needs a KV block size that is a power of two of at least "
                                   f"{kernels.MIN_DOT}, not {block_size}; use block_size=16 (--block-size 16)")
-        return super().kv_cache_shape(num_blocks, block_size, num_kv_heads, head_dim)
+        return super().kv_cache_shape(num_blocks + 1, block_size, num_kv_heads, head_dim)
+
+    def step_runner(self, runner: Any) -> DecodeGraphs | None:
+        """What runs ``runner``'s decode-only steps: CUDA graphs on the GPU (unless ``cuda_graphs`` is off); on a
+        CPU, under the interpreter, the same static buffers without capture."""
+        if not self.settings.cuda_graphs:
+            return None
+        return DecodeGraphs(runner, self, max_batch=self.settings.max_graph_batch,
+                            capture=self.device.type == "cuda")
 
     def attention(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, *,
                   kv_cache: torch.Tensor, metadata: AttentionMetadata, scale: float) -> torch.Tensor:
@@ -82,7 +97,12 @@ class CudaPagedBackend(TorchBackend):
         """The kernel's tables for this step, made by the first layer that asks. A layer with its own sliding
         window gets a copy of the metadata sharing the step's block tables, so those identify the step."""
         cached = self._tables
-        if cached is None or cached[0] is not metadata.block_tables or cached[1] != group:
+        if cached is None or cached[0] is not metadata.block_tables or cached[1] not in (group, None):
             tables = kernels.step_tables(metadata.query_lens, metadata.seq_lens, group=group, device=self.device)
             self._tables = cached = (metadata.block_tables, group, tables)
         return cached[2]
+
+    def use_step_tables(self, metadata: AttentionMetadata, tables: kernels.StepTables) -> None:
+        """Make ``tables`` the ones every layer of steps over ``metadata``'s block tables reads: a graph's
+        static tables, which hold the step's lengths on the device (made for the model's group, so any)."""
+        self._tables = (metadata.block_tables, None, tables)

@@ -30,3 +30,10 @@ def enigma_register_backends(register):
              available=cuda_paged_availability,
              summary="NVIDIA GPUs: Triton paged attention over the KV blocks in place, one kernel for "
                      "prefills and decodes")
+
+
+@hookimpl
+def enigma_plugin_settings():
+    from enigma_cuda_paged.settings import CudaPagedSettings
+
+    return CudaPagedSettings

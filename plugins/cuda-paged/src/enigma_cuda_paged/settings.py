@@ -1,0 +1,25 @@
+"""The cuda-paged plugin's settings: ``[plugins.cuda-paged]`` in the config file."""
+
+import attrs
+
+from enigma.config import setting
+
+
+def _fraction(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and 0 < value <= 1
+
+
+def _batch(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and 1 <= value <= 1024
+
+
+@attrs.define
+class CudaPagedSettings:
+    cuda_graphs: bool = setting(True, allowed="true or false", check=lambda v: isinstance(v, bool),
+                                doc="replay decode steps from CUDA graphs (false: every step eager, as vLLM's "
+                                    "enforce_eager)")
+    max_graph_batch: int = setting(256, allowed="an integer from 1 to 1024", check=_batch,
+                                   doc="the largest decode batch run from a graph; larger batches run eagerly")
+    gpu_memory_utilization: float = setting(0.9, allowed="a number in (0, 1]", check=_fraction,
+                                            doc="the share of the GPU's memory that weights, activations and the "
+                                                "KV pool may take together (the pool gets what is left of it)")
