@@ -70,6 +70,38 @@ def test_top_k_top_p_min_p_limit_the_candidates():
         assert seen == allowed, params
 
 
+def test_one_batch_of_mixed_filters_equals_transformers_warpers_row_by_row():
+    # the sampler filters every drawn row of a step at once; transformers' warpers, applied to each row on its
+    # own, are the oracle (top-p keeps the token that crosses the limit in both)
+    from transformers.generation.logits_process import (
+        MinPLogitsWarper,
+        TemperatureLogitsWarper,
+        TopKLogitsWarper,
+        TopPLogitsWarper,
+    )
+
+    from enigma.sampling import sampling_probs
+
+    generator = torch.Generator().manual_seed(3)
+    logits = torch.randn(6, 50, generator=generator) * 3
+    params = [SamplingParams(temperature=0.7), SamplingParams(temperature=1.3, top_k=5),
+              SamplingParams(top_p=0.8), SamplingParams(temperature=0.9, top_k=12, top_p=0.6),
+              SamplingParams(min_p=0.1, temperature=1.1), SamplingParams(temperature=0)]
+    probs = sampling_probs(logits, [SamplingRow(p, [], []) for p in params])
+    for row, p in enumerate(params[:-1]):
+        expected = TemperatureLogitsWarper(p.temperature)(None, logits[row:row + 1].clone())
+        if p.top_k:
+            expected = TopKLogitsWarper(p.top_k)(None, expected)
+        if p.top_p < 1:
+            expected = TopPLogitsWarper(p.top_p)(None, expected)
+        if p.min_p:
+            expected = MinPLogitsWarper(p.min_p)(None, expected)
+        torch.testing.assert_close(probs[row], expected.softmax(-1)[0], rtol=1e-5, atol=1e-7)
+    assert probs[-1].tolist() == torch.nn.functional.one_hot(logits[-1].argmax(), 50).float().tolist()
+    token_ids = sample(logits, [SamplingRow(p, [], []) for p in params]).token_ids
+    assert all(probs[row, token] > 0 for row, token in enumerate(token_ids))
+
+
 @pytest.fixture(scope="module")
 def llm(tmp_path_factory):
     from tiny_models import make_model

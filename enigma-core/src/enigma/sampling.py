@@ -203,18 +203,35 @@ def _needs_processing(row: SamplingRow) -> bool:
 
 def _filter(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
     """Temperature, top-k, top-p and min-p on one row's logits."""
-    logits = logits / params.temperature
-    if params.top_k > 0 and params.top_k < logits.shape[-1]:
-        kth = torch.topk(logits, params.top_k).values[-1]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if params.top_p < 1.0:
-        sorted_logits, order = torch.sort(logits, descending=True)
-        probs = sorted_logits.softmax(-1)
-        outside = probs.cumsum(-1) - probs > params.top_p  # keeps the token that crosses top_p
-        logits = logits.masked_fill(torch.zeros_like(outside).scatter(0, order, outside), float("-inf"))
-    if params.min_p > 0.0:
+    return _filter_rows(logits[None], [params])[0]
+
+
+def _filter_rows(logits: torch.Tensor, params: Sequence[SamplingParams]) -> torch.Tensor:
+    """Temperature, top-k, top-p and min-p on ``[rows, vocab]`` logits, each row with its own parameters, in a
+    few batched ops whatever the number of rows (no per-row kernels, no host round trips)."""
+    device, vocab = logits.device, logits.shape[-1]
+    temperature = torch.tensor([p.temperature for p in params], dtype=logits.dtype, device=device)
+    logits = logits / temperature[:, None]
+    top_k = [p.top_k if 0 < p.top_k < vocab else 0 for p in params]
+    top_p = [p.top_p for p in params]
+    if any(top_k) or any(value < 1.0 for value in top_p):
+        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+        if any(top_k):
+            # the k-th largest value of each row; rows without top-k keep everything (the smallest value)
+            kth_index = torch.tensor([k - 1 if k else vocab - 1 for k in top_k], device=device)
+            kth = sorted_logits.gather(1, kth_index[:, None])
+            logits = logits.masked_fill(logits < kth, float("-inf"))
+            sorted_logits = sorted_logits.masked_fill(sorted_logits < kth, float("-inf"))
+        if any(value < 1.0 for value in top_p):
+            probs = sorted_logits.softmax(-1)
+            limit = torch.tensor(top_p, dtype=probs.dtype, device=device)[:, None]
+            outside = (probs.cumsum(-1) - probs > limit) & (limit < 1.0)  # keeps the token that crosses top_p
+            logits = logits.masked_fill(torch.zeros_like(outside).scatter(1, order, outside), float("-inf"))
+    min_p = [p.min_p for p in params]
+    if any(value > 0.0 for value in min_p):
         probs = logits.softmax(-1)
-        logits = logits.masked_fill(probs < params.min_p * probs.max(), float("-inf"))
+        floor = torch.tensor(min_p, dtype=probs.dtype, device=device)[:, None] * probs.max(dim=-1, keepdim=True).values
+        logits = logits.masked_fill(probs < floor, float("-inf"))
     return logits
 
 
@@ -272,9 +289,10 @@ def sampling_probs(logits: torch.Tensor, rows: Sequence[SamplingRow]) -> torch.T
     if greedy:
         chosen = torch.tensor(greedy, device=logits.device)
         probs[chosen, logits[chosen].argmax(dim=-1)] = 1.0
-    for index, row in enumerate(rows):
-        if not row.params.greedy:
-            probs[index] = _filter(logits[index], row.params).softmax(-1)
+    drawn = [index for index, row in enumerate(rows) if not row.params.greedy]
+    if drawn:
+        chosen = torch.tensor(drawn, device=logits.device)
+        probs[chosen] = _filter_rows(logits[chosen], [rows[index].params for index in drawn]).softmax(-1)
     return probs
 
 
@@ -286,11 +304,11 @@ def sample(logits: torch.Tensor, rows: Sequence[SamplingRow], *, masks: torch.Te
     raw_logprobs = torch.log_softmax(logits, dim=-1) if want_logprobs else None
     logits = process_logits(logits, rows, masks=masks)
 
-    token_ids = logits.argmax(dim=-1).tolist()  # greedy rows keep these
-    for index, row in enumerate(rows):
-        if not row.params.greedy:
-            probs = _filter(logits[index], row.params).softmax(-1)
-            token_ids[index] = int(torch.multinomial(probs, 1, generator=row.generator))
+    chosen = logits.argmax(dim=-1)  # greedy rows keep these
+    drawn = [index for index, row in enumerate(rows) if not row.params.greedy]
+    if drawn:
+        chosen[torch.tensor(drawn, device=logits.device)] = _draw(logits, [rows[index] for index in drawn], drawn)
+    token_ids = chosen.tolist()  # the step's one transfer from the device
 
     logprobs: list[dict[int, Logprob] | None] = []
     for index, row in enumerate(rows):
@@ -299,6 +317,23 @@ def sample(logits: torch.Tensor, rows: Sequence[SamplingRow], *, masks: torch.Te
             continue
         logprobs.append(top_logprobs(raw_logprobs[index], token_ids[index], row.params.logprobs))
     return SamplerOutput(token_ids, logprobs)
+
+
+def _draw(logits: torch.Tensor, rows: Sequence[SamplingRow], indices: Sequence[int]) -> torch.Tensor:
+    """One token for each of ``rows`` (the rows of ``logits`` at ``indices``), drawn after their filters. Rows
+    with their own generator (a seed) draw alone from it, so that a seeded completion does not depend on its
+    batch; the others draw together from torch's global generator."""
+    device = logits.device
+    probs = _filter_rows(logits[torch.tensor(indices, device=device)], [row.params for row in rows]).softmax(-1)
+    tokens = torch.empty(len(rows), dtype=torch.long, device=device)
+    shared = [position for position, row in enumerate(rows) if row.generator is None]
+    if shared:
+        where = torch.tensor(shared, device=device)
+        tokens[where] = torch.multinomial(probs[where], 1).squeeze(1)
+    for position, row in enumerate(rows):
+        if row.generator is not None:
+            tokens[position] = torch.multinomial(probs[position], 1, generator=row.generator)[0]
+    return tokens
 
 
 def with_token_texts(entries: dict[int, Logprob], tokenizer: Any) -> dict[int, Logprob]:
