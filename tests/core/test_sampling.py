@@ -102,6 +102,25 @@ def test_one_batch_of_mixed_filters_equals_transformers_warpers_row_by_row():
     assert all(probs[row, token] > 0 for row, token in enumerate(token_ids))
 
 
+def test_logprobs_of_a_mixed_batch_equal_each_rows_own():
+    from enigma.sampling import top_logprobs
+
+    generator = torch.Generator().manual_seed(4)
+    logits = torch.randn(5, 40, generator=generator)
+    params = [SamplingParams(temperature=0, logprobs=3), SamplingParams(temperature=0),
+              SamplingParams(temperature=0.8, logprobs=0, seed=1), SamplingParams(temperature=0, logprobs=5),
+              SamplingParams(temperature=1.0, logprobs=1, seed=2)]
+    out = sample(logits, [SamplingRow(p, [], [], generator=torch.Generator().manual_seed(p.seed or 0))
+                          for p in params])
+    raw = torch.log_softmax(logits, dim=-1)
+    for row, p in enumerate(params):
+        if p.logprobs is None:
+            assert out.logprobs[row] is None
+            continue
+        assert out.logprobs[row] == top_logprobs(raw[row], out.token_ids[row], p.logprobs)
+        assert len(out.logprobs[row]) in (p.logprobs, p.logprobs + 1)
+
+
 @pytest.fixture(scope="module")
 def llm(tmp_path_factory):
     from tiny_models import make_model

@@ -308,15 +308,38 @@ def sample(logits: torch.Tensor, rows: Sequence[SamplingRow], *, masks: torch.Te
     drawn = [index for index, row in enumerate(rows) if not row.params.greedy]
     if drawn:
         chosen[torch.tensor(drawn, device=logits.device)] = _draw(logits, [rows[index] for index in drawn], drawn)
-    token_ids = chosen.tolist()  # the step's one transfer from the device
-
-    logprobs: list[dict[int, Logprob] | None] = []
-    for index, row in enumerate(rows):
-        if row.params.logprobs is None:
-            logprobs.append(None)
-            continue
-        logprobs.append(top_logprobs(raw_logprobs[index], token_ids[index], row.params.logprobs))
+    if not want_logprobs:
+        return SamplerOutput(chosen.tolist(), [None] * len(rows))  # the step's one transfer from the device
+    token_ids, logprobs = _with_logprobs(raw_logprobs, chosen, rows)
     return SamplerOutput(token_ids, logprobs)
+
+
+def _with_logprobs(raw_logprobs: torch.Tensor, chosen: torch.Tensor, rows: Sequence[SamplingRow]
+                   ) -> tuple[list[int], list[dict[int, Logprob] | None]]:
+    """The chosen ids and, for the rows that asked, :func:`top_logprobs`' entries: computed for all those
+    rows at once and read back with the ids in one transfer."""
+    wanted = [index for index, row in enumerate(rows) if row.params.logprobs is not None]
+    where = torch.tensor(wanted, device=chosen.device)
+    row_logprobs = raw_logprobs[where]
+    chosen_logprobs = row_logprobs.gather(1, chosen[where][:, None])
+    ranks = (row_logprobs > chosen_logprobs).sum(dim=1) + 1
+    widest = max(rows[index].params.logprobs for index in wanted)
+    values, ids = torch.topk(row_logprobs, widest)
+    packed = torch.cat([chosen.double(), chosen_logprobs[:, 0].double(), ranks.double(), values.double().flatten(),
+                        ids.double().flatten()]).tolist()
+    count, many = len(rows), len(wanted)
+    token_ids = [int(token) for token in packed[:count]]
+    chosen_values, rank_values = packed[count:count + many], packed[count + many:count + 2 * many]
+    top_values = packed[count + 2 * many:count + 2 * many + many * widest]
+    top_ids = packed[count + 2 * many + many * widest:]
+    logprobs: list[dict[int, Logprob] | None] = [None] * count
+    for slot, index in enumerate(wanted):
+        entries = {token_ids[index]: Logprob(chosen_values[slot], rank=int(rank_values[slot]))}
+        for rank in range(rows[index].params.logprobs):
+            entries.setdefault(int(top_ids[slot * widest + rank]), Logprob(top_values[slot * widest + rank],
+                                                                            rank=rank + 1))
+        logprobs[index] = entries
+    return token_ids, logprobs
 
 
 def _draw(logits: torch.Tensor, rows: Sequence[SamplingRow], indices: Sequence[int]) -> torch.Tensor:
