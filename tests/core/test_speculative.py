@@ -256,37 +256,6 @@ def test_every_so_often_a_step_drafts_nothing_to_measure_plain_steps():
     assert [i for i, k in enumerate(chosen) if k == 0] == [15, 31, 47]
 
 
-def test_drafting_stops_where_drafted_steps_deliver_less_than_plain_ones():
-    # the fitted costs say drafting pays, but at this batch size drafted steps emit fewer tokens a second
-    class WithoutProbes(SpeculationLength):
-        PROBE_EVERY = 10**9
-
-    length = WithoutProbes(4)
-    for _ in range(30):
-        length.record_step(16, 16e-3)
-        length.record_step(80, 20e-3)
-    batch = [f"r{i}" for i in range(16)]
-    kinds = []
-    for _ in range(3 * SpeculationLength.EXPLORE_EVERY):
-        k = length.lengths(batch)[0]
-        kinds.append(k)
-        drafted = k > 0
-        # plain steps deliver 1000 tokens/s, drafted ones 800 (16 x 2.5 tokens in 50 ms)
-        length.record_outcome(16, emitted=40 if drafted else 16, seconds=50e-3 if drafted else 16e-3)
-    first_plain = SpeculationLength.EXPLORE_EVERY - 1
-    assert all(k > 0 for k in kinds[:first_plain]) and kinds[first_plain] == 0
-    later = kinds[first_plain + 1:]
-    drafted_steps = [i + first_plain + 2 for i, k in enumerate(later) if k > 0]
-    # once both kinds were measured, only every EXPLORE_EVERY-th step (offset by half) still drafts
-    assert drafted_steps == [s for s in range(first_plain + 2, len(kinds) + 1)
-                             if s % SpeculationLength.EXPLORE_EVERY == SpeculationLength.EXPLORE_EVERY // 2]
-    assert length.drafting_loses(16) and not length.drafting_loses(1)   # other batch sizes judged apart
-    for _ in range(12):                                                  # drafted steps get faster: back on
-        length.record_outcome(16, emitted=40, seconds=20e-3) if length.lengths(batch)[0] else \
-            length.record_outcome(16, emitted=16, seconds=16e-3)
-    assert not length.drafting_loses(16)
-
-
 def test_lengths_shrink_when_drafts_are_rejected_and_probe_again():
     length = SpeculationLength(4)
     length.EXPLORE_EVERY = 10**9  # probes alone here

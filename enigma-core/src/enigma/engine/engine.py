@@ -305,9 +305,7 @@ class Engine:
         every request that just received one and runs on."""
         items = output.scheduled
         if decode_only:
-            emitted = sum(len(sampled_ids.get(item.request.request_id, ())) for item in items)
-            self.speculator.record_step(sum(item.num_tokens for item in items), seconds, batch=len(items),
-                                        emitted=emitted)
+            self.speculator.record_step(sum(item.num_tokens for item in items), seconds)
         drafting = [item for item in items if item.request.request_id in sampled_ids and not item.request.finished]
         if drafting:
             self.speculator.propose([item.request for item in drafting], [item.block_table for item in drafting],

@@ -16,26 +16,11 @@ draft that is never right costs next to nothing. Every ``EXPLORE_EVERY``-th
 step drafts nothing at all, so that plain steps at the batch size of the moment
 are measured beside verifications: without them the fit would only see steps
 of one size and could not tell fixed from per-token cost.
-
-The fit is a model, and a linear one: at larger batches a verification step
-costs more than a line through small steps predicts (attention over many
-short query chunks), so the model can keep drafting where it loses. What
-each kind of step actually delivered therefore has the last word: per batch
-size (to the next power of two) the rate of tokens emitted per second is
-tracked for plain steps and for drafted ones (drafting included), and while
-drafted steps deliver less than plain ones, k is 0 — every
-``EXPLORE_EVERY``-th step then drafts all the same, so that the comparison
-stays current.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-
-
-def _bucket(batch: int) -> int:
-    """Batch sizes compared together: the next power of two."""
-    return 1 << max(0, batch - 1).bit_length()
 
 
 def expected_tokens(acceptance: float, k: int) -> float:
@@ -77,8 +62,6 @@ class SpeculationLength:
     from the acceptance of all requests so far."""
     STEP_DECAY = 0.98
     """Weight of the past in the step-time fit (per step)."""
-    RATE_DECAY = 0.8
-    """Weight of the past in the delivered rates of plain and drafted steps (per step of that kind)."""
 
     def __init__(self, max_k: int, *, adaptive: bool = True) -> None:
         self.max_k = max_k
@@ -97,10 +80,6 @@ class SpeculationLength:
         self._draft_step = 0.0
         self._draft_steps_seen = 0
         self._overall = self.PRIOR_ACCEPTANCE
-        self._delivered: dict[tuple[int, bool], float] = {}
-        """(batch bucket, drafted) -> tokens a second that steps of that kind emitted."""
-        self._next_step = "plain"
-        """What the last :meth:`lengths` decided for the coming step: 'plain', 'drafted' or 'probe'."""
 
     # ------------------------------------------------------------ measurements
 
@@ -117,25 +96,6 @@ class SpeculationLength:
         self._n, self._x, self._y, self._xx, self._xy = (decay * v for v in (self._n, self._x, self._y, self._xx,
                                                                              self._xy))
         self._add(num_tokens, seconds)
-
-    def record_outcome(self, batch: int, *, emitted: int, seconds: float) -> None:
-        """The decode step that followed the last :meth:`lengths` ran ``batch`` requests and emitted ``emitted``
-        tokens in ``seconds`` (the drafting before it included). Steps with a probe in them are left out: one
-        request's single draft says little about drafting for the batch."""
-        kind, self._next_step = self._next_step, "plain"
-        if seconds <= 0 or kind == "probe":
-            return
-        key = (_bucket(batch), kind == "drafted")
-        rate = emitted / seconds
-        previous = self._delivered.get(key)
-        self._delivered[key] = rate if previous is None else self.RATE_DECAY * previous + (1 - self.RATE_DECAY) * rate
-
-    def drafting_loses(self, batch: int) -> bool:
-        """Whether drafted steps of about ``batch`` requests have delivered fewer tokens a second than plain
-        ones (False until both were measured)."""
-        bucket = _bucket(batch)
-        drafted, plain = self._delivered.get((bucket, True)), self._delivered.get((bucket, False))
-        return drafted is not None and plain is not None and drafted < plain
 
     def record_drafting(self, forwards: int, seconds: float) -> None:
         """Drafting took ``seconds`` for ``forwards`` batched draft forwards."""
@@ -178,20 +138,14 @@ class SpeculationLength:
         if not request_ids:
             return []
         if not self.adaptive:
-            self._next_step = "drafted"
             return [self.max_k] * len(request_ids)
         self._steps += 1
         if self._steps % self.EXPLORE_EVERY == 0:
-            self._next_step = "plain"
             return [0] * len(request_ids)
         fixed, per_token = self.step_costs()
         acceptances = [self._acceptance.get(r, self._overall) for r in request_ids]
         k = best_length(acceptances, self.max_k, step_fixed=fixed, step_per_token=per_token,
                         draft_step=self._draft_step)
-        refresh = self._steps % self.EXPLORE_EVERY == self.EXPLORE_EVERY // 2  # keep measuring drafted steps
-        if k > 0 and not refresh and self.drafting_loses(len(request_ids)):
-            k = 0
-        self._next_step = "drafted" if k > 0 else "plain"
         lengths = []
         for request_id in request_ids:
             if k > 0:
@@ -203,7 +157,6 @@ class SpeculationLength:
             self._idle[request_id] = 0 if probe else idle
             if probe:
                 self._probing.add(request_id)
-                self._next_step = "probe"
             lengths.append(1 if probe else 0)
         return lengths
 

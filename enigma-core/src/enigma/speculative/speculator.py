@@ -37,8 +37,6 @@ class Speculator:
         self.num_accepted_tokens = 0
         self.num_emitted_tokens = 0
         self.accepted_per_position = [0] * config.num_speculative_tokens
-        self._drafting_seconds = 0.0
-        """How long the drafts for the coming step took to make."""
 
     @property
     def num_lookahead_tokens(self) -> int:
@@ -61,7 +59,6 @@ class Speculator:
         for request in requests:
             request.spec_token_ids = []
             request.spec_probs = None
-        self._drafting_seconds = 0.0
         limit = self.config.disable_by_batch_size
         if limit is not None and running >= limit:
             return
@@ -81,19 +78,15 @@ class Speculator:
         started = time.perf_counter()
         proposals = self.proposer.propose([c[0] for c in chosen], [c[2] for c in chosen], [c[1] for c in chosen])
         forwards = max(c[2] for c in chosen)
-        self._drafting_seconds = time.perf_counter() - started
-        self.length.record_drafting(forwards, self._drafting_seconds)
+        self.length.record_drafting(forwards, time.perf_counter() - started)
         for (request, _, k), (drafts, probs) in zip(chosen, proposals):
             request.spec_token_ids = list(drafts[:k])
             request.spec_probs = probs[:k] if probs is not None else None
 
     # ------------------------------------------------------------ verification
 
-    def record_step(self, num_tokens: int, seconds: float, *, batch: int, emitted: int) -> None:
-        """A decode step of ``batch`` requests over ``num_tokens`` tokens took ``seconds`` and emitted
-        ``emitted`` tokens."""
+    def record_step(self, num_tokens: int, seconds: float) -> None:
         self.length.record_step(num_tokens, seconds)
-        self.length.record_outcome(batch, emitted=emitted, seconds=seconds + self._drafting_seconds)
 
     def record_verification(self, request_id: str, proposed: int, accepted: int, emitted: int) -> None:
         self.length.record_verification(request_id, proposed, accepted)
