@@ -12,7 +12,10 @@ acceptance near zero, or a batch large enough for verification to cost what
 it saves — k is 0, and after ``PROBE_EVERY`` steps a request tries one draft
 token so that a change in acceptance is noticed; each probe that is rejected
 doubles the wait (up to ``PROBE_MAX``), one that is accepted resets it, so a
-draft that is never right costs next to nothing. Every ``EXPLORE_EVERY``-th
+draft that is never right costs next to nothing. Probes only run where
+acceptance is what holds drafting back: when even drafts that are always
+accepted would not pay at this batch's step costs (a large batch), a probe
+could not change the answer, and none is made. Every ``EXPLORE_EVERY``-th
 step drafts nothing at all, so that plain steps at the batch size of the moment
 are measured beside verifications: without them the fit would only see steps
 of one size and could not tell fixed from per-token cost.
@@ -146,6 +149,8 @@ class SpeculationLength:
         acceptances = [self._acceptance.get(r, self._overall) for r in request_ids]
         k = best_length(acceptances, self.max_k, step_fixed=fixed, step_per_token=per_token,
                         draft_step=self._draft_step)
+        worth_probing = k == 0 and best_length([1.0] * len(request_ids), self.max_k, step_fixed=fixed,
+                                                step_per_token=per_token, draft_step=self._draft_step) > 0
         lengths = []
         for request_id in request_ids:
             if k > 0:
@@ -153,7 +158,7 @@ class SpeculationLength:
                 lengths.append(k)
                 continue
             idle = self._idle.get(request_id, 0) + 1
-            probe = idle >= self._probe_wait.setdefault(request_id, self._last_wait)
+            probe = worth_probing and idle >= self._probe_wait.setdefault(request_id, self._last_wait)
             self._idle[request_id] = 0 if probe else idle
             if probe:
                 self._probing.add(request_id)

@@ -77,11 +77,18 @@ class Speculator:
             return
         started = time.perf_counter()
         proposals = self.proposer.propose([c[0] for c in chosen], [c[2] for c in chosen], [c[1] for c in chosen])
-        forwards = max(c[2] for c in chosen)
-        self.length.record_drafting(forwards, time.perf_counter() - started)
+        self._record_drafting(max(c[2] for c in chosen), time.perf_counter() - started, len(chosen))
         for (request, _, k), (drafts, probs) in zip(chosen, proposals):
             request.spec_token_ids = list(drafts[:k])
             request.spec_probs = probs[:k] if probs is not None else None
+
+    def _record_drafting(self, forwards: int, seconds: float, batch: int) -> None:
+        """Tell the cost model what a round of drafting cost, unless the draft model spent it catching up on a
+        prompt or on steps it drafted nothing for: counted, such rounds made drafting look too dear to resume,
+        and a speculator that never drafts never measures again."""
+        timing = getattr(self.proposer, "timing", None)
+        if timing is None or timing.catch_up_tokens <= 2 * batch:
+            self.length.record_drafting(forwards, seconds)
 
     # ------------------------------------------------------------ verification
 
