@@ -256,6 +256,18 @@ def test_every_so_often_a_step_drafts_nothing_to_measure_plain_steps():
     assert [i for i, k in enumerate(chosen) if k == 0] == [15, 31, 47]
 
 
+def test_no_probes_where_even_perfect_drafts_would_not_pay():
+    length = SpeculationLength(4)
+    for _ in range(30):  # every verified token costs as much as a step's own: a big batch's cost
+        length.record_step(32, 32e-3)
+        length.record_step(160, 160e-3)
+    batch = [f"r{i}" for i in range(32)]
+    for request_id in batch:
+        length.record_verification(request_id, 4, 4)  # drafts that were all accepted
+    chosen = [length.lengths(batch) for _ in range(4 * SpeculationLength.PROBE_EVERY)]
+    assert all(k == 0 for ks in chosen for k in ks)
+
+
 def test_lengths_shrink_when_drafts_are_rejected_and_probe_again():
     length = SpeculationLength(4)
     length.EXPLORE_EVERY = 10**9  # probes alone here
