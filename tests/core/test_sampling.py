@@ -53,6 +53,33 @@ def test_penalties_follow_their_definitions():
     assert out == pytest.approx([1.0, -4.0 - 0.5 - 0.25, 0.5 - 0.5 - 0.5, 0.5])
 
 
+def test_penalties_of_a_mixed_batch_equal_each_rows_own():
+    # transformers' repetition penalty (over prompt and output) is the oracle; frequency and presence follow
+    # OpenAI's definition: logit - frequency * count - presence * (count > 0)
+    from transformers.generation.logits_process import RepetitionPenaltyLogitsProcessor
+
+    generator = torch.Generator().manual_seed(5)
+    logits = torch.randn(5, 30, generator=generator) * 2
+    rows = [SamplingRow(SamplingParams(repetition_penalty=1.3), [1, 2, 3], [4, 4, 9]),
+            SamplingRow(SamplingParams(), [5], [6]),
+            SamplingRow(SamplingParams(frequency_penalty=0.5, presence_penalty=-0.25), [7], [8, 8, 8, 2]),
+            SamplingRow(SamplingParams(repetition_penalty=0.8, frequency_penalty=1.0), [], [11, 29, 11]),
+            SamplingRow(SamplingParams(min_tokens=3, presence_penalty=1.0), [0], [12], stop_ids=frozenset({1, 2}))]
+    out = apply_penalties(logits.clone(), rows)
+    for index, row in enumerate(rows):
+        expected = logits[index:index + 1].clone()
+        if row.params.repetition_penalty != 1.0:
+            ids = torch.tensor([[*row.prompt_token_ids, *row.output_token_ids]])
+            expected = RepetitionPenaltyLogitsProcessor(row.params.repetition_penalty)(ids, expected)
+        expected = expected[0]
+        for token in set(row.output_token_ids):
+            count = row.output_token_ids.count(token)
+            expected[token] -= row.params.frequency_penalty * count + row.params.presence_penalty
+        if len(row.output_token_ids) < row.params.min_tokens:
+            expected[list(row.stop_ids)] = float("-inf")
+        torch.testing.assert_close(out[index], expected)
+
+
 def test_min_tokens_masks_stop_ids():
     row = SamplingRow(SamplingParams(min_tokens=2, temperature=0), [0], [], stop_ids=frozenset({3}))
     assert sample(torch.tensor([[0.0, 1.0, 2.0, 9.0]]), [row]).token_ids == [2]

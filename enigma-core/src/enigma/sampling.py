@@ -176,23 +176,46 @@ def make_generator(seed: int | None, device: torch.device | str = "cpu") -> torc
 
 
 def apply_penalties(logits: torch.Tensor, rows: Sequence[SamplingRow]) -> torch.Tensor:
-    """Repetition, presence and frequency penalties and min_tokens masking, in place."""
-    for index, row in enumerate(rows):
-        params = row.params
-        if params.repetition_penalty != 1.0:
-            seen = torch.tensor(sorted({*row.prompt_token_ids, *row.output_token_ids}), dtype=torch.long,
-                                device=logits.device)
-            if len(seen):
-                values = logits[index, seen]
-                logits[index, seen] = torch.where(values > 0, values / params.repetition_penalty,
-                                                  values * params.repetition_penalty)
-        if (params.presence_penalty or params.frequency_penalty) and row.output_token_ids:
-            counts = torch.bincount(torch.tensor(row.output_token_ids, device=logits.device),
-                                    minlength=logits.shape[1])[: logits.shape[1]].to(logits.dtype)
-            logits[index] -= params.frequency_penalty * counts + params.presence_penalty * (counts > 0)
-        if len(row.output_token_ids) < params.min_tokens and row.stop_ids:
-            logits[index, list(row.stop_ids)] = float("-inf")
+    """Repetition, presence and frequency penalties and min_tokens masking, in place: each for all the rows
+    that ask for it at once, from one padded table of token ids (no per-row kernels)."""
+    repeat = [i for i, row in enumerate(rows) if row.params.repetition_penalty != 1.0]
+    if repeat:
+        seen = _token_table([{*rows[i].prompt_token_ids, *rows[i].output_token_ids} for i in repeat], logits)
+        if seen is not None:
+            where = torch.tensor(repeat, device=logits.device)
+            penalty = torch.tensor([rows[i].params.repetition_penalty for i in repeat], dtype=logits.dtype,
+                                   device=logits.device)[:, None]
+            values = logits[where]
+            penalized = torch.where(values > 0, values / penalty, values * penalty)
+            logits[where] = torch.where(seen > 0, penalized, values)
+    counted = [i for i, row in enumerate(rows)
+               if (row.params.presence_penalty or row.params.frequency_penalty) and row.output_token_ids]
+    if counted:
+        counts = _token_table([rows[i].output_token_ids for i in counted], logits).to(logits.dtype)
+        where = torch.tensor(counted, device=logits.device)
+        frequency, presence = (torch.tensor([getattr(rows[i].params, name) for i in counted], dtype=logits.dtype,
+                                            device=logits.device)[:, None]
+                               for name in ("frequency_penalty", "presence_penalty"))
+        logits[where] -= frequency * counts + presence * (counts > 0)
+    stopped = [(i, token) for i, row in enumerate(rows)
+               if len(row.output_token_ids) < row.params.min_tokens and row.stop_ids for token in row.stop_ids]
+    if stopped:
+        at = torch.tensor(stopped, device=logits.device)
+        logits[at[:, 0], at[:, 1]] = float("-inf")
     return logits
+
+
+def _token_table(token_lists: Sequence[Any], logits: torch.Tensor) -> torch.Tensor | None:
+    """``[len(token_lists), vocab]`` int counts of each list's token ids (ids past the vocabulary ignored), built
+    on the logits' device from one padded table; None when every list is empty."""
+    width = max(len(tokens) for tokens in token_lists)
+    if width == 0:
+        return None
+    vocab = logits.shape[1]
+    padded = [list(tokens) + [vocab] * (width - len(tokens)) for tokens in token_lists]
+    ids = torch.tensor(padded, dtype=torch.long, device=logits.device).clamp_(max=vocab)
+    table = torch.zeros(len(token_lists), vocab + 1, dtype=torch.int32, device=logits.device)
+    return table.scatter_add_(1, ids, torch.ones_like(ids, dtype=torch.int32))[:, :vocab]
 
 
 def _needs_processing(row: SamplingRow) -> bool:
