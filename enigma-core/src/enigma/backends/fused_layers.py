@@ -5,12 +5,17 @@ projection can run natively (a float32 :class:`~enigma.backends.torch_cpu.CPULin
 or a module answering ``native_projection()``, such as the ggml plugin's
 ``GGMLLinear``) it sets ``model.fused_layers`` to a :class:`FusedLlamaLayers`.
 The model's forward hands it each step; it runs the steps it can take —
-inference, float32, few rows, each sequence's new tokens no more than a short
-verify chunk, no adapters — through :class:`~enigma.native.decoder.NativeDecoder`
+inference, float32 or bfloat16, few rows, each sequence's new tokens no more
+than a short verify chunk, no adapters — through :class:`~enigma.native.decoder.NativeDecoder`
 and gives the others back (None), which then run the torch path, the
 reference. A model changed after preparation (a projection wrapped by an
 adapter, a forward hook added by tensor parallelism) is seen at the next step
 and runs the torch path from then on.
+
+A bfloat16 model runs with its weights and KV cache in bfloat16, widened as
+they are read, and its activations in float32 (torch's bfloat16 path rounds
+them to bfloat16 after every operation, so the two agree to bfloat16's
+precision, not bit for bit); norms and biases are copied to float32 once.
 """
 
 from __future__ import annotations
@@ -38,6 +43,8 @@ class FusedLlamaLayers:
 
     def __init__(self, model: torch.nn.Module, decoder: NativeDecoder, backend: Any, watched: list[tuple]) -> None:
         self.decoder = decoder
+        self.dtype = decoder.cache_dtype
+        """The model's dtype: its embeddings arrive in it and its hidden states leave in it."""
         self.backend = backend
         self._watched = watched
         """(dict, key, module) that must still hold: the modules the decoder read its weights from."""
@@ -49,7 +56,7 @@ class FusedLlamaLayers:
                  num_layers: int | None) -> torch.Tensor | None:
         """The hidden states after the final norm, or None: this step runs the torch path."""
         metadata = context.metadata
-        if (not self.enabled or context.adapters or x.dtype != torch.float32
+        if (not self.enabled or context.adapters or x.dtype != self.dtype
                 or not 0 < x.shape[0] <= self.decoder.max_rows or max(metadata.query_lens) > self._short
                 or metadata.sliding_window is not None):
             return None
@@ -58,8 +65,9 @@ class FusedLlamaLayers:
             self.enabled = False
             return None
         tables, lengths = self.backend.attention_rows(metadata)
-        return self.decoder(x.contiguous(), positions.to(torch.int64).contiguous(), metadata.slot_mapping,
-                            context.kv_caches, tables, lengths, num_layers=num_layers)
+        hidden = self.decoder(x.to(torch.float32).contiguous(), positions.to(torch.int64).contiguous(),
+                              metadata.slot_mapping, context.kv_caches, tables, lengths, num_layers=num_layers)
+        return hidden.to(self.dtype)
 
     def _unchanged(self) -> bool:
         return (all(holder.get(key) is module for holder, key, module in self._watched)
@@ -82,21 +90,22 @@ def fuse_llama_layers(model: torch.nn.Module, native: NativeKernels, backend: An
         o = _projections(attention, ("o_proj",), watched)
         down = _projections(mlp, ("down_proj",), watched)
         norms = (layer.input_layernorm.weight, layer.post_attention_layernorm.weight)
-        if None in (qkv, gate_up, o, down) or any(n.dtype != torch.float32 for n in norms):
+        if None in (qkv, gate_up, o, down) or any(n.dtype not in NativeDecoder.CACHE_DTYPES for n in norms):
             log.debug("native decoder not used: a projection or norm of layer %d has no native kernel",
                       attention.layer_index)
             return None
         watched += [(layer._modules, "input_layernorm", layer.input_layernorm),
                     (layer._modules, "post_attention_layernorm", layer.post_attention_layernorm)]
-        layers.append(NativeLayer(input_norm=norms[0].detach(), post_norm=norms[1].detach(), qkv=qkv, o=o[0],
-                                  gate_up=gate_up, down=down[0], window=attention.sliding_window))
+        layers.append(NativeLayer(input_norm=norms[0].detach().float(), post_norm=norms[1].detach().float(),
+                                  qkv=qkv, o=o[0], gate_up=gate_up, down=down[0], window=attention.sliding_window))
     final_norm = model.model.norm.weight.detach()
-    if final_norm.dtype != torch.float32 or model.inv_freq.dtype != torch.float32:
+    dtype = model.model.embed_tokens.weight.dtype
+    if dtype not in NativeDecoder.CACHE_DTYPES or model.inv_freq.dtype != torch.float32:
         return None
     decoder = NativeDecoder(native.library, layers, hidden=config.hidden_size, heads=config.num_heads,
                             kv_heads=config.num_kv_heads, head_dim=config.head_dim,
                             intermediate=config.intermediate_size, eps=config.rms_norm_eps,
-                            inv_freq=model.inv_freq.contiguous(), final_norm=final_norm)
+                            inv_freq=model.inv_freq.contiguous(), final_norm=final_norm.float(), cache_dtype=dtype)
     fused = FusedLlamaLayers(model, decoder, backend, watched)
     if not fused._unchanged():  # hooked already (a tensor-parallel shard's all-reduces): nothing to fuse
         log.debug("native decoder not used: the model's layers have forward hooks")

@@ -54,7 +54,8 @@ def view_kv(kv_cache: torch.Tensor, first_block: int, length: int) -> tuple[torc
 
 
 class CPULinear(torch.nn.Linear):
-    """A float32 Linear on CPU, run by the kernel that is fastest for the rows it gets.
+    """A float32 Linear on CPU, run by the kernel that is fastest for the rows it gets (a bfloat16 one: the
+    native kernel with its weights widened as they are read for few rows, else torch's ``F.linear``).
 
     Up to :attr:`NATIVE_MAX_ROWS` rows (decode steps stream the weights once for a
     few tokens), enigma's native kernel (:mod:`enigma.native`), which streams
@@ -87,21 +88,29 @@ class CPULinear(torch.nn.Linear):
 
     @staticmethod
     def supported(linear: torch.nn.Linear) -> bool:
-        return linear.weight.dtype == torch.float32 and linear.weight.device.type == "cpu"
+        return linear.weight.dtype in (torch.float32, torch.bfloat16) and linear.weight.device.type == "cpu"
 
     def native_projection(self) -> NativeProjection | None:
-        """This Linear in the native decoder (:mod:`enigma.backends.fused_layers`): the native float32
-        matmul up to :attr:`NATIVE_MAX_ROWS` rows; None without the native kernels."""
+        """This Linear in the native decoder (:mod:`enigma.backends.fused_layers`): the native float32 or
+        bfloat16 matmul up to :attr:`NATIVE_MAX_ROWS` rows; None without the native kernels."""
         if self.native is None or not self.weight.is_contiguous():
             return None
-        return NativeProjection(function=self.native.f32_matmul, weight=self.weight.detach(),
+        function = self.native.bf16_matmul if self.weight.dtype == torch.bfloat16 else self.native.f32_matmul
+        return NativeProjection(function=function, weight=self.weight.detach(),
                                 in_features=self.in_features, out_features=self.out_features,
-                                bias=None if self.bias is None else self.bias.detach(), max_rows=self.NATIVE_MAX_ROWS)
+                                bias=None if self.bias is None else self.bias.detach().float(),
+                                max_rows=self.NATIVE_MAX_ROWS)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad):
             return F.linear(x, self.weight, self.bias)
-        if self.native is not None and x.numel() <= self.NATIVE_MAX_ROWS * self.in_features:
+        few_rows = self.native is not None and x.numel() <= self.NATIVE_MAX_ROWS * self.in_features
+        if self.weight.dtype == torch.bfloat16:
+            if not few_rows:
+                return F.linear(x, self.weight, self.bias)
+            bias = None if self.bias is None else self.bias.float()
+            return self.native.linear(x.float(), self.weight, bias).to(x.dtype)
+        if few_rows:
             return self.native.linear(x, self.weight, self.bias)
         if self.onednn:
             return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [], "")

@@ -57,10 +57,15 @@ class NativeKernels:
         """The ctypes library, for callers with their own bindings (:mod:`enigma.native.decoder`)."""
         self.f32_matmul = ctypes.cast(library.enigma_f32_matmul, ctypes.c_void_p).value
         """Address of the float32 matmul in the native decoder's matmul signature (no bias)."""
+        self.bf16_matmul = ctypes.cast(library.enigma_bf16_matmul, ctypes.c_void_p).value
+        """The same for bfloat16 weights (widened as they are read; activations stay float32)."""
         self._linear = library.enigma_linear
         self._linear.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p,
                                  ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int32]
         self._linear.restype = None
+        self._linear_bf16 = library.enigma_linear_bf16
+        self._linear_bf16.argtypes = self._linear.argtypes
+        self._linear_bf16.restype = None
         self._decode_attention = library.enigma_decode_attention
         self._decode_attention.argtypes = [
             ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64,  # query, shape
@@ -72,9 +77,10 @@ class NativeKernels:
     def linear(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         """``x @ weight.T + bias`` for float32 CPU tensors, as ``F.linear``; ``weight``
         (``[out, in]``) and ``bias`` contiguous. Made for few rows of ``x``: it reads
-        the weights once per two rows."""
-        if not (x.dtype == weight.dtype == torch.float32 and x.is_cpu and weight.is_cpu
-                and (bias is None or (bias.dtype == torch.float32 and bias.is_cpu))):
+        the weights once per two rows. ``weight`` may also be bfloat16 (widened as it
+        is read; ``x``, ``bias`` and the result stay float32)."""
+        if not (x.dtype == torch.float32 and weight.dtype in (torch.float32, torch.bfloat16) and x.is_cpu
+                and weight.is_cpu and (bias is None or (bias.dtype == torch.float32 and bias.is_cpu))):
             described = [f"x {x.dtype} on {x.device}", f"weight {weight.dtype} on {weight.device}"]
             if bias is not None:
                 described.append(f"bias {bias.dtype} on {bias.device}")
@@ -89,8 +95,9 @@ class NativeKernels:
         x = x.contiguous()
         rows = x.numel() // in_features if in_features else 0
         y = x.new_empty((*x.shape[:-1], out_features))
-        self._linear(x.data_ptr(), rows, in_features, weight.data_ptr(), out_features,
-                     None if bias is None else bias.data_ptr(), y.data_ptr(), torch.get_num_threads())
+        kernel = self._linear_bf16 if weight.dtype == torch.bfloat16 else self._linear
+        kernel(x.data_ptr(), rows, in_features, weight.data_ptr(), out_features,
+               None if bias is None else bias.data_ptr(), y.data_ptr(), torch.get_num_threads())
         return y
 
 

@@ -77,7 +77,8 @@ class _Layer(ctypes.Structure):
 class _Decoder(ctypes.Structure):
     _fields_ = [("hidden", ctypes.c_int64), ("heads", ctypes.c_int64), ("kv_heads", ctypes.c_int64),
                 ("head_dim", ctypes.c_int64), ("intermediate", ctypes.c_int64), ("eps", ctypes.c_float),
-                ("scale", ctypes.c_float), ("inv_freq", ctypes.c_void_p), ("final_norm", ctypes.c_void_p)]
+                ("scale", ctypes.c_float), ("inv_freq", ctypes.c_void_p), ("final_norm", ctypes.c_void_p),
+                ("cache_bf16", ctypes.c_int64)]
 
 
 ERRORS = {1: "a matmul kernel refused its input", 2: "a cache slot lies outside the KV pool",
@@ -88,13 +89,19 @@ class NativeDecoder:
     """A Llama-style decoder stack (RMSNorm, rotary in the halves layout, grouped-query attention
     over the paged cache, SwiGLU) as one call of the native library per step.
 
-    Float32 activations and caches. The tensors given are read in place and kept
+    Float32 activations; float32 or bfloat16 caches (``cache_dtype``: a bfloat16
+    model's cache is bfloat16). The tensors given are read in place and kept
     alive here: whoever replaces a layer's weights builds a new decoder.
     """
 
+    CACHE_DTYPES = (torch.float32, torch.bfloat16)
+
     def __init__(self, library: ctypes.CDLL, layers: Sequence[NativeLayer], *, hidden: int, heads: int,
                  kv_heads: int, head_dim: int, intermediate: int, eps: float, inv_freq: torch.Tensor,
-                 final_norm: torch.Tensor | None) -> None:
+                 final_norm: torch.Tensor | None, cache_dtype: torch.dtype = torch.float32) -> None:
+        if cache_dtype not in self.CACHE_DTYPES:
+            raise ValueError(f"native decoder: caches of {cache_dtype} are not supported (float32 or bfloat16)")
+        self.cache_dtype = cache_dtype
         self._function = library.enigma_decode_layers
         self._function.restype = ctypes.c_int
         self._function.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p,
@@ -113,7 +120,8 @@ class NativeDecoder:
         self._decoder = _Decoder(hidden=hidden, heads=heads, kv_heads=kv_heads, head_dim=head_dim,
                                  intermediate=intermediate, eps=eps, scale=head_dim ** -0.5,
                                  inv_freq=inv_freq.data_ptr(),
-                                 final_norm=None if final_norm is None else final_norm.data_ptr())
+                                 final_norm=None if final_norm is None else final_norm.data_ptr(),
+                                 cache_bf16=int(cache_dtype == torch.bfloat16))
         if final_norm is not None:
             self._keep.append(final_norm)
         self._layers = (_Layer * len(layers))()
@@ -186,8 +194,8 @@ class NativeDecoder:
                              f"{self.num_layers}-layer stack")
         key = tuple(cache.data_ptr() for cache in kv_caches)
         if self._caches is None or self._caches[0] != key:
-            if any(cache.dtype != torch.float32 or not cache.is_contiguous() for cache in kv_caches):
-                raise ValueError("native decoder: every layer's cache must be contiguous float32")
+            if any(cache.dtype != self.cache_dtype or not cache.is_contiguous() for cache in kv_caches):
+                raise ValueError(f"native decoder: every layer's cache must be contiguous {self.cache_dtype}")
             self._caches = (key, (ctypes.c_void_p * len(key))(*key))
         return self._caches[1]
 

@@ -6,165 +6,324 @@
 #include <math.h>
 #include <stddef.h>
 #include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
 
-/* Four weight rows against the m rows of x, two rows of x at a time: each
- * weight element loaded serves two multiply-adds. */
-static void four_rows(const float *x, int64_t m, int64_t in, const float *w, float *y, int64_t out) {
-    const float *w0 = w, *w1 = w0 + in, *w2 = w1 + in, *w3 = w2 + in;
+/* bfloat16 is the top half of a float32: widening is a shift; narrowing rounds to nearest even, as torch
+ * does (a NaN stays a quiet NaN). */
+static inline float bf16_to_f32(uint16_t v) {
+    uint32_t u = (uint32_t)v << 16;
+    float f;
+    memcpy(&f, &u, sizeof f);
+    return f;
+}
+
+static inline uint16_t f32_to_bf16(float f) {
+    uint32_t u;
+    memcpy(&u, &f, sizeof u);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40u);
+    u += 0x7fffu + ((u >> 16) & 1u);
+    return (uint16_t)(u >> 16);
+}
+
+#define LOAD_F32(p, i) ((p)[i])
+#define LOAD_BF16(p, i) bf16_to_f32((p)[i])
+
+/* The streaming matmul, for float32 weights and for bfloat16 ones widened as they are read.
+ *
+ * four_rows: four weight rows against the m rows of x, two rows of x at a time (each weight element
+ * loaded serves two multiply-adds). linear: y[m, out] = x[m, in] @ w[out, in]^T (+ bias[out]); x, y
+ * and bias float32, all contiguous. Few rows of x (decode) make this a stream over the weights, bound
+ * by memory bandwidth: each thread walks one contiguous stretch of rows (a static schedule), so the
+ * hardware prefetchers see one sequential read per thread. Short rows (a small model's, or a head over
+ * a vocabulary at hidden 192) end before the hardware prefetcher has ramped up: the next four are
+ * fetched ahead (measured, 32000x192 float32: 12 -> 17 GB/s; for rows of 768 floats and more it gains
+ * nothing). A weight hot in L2 loses a quarter to the extra instructions, but in a model's step they
+ * are not hot: enigma-tiny decodes 1.1-1.25x faster with it than without, interleaved in one process. */
+#define DEFINE_LINEAR(SUFFIX, WTYPE, LOAD)                                                                     \
+static void four_rows_##SUFFIX(const float *x, int64_t m, int64_t in, const WTYPE *w, float *y, int64_t out) { \
+    const WTYPE *w0 = w, *w1 = w0 + in, *w2 = w1 + in, *w3 = w2 + in;                                         \
+    int64_t t = 0;                                                                                            \
+    for (; t + 2 <= m; t += 2) {                                                                              \
+        const float *xa = x + t * in, *xb = xa + in;                                                          \
+        float a0 = 0, a1 = 0, a2 = 0, a3 = 0, b0 = 0, b1 = 0, b2 = 0, b3 = 0;                                 \
+        _Pragma("omp simd reduction(+ : a0, a1, a2, a3, b0, b1, b2, b3)")                                     \
+        for (int64_t k = 0; k < in; k++) {                                                                    \
+            float u = xa[k], v = xb[k];                                                                       \
+            float p0 = LOAD(w0, k), p1 = LOAD(w1, k), p2 = LOAD(w2, k), p3 = LOAD(w3, k);                     \
+            a0 += p0 * u; a1 += p1 * u; a2 += p2 * u; a3 += p3 * u;                                           \
+            b0 += p0 * v; b1 += p1 * v; b2 += p2 * v; b3 += p3 * v;                                           \
+        }                                                                                                     \
+        float *ya = y + t * out, *yb = ya + out;                                                              \
+        ya[0] = a0; ya[1] = a1; ya[2] = a2; ya[3] = a3;                                                       \
+        yb[0] = b0; yb[1] = b1; yb[2] = b2; yb[3] = b3;                                                       \
+    }                                                                                                         \
+    for (; t < m; t++) {                                                                                      \
+        const float *xt = x + t * in;                                                                         \
+        float a0 = 0, a1 = 0, a2 = 0, a3 = 0;                                                                 \
+        _Pragma("omp simd reduction(+ : a0, a1, a2, a3)")                                                     \
+        for (int64_t k = 0; k < in; k++) {                                                                    \
+            float v = xt[k];                                                                                  \
+            a0 += LOAD(w0, k) * v; a1 += LOAD(w1, k) * v; a2 += LOAD(w2, k) * v; a3 += LOAD(w3, k) * v;       \
+        }                                                                                                     \
+        float *yt = y + t * out;                                                                              \
+        yt[0] = a0; yt[1] = a1; yt[2] = a2; yt[3] = a3;                                                       \
+    }                                                                                                         \
+}                                                                                                             \
+                                                                                                              \
+static void one_row_##SUFFIX(const float *x, int64_t m, int64_t in, const WTYPE *w, float *y, int64_t out) {  \
+    for (int64_t t = 0; t < m; t++) {                                                                         \
+        const float *xt = x + t * in;                                                                         \
+        float a = 0;                                                                                          \
+        _Pragma("omp simd reduction(+ : a)")                                                                  \
+        for (int64_t k = 0; k < in; k++) a += LOAD(w, k) * xt[k];                                             \
+        y[t * out] = a;                                                                                       \
+    }                                                                                                         \
+}                                                                                                             \
+                                                                                                              \
+static void linear_##SUFFIX(const float *x, int64_t m, int64_t in, const WTYPE *w, int64_t out,               \
+                            const float *bias, float *y, int32_t threads) {                                   \
+    int64_t blocks = out / 4;                                                                                 \
+    int prefetch = in * (int64_t)sizeof(WTYPE) <= 1024;                                                       \
+    _Pragma("omp parallel num_threads(threads)")                                                              \
+    {                                                                                                         \
+        _Pragma("omp for schedule(static) nowait")                                                            \
+        for (int64_t b = 0; b < blocks; b++) {                                                                \
+            if (prefetch && b + 1 < blocks) {                                                                 \
+                const char *next = (const char *)(w + (b + 1) * 4 * in);                                      \
+                for (int64_t at = 0; at < 4 * in * (int64_t)sizeof(WTYPE); at += 64)                         \
+                    __builtin_prefetch(next + at, 0, 3);                                                      \
+            }                                                                                                 \
+            four_rows_##SUFFIX(x, m, in, w + b * 4 * in, y + b * 4, out);                                     \
+        }                                                                                                     \
+        _Pragma("omp for schedule(static)")                                                                   \
+        for (int64_t j = blocks * 4; j < out; j++) one_row_##SUFFIX(x, m, in, w + j * in, y + j, out);        \
+        if (bias) {                                                                                           \
+            _Pragma("omp for schedule(static)")                                                               \
+            for (int64_t t = 0; t < m; t++)                                                                   \
+                for (int64_t j = 0; j < out; j++) y[t * out + j] += bias[j];                                  \
+        }                                                                                                     \
+    }                                                                                                         \
+}
+
+DEFINE_LINEAR(f32, float, LOAD_F32)
+DEFINE_LINEAR(bf16_any, uint16_t, LOAD_BF16)
+
+/* bfloat16 weights of even width, read as 32-bit pairs: the low half of a pair is an even element and
+ * the high half an odd one, so one shift or one mask makes each a float, half the work of widening
+ * element by element (a 5632x2048 weight, one row, 2 threads: 1.49 -> 0.74 ms warm in the L3; see
+ * BENCHMARKS.md). x is first split per row into its even and odd elements ([x0 x2 .. | x1 x3 ..]). */
+static inline float even_bf16(uint32_t pair) {
+    uint32_t u = pair << 16;
+    float f;
+    memcpy(&f, &u, sizeof f);
+    return f;
+}
+
+static inline float odd_bf16(uint32_t pair) {
+    uint32_t u = pair & 0xffff0000u;
+    float f;
+    memcpy(&f, &u, sizeof f);
+    return f;
+}
+
+static void four_rows_bf16_pairs(const float *xs, int64_t m, int64_t in, const uint32_t *w, float *y,
+                                 int64_t out) {
+    const int64_t half = in / 2;
+    const uint32_t *w0 = w, *w1 = w0 + half, *w2 = w1 + half, *w3 = w2 + half;
     int64_t t = 0;
     for (; t + 2 <= m; t += 2) {
-        const float *xa = x + t * in, *xb = xa + in;
+        const float *ea = xs + t * in, *oa = ea + half, *eb = ea + in, *ob = eb + half;
         float a0 = 0, a1 = 0, a2 = 0, a3 = 0, b0 = 0, b1 = 0, b2 = 0, b3 = 0;
 #pragma omp simd reduction(+ : a0, a1, a2, a3, b0, b1, b2, b3)
-        for (int64_t k = 0; k < in; k++) {
-            float u = xa[k], v = xb[k];
-            float p0 = w0[k], p1 = w1[k], p2 = w2[k], p3 = w3[k];
-            a0 += p0 * u; a1 += p1 * u; a2 += p2 * u; a3 += p3 * u;
-            b0 += p0 * v; b1 += p1 * v; b2 += p2 * v; b3 += p3 * v;
+        for (int64_t k = 0; k < half; k++) {
+            uint32_t u0 = w0[k], u1 = w1[k], u2 = w2[k], u3 = w3[k];
+            float e0 = even_bf16(u0), e1 = even_bf16(u1), e2 = even_bf16(u2), e3 = even_bf16(u3);
+            float o0 = odd_bf16(u0), o1 = odd_bf16(u1), o2 = odd_bf16(u2), o3 = odd_bf16(u3);
+            float xe = ea[k], xo = oa[k], ye = eb[k], yo = ob[k];
+            a0 += e0 * xe + o0 * xo; a1 += e1 * xe + o1 * xo; a2 += e2 * xe + o2 * xo; a3 += e3 * xe + o3 * xo;
+            b0 += e0 * ye + o0 * yo; b1 += e1 * ye + o1 * yo; b2 += e2 * ye + o2 * yo; b3 += e3 * ye + o3 * yo;
         }
         float *ya = y + t * out, *yb = ya + out;
         ya[0] = a0; ya[1] = a1; ya[2] = a2; ya[3] = a3;
         yb[0] = b0; yb[1] = b1; yb[2] = b2; yb[3] = b3;
     }
     for (; t < m; t++) {
-        const float *xt = x + t * in;
+        const float *et = xs + t * in, *ot = et + half;
         float a0 = 0, a1 = 0, a2 = 0, a3 = 0;
 #pragma omp simd reduction(+ : a0, a1, a2, a3)
-        for (int64_t k = 0; k < in; k++) {
-            float v = xt[k];
-            a0 += w0[k] * v; a1 += w1[k] * v; a2 += w2[k] * v; a3 += w3[k] * v;
+        for (int64_t k = 0; k < half; k++) {
+            uint32_t u0 = w0[k], u1 = w1[k], u2 = w2[k], u3 = w3[k];
+            float xe = et[k], xo = ot[k];
+            a0 += even_bf16(u0) * xe + odd_bf16(u0) * xo;
+            a1 += even_bf16(u1) * xe + odd_bf16(u1) * xo;
+            a2 += even_bf16(u2) * xe + odd_bf16(u2) * xo;
+            a3 += even_bf16(u3) * xe + odd_bf16(u3) * xo;
         }
         float *yt = y + t * out;
         yt[0] = a0; yt[1] = a1; yt[2] = a2; yt[3] = a3;
     }
 }
 
-static void one_row(const float *x, int64_t m, int64_t in, const float *w, float *y, int64_t out) {
+static void one_row_bf16_pairs(const float *xs, int64_t m, int64_t in, const uint32_t *w, float *y, int64_t out) {
+    const int64_t half = in / 2;
     for (int64_t t = 0; t < m; t++) {
-        const float *xt = x + t * in;
+        const float *et = xs + t * in, *ot = et + half;
         float a = 0;
 #pragma omp simd reduction(+ : a)
-        for (int64_t k = 0; k < in; k++) a += w[k] * xt[k];
+        for (int64_t k = 0; k < half; k++) a += even_bf16(w[k]) * et[k] + odd_bf16(w[k]) * ot[k];
         y[t * out] = a;
     }
 }
 
-/* y[m, out] = x[m, in] @ w[out, in]^T (+ bias[out]); all contiguous float32.
- *
- * Few rows of x (decode) make this a stream over the weights, bound by memory
- * bandwidth: each thread walks one contiguous stretch of rows (a static
- * schedule), so the hardware prefetchers see one sequential read per thread. */
-void enigma_linear(const float *x, int64_t m, int64_t in, const float *w, int64_t out,
-                   const float *bias, float *y, int32_t threads) {
+static void linear_bf16(const float *x, int64_t m, int64_t in, const uint16_t *w, int64_t out,
+                        const float *bias, float *y, int32_t threads) {
+    float *xs = in % 2 == 0 && ((uintptr_t)w & 3) == 0 ? malloc((size_t)(m * in) * sizeof(float)) : NULL;
+    if (xs == NULL) {
+        linear_bf16_any(x, m, in, w, out, bias, y, threads);
+        return;
+    }
+    const int64_t half = in / 2;
+    for (int64_t t = 0; t < m; t++)
+        for (int64_t k = 0; k < half; k++) {
+            xs[t * in + k] = x[t * in + 2 * k];
+            xs[t * in + half + k] = x[t * in + 2 * k + 1];
+        }
+    const uint32_t *pairs = (const uint32_t *)(const void *)w;
     int64_t blocks = out / 4;
-    /* Short rows (a small model's, or a head over a vocabulary at hidden 192) end before the hardware
-     * prefetcher has ramped up: fetch the next four ahead (measured, 32000x192: 12 -> 17 GB/s; for rows
-     * of 768 and more it gains nothing). A weight hot in L2 loses a quarter to the extra instructions,
-     * but in a model's step they are not hot: enigma-tiny decodes 1.1-1.25x faster with it than without
-     * (or with it only for weights over 8 MB), interleaved in one process. */
-    int prefetch = in * (int64_t)sizeof(float) <= 1024;
+    int prefetch = in * (int64_t)sizeof(uint16_t) <= 1024;
 #pragma omp parallel num_threads(threads)
     {
 #pragma omp for schedule(static) nowait
         for (int64_t b = 0; b < blocks; b++) {
             if (prefetch && b + 1 < blocks) {
-                const char *next = (const char *)(w + (b + 1) * 4 * in);
-                for (int64_t at = 0; at < 4 * in * (int64_t)sizeof(float); at += 64) __builtin_prefetch(next + at, 0, 3);
+                const char *next = (const char *)(pairs + (b + 1) * 4 * half);
+                for (int64_t at = 0; at < 4 * in * (int64_t)sizeof(uint16_t); at += 64) __builtin_prefetch(next + at, 0, 3);
             }
-            four_rows(x, m, in, w + b * 4 * in, y + b * 4, out);
+            four_rows_bf16_pairs(xs, m, in, pairs + b * 4 * half, y + b * 4, out);
         }
 #pragma omp for schedule(static)
-        for (int64_t j = blocks * 4; j < out; j++) one_row(x, m, in, w + j * in, y + j, out);
+        for (int64_t j = blocks * 4; j < out; j++) one_row_bf16_pairs(xs, m, in, pairs + j * half, y + j, out);
         if (bias) {
 #pragma omp for schedule(static)
             for (int64_t t = 0; t < m; t++)
                 for (int64_t j = 0; j < out; j++) y[t * out + j] += bias[j];
         }
     }
+    free(xs);
+}
+
+/* y[m, out] = x[m, in] @ w[out, in]^T (+ bias[out]); all contiguous float32. */
+void enigma_linear(const float *x, int64_t m, int64_t in, const float *w, int64_t out,
+                   const float *bias, float *y, int32_t threads) {
+    linear_f32(x, m, in, w, out, bias, y, threads);
+}
+
+/* The same with w in bfloat16 (x, bias and y float32). */
+void enigma_linear_bf16(const float *x, int64_t m, int64_t in, const uint16_t *w, int64_t out,
+                        const float *bias, float *y, int32_t threads) {
+    linear_bf16(x, m, in, w, out, bias, y, threads);
 }
 
 /* One sequence's query heads that share KV head `keys`/`values` (`group` of
  * them, [group, dim] at q) over its cached positions first..seq_len-1, read
  * block by block through its block table: online softmax, one pass over the
- * keys and values (flash-decoding's recurrence, a block at a time).
- * Returns nonzero if the table is too short or names a block outside the pool. */
-static int attend_group(const float *q, int64_t group, int64_t dim, const float *keys, const float *values,
-                        const int64_t *table, int64_t table_len, int64_t num_blocks, int64_t block_size,
-                        int64_t first, int64_t seq_len, float scale, float *o) {
-    float maxima[group], sums[group], scores[block_size];
-    for (int64_t g = 0; g < group; g++) {
-        maxima[g] = -INFINITY;
-        sums[g] = 0;
-        for (int64_t d = 0; d < dim; d++) o[g * dim + d] = 0;
-    }
-    for (int64_t start = first - first % block_size; start < seq_len; start += block_size) {
-        if (start / block_size >= table_len) return 1;
-        int64_t block = table[start / block_size];
-        if (block < 0 || block >= num_blocks) return 1;
-        const float *kb = keys + block * block_size * dim, *vb = values + block * block_size * dim;
-        int64_t lo = (first > start ? first : start) - start;
-        int64_t hi = (seq_len < start + block_size ? seq_len : start + block_size) - start;
-        for (int64_t g = 0; g < group; g++) {
-            const float *qg = q + g * dim;
-            float *og = o + g * dim;
-            float block_max = -INFINITY;
-            for (int64_t t = lo; t < hi; t++) {
-                const float *kt = kb + t * dim;
-                float dot = 0;
-#pragma omp simd reduction(+ : dot)
-                for (int64_t d = 0; d < dim; d++) dot += qg[d] * kt[d];
-                scores[t] = dot * scale;
-                if (scores[t] > block_max) block_max = scores[t];
-            }
-            if (block_max > maxima[g]) {
-                float correction = expf(maxima[g] - block_max);  /* 0 for the first block */
-                sums[g] *= correction;
-                for (int64_t d = 0; d < dim; d++) og[d] *= correction;
-                maxima[g] = block_max;
-            }
-            for (int64_t t = lo; t < hi; t++) {
-                float p = expf(scores[t] - maxima[g]);
-                const float *vt = vb + t * dim;
-                sums[g] += p;
-#pragma omp simd
-                for (int64_t d = 0; d < dim; d++) og[d] += p * vt[d];
-            }
-        }
-    }
-    for (int64_t g = 0; g < group; g++) {
-        float inverse = 1.0f / sums[g];
-        for (int64_t d = 0; d < dim; d++) o[g * dim + d] *= inverse;
-    }
-    return 0;
+ * keys and values (flash-decoding's recurrence, a block at a time). The cache
+ * holds float32 or bfloat16 (widened as read).
+ * Returns nonzero if the table is too short or names a block outside the pool.
+ *
+ * decode_attention: each sequence's one query ([num_seqs, heads, dim]) over
+ * its seq_lens[s] cached keys and values (the last `window` of them when
+ * window > 0), the blocks named by block_tables[s] ([num_seqs, max_blocks]).
+ * kv_cache is the torch backend's layout, [2, kv_heads, num_blocks,
+ * block_size, dim]; query heads h*group .. (h+1)*group-1 share KV head h.
+ * Sequences and KV heads run in parallel. Returns the number of (sequence, KV
+ * head) pairs whose table was too short or named a block outside the pool
+ * (their output is undefined); 0 when all is well. */
+#define DEFINE_ATTENTION(SUFFIX, CTYPE, LOAD)                                                                  \
+static int attend_group_##SUFFIX(const float *q, int64_t group, int64_t dim, const CTYPE *keys,               \
+                                 const CTYPE *values, const int64_t *table, int64_t table_len,                \
+                                 int64_t num_blocks, int64_t block_size, int64_t first, int64_t seq_len,      \
+                                 float scale, float *o) {                                                     \
+    float maxima[group], sums[group], scores[block_size];                                                     \
+    for (int64_t g = 0; g < group; g++) {                                                                     \
+        maxima[g] = -INFINITY;                                                                                \
+        sums[g] = 0;                                                                                          \
+        for (int64_t d = 0; d < dim; d++) o[g * dim + d] = 0;                                                 \
+    }                                                                                                         \
+    for (int64_t start = first - first % block_size; start < seq_len; start += block_size) {                  \
+        if (start / block_size >= table_len) return 1;                                                        \
+        int64_t block = table[start / block_size];                                                            \
+        if (block < 0 || block >= num_blocks) return 1;                                                       \
+        const CTYPE *kb = keys + block * block_size * dim, *vb = values + block * block_size * dim;           \
+        int64_t lo = (first > start ? first : start) - start;                                                 \
+        int64_t hi = (seq_len < start + block_size ? seq_len : start + block_size) - start;                   \
+        for (int64_t g = 0; g < group; g++) {                                                                 \
+            const float *qg = q + g * dim;                                                                    \
+            float *og = o + g * dim;                                                                          \
+            float block_max = -INFINITY;                                                                      \
+            for (int64_t t = lo; t < hi; t++) {                                                               \
+                const CTYPE *kt = kb + t * dim;                                                               \
+                float dot = 0;                                                                                \
+                _Pragma("omp simd reduction(+ : dot)")                                                        \
+                for (int64_t d = 0; d < dim; d++) dot += qg[d] * LOAD(kt, d);                                 \
+                scores[t] = dot * scale;                                                                      \
+                if (scores[t] > block_max) block_max = scores[t];                                             \
+            }                                                                                                 \
+            if (block_max > maxima[g]) {                                                                      \
+                float correction = expf(maxima[g] - block_max);  /* 0 for the first block */                  \
+                sums[g] *= correction;                                                                        \
+                for (int64_t d = 0; d < dim; d++) og[d] *= correction;                                        \
+                maxima[g] = block_max;                                                                        \
+            }                                                                                                 \
+            for (int64_t t = lo; t < hi; t++) {                                                               \
+                float p = expf(scores[t] - maxima[g]);                                                        \
+                const CTYPE *vt = vb + t * dim;                                                               \
+                sums[g] += p;                                                                                 \
+                _Pragma("omp simd")                                                                           \
+                for (int64_t d = 0; d < dim; d++) og[d] += p * LOAD(vt, d);                                   \
+            }                                                                                                 \
+        }                                                                                                     \
+    }                                                                                                         \
+    for (int64_t g = 0; g < group; g++) {                                                                     \
+        float inverse = 1.0f / sums[g];                                                                       \
+        for (int64_t d = 0; d < dim; d++) o[g * dim + d] *= inverse;                                          \
+    }                                                                                                         \
+    return 0;                                                                                                 \
+}                                                                                                             \
+                                                                                                              \
+static int64_t decode_attention_##SUFFIX(const float *query, int64_t num_seqs, int64_t heads, int64_t kv_heads,\
+                                         int64_t dim, const CTYPE *kv_cache, int64_t num_blocks,              \
+                                         int64_t block_size, const int64_t *block_tables, int64_t max_blocks, \
+                                         const int64_t *seq_lens, int64_t window, float scale, float *out,    \
+                                         int32_t threads) {                                                   \
+    int64_t group = heads / kv_heads, head_stride = num_blocks * block_size * dim;                            \
+    int64_t bad = 0;                                                                                          \
+    _Pragma("omp parallel for collapse(2) schedule(dynamic, 1) num_threads(threads) reduction(+ : bad)")      \
+    for (int64_t s = 0; s < num_seqs; s++) {                                                                  \
+        for (int64_t h = 0; h < kv_heads; h++) {                                                              \
+            int64_t seq_len = seq_lens[s];                                                                    \
+            int64_t first = window > 0 && seq_len > window ? seq_len - window : 0;                            \
+            const CTYPE *keys = kv_cache + h * head_stride, *values = keys + kv_heads * head_stride;          \
+            int64_t offset = (s * heads + h * group) * dim;                                                   \
+            bad += attend_group_##SUFFIX(query + offset, group, dim, keys, values, block_tables + s * max_blocks,\
+                                         max_blocks, num_blocks, block_size, first, seq_len, scale,           \
+                                         out + offset);                                                       \
+        }                                                                                                     \
+    }                                                                                                         \
+    return bad;                                                                                               \
 }
 
-/* Decode attention over the paged cache, read in place: each sequence's one
- * query ([num_seqs, heads, dim]) over its seq_lens[s] cached keys and values
- * (the last `window` of them when window > 0), the blocks named by
- * block_tables[s] ([num_seqs, max_blocks]). kv_cache is the torch backend's
- * layout, [2, kv_heads, num_blocks, block_size, dim]; query heads h*group ..
- * (h+1)*group-1 share KV head h. Sequences and KV heads run in parallel.
- * Returns the number of (sequence, KV head) pairs whose table was too short
- * or named a block outside the pool (their output is undefined); 0 when all
- * is well. */
+DEFINE_ATTENTION(f32, float, LOAD_F32)
+DEFINE_ATTENTION(bf16, uint16_t, LOAD_BF16)
+
+/* Decode attention over a float32 paged cache, read in place (see decode_attention above). */
 int64_t enigma_decode_attention(const float *query, int64_t num_seqs, int64_t heads, int64_t kv_heads,
                                 int64_t dim, const float *kv_cache, int64_t num_blocks, int64_t block_size,
                                 const int64_t *block_tables, int64_t max_blocks, const int64_t *seq_lens,
                                 int64_t window, float scale, float *out, int32_t threads) {
-    int64_t group = heads / kv_heads, head_stride = num_blocks * block_size * dim;
-    int64_t bad = 0;
-#pragma omp parallel for collapse(2) schedule(dynamic, 1) num_threads(threads) reduction(+ : bad)
-    for (int64_t s = 0; s < num_seqs; s++) {
-        for (int64_t h = 0; h < kv_heads; h++) {
-            int64_t seq_len = seq_lens[s];
-            int64_t first = window > 0 && seq_len > window ? seq_len - window : 0;
-            const float *keys = kv_cache + h * head_stride, *values = keys + kv_heads * head_stride;
-            int64_t offset = (s * heads + h * group) * dim;
-            bad += attend_group(query + offset, group, dim, keys, values, block_tables + s * max_blocks,
-                                max_blocks, num_blocks, block_size, first, seq_len, scale, out + offset);
-        }
-    }
-    return bad;
+    return decode_attention_f32(query, num_seqs, heads, kv_heads, dim, kv_cache, num_blocks, block_size,
+                                block_tables, max_blocks, seq_lens, window, scale, out, threads);
 }
 
 /* ------------------------------------------------------------------ the decoder stack in one call
@@ -202,12 +361,21 @@ typedef struct {
     float eps, scale;
     const float *inv_freq;         /* [head_dim / 2] */
     const float *final_norm;       /* [hidden] or NULL */
+    int64_t cache_bf16;            /* 1: the caches hold bfloat16 (a bfloat16 model's); 0: float32 */
 } enigma_decoder;
 
 int enigma_f32_matmul(int kind, const void *weight, int64_t out, int64_t in, const float *x, int64_t rows,
                       uint8_t *scratch, float *y, int threads) {
     (void)kind; (void)scratch;
     enigma_linear(x, rows, in, (const float *)weight, out, NULL, y, threads);
+    return 0;
+}
+
+/* The same for bfloat16 weights, widened as they are streamed: half the bytes of float32 a step. */
+int enigma_bf16_matmul(int kind, const void *weight, int64_t out, int64_t in, const float *x, int64_t rows,
+                       uint8_t *scratch, float *y, int threads) {
+    (void)kind; (void)scratch;
+    linear_bf16(x, rows, in, (const uint16_t *)weight, out, NULL, y, threads);
     return 0;
 }
 
@@ -261,13 +429,14 @@ int64_t enigma_decoder_scratch_floats(const enigma_decoder *m, int64_t rows) {
 /* Runs layers 0..num_layers-1 over x ([rows, hidden], the embeddings; updated in place as the residual
  * stream), then the final norm into out ([rows, hidden]; x itself when the decoder has none). Row r is
  * at position positions[r], writes its key and value to cache slot slots[r] of each layer's cache
- * (caches[l], the torch backend's [2, kv_heads, num_blocks, block_size, head_dim]) and attends over the
+ * (caches[l], the torch backend's [2, kv_heads, num_blocks, block_size, head_dim], float32 or bfloat16 as
+ * m->cache_bf16 says; activations stay float32 throughout) and attends over the
  * first lengths[r] positions of the blocks in tables[r] ([rows, max_blocks]). scratch holds
  * enigma_decoder_scratch_floats floats, qscratch what the largest matmul's kernel asks per row times
  * rows. Returns 0; 1 when a matmul kernel refused, 2 for a slot outside the pool, 3 for a block table
  * too short or naming a block outside the pool. */
 int enigma_decode_layers(const enigma_decoder *m, const enigma_layer *layers, int64_t num_layers,
-                         float *const *caches, int64_t num_blocks, int64_t block_size, float *x, int64_t rows,
+                         void *const *caches, int64_t num_blocks, int64_t block_size, float *x, int64_t rows,
                          const int64_t *positions, const int64_t *slots, const int64_t *tables, int64_t max_blocks,
                          const int64_t *lengths, float *scratch, uint8_t *qscratch, float *out, int threads) {
     const int64_t hidden = m->hidden, dim = m->head_dim, q = m->heads * dim, kv = m->kv_heads * dim;
@@ -291,21 +460,35 @@ int enigma_decode_layers(const enigma_decoder *m, const enigma_layer *layers, in
         rms_norm(x, layer->input_norm, rows, hidden, m->eps, h);
         for (int64_t p = 0, column = 0; p < layer->n_qkv; column += layer->qkv[p].out, p++)
             if (project(&layer->qkv[p], hidden, h, rows, qkv, qkv_width, column, tmp, qscratch, threads)) return 1;
-        float *cache = caches[l];
+        void *cache = caches[l];
         for (int64_t r = 0; r < rows; r++) {
             float *row = qkv + r * qkv_width;
             rotate(row, m->heads + m->kv_heads, dim, cos_ + r * half, sin_ + r * half);  /* q and k */
             for (int64_t j = 0; j < q; j++) query[r * q + j] = row[j];
             for (int64_t k = 0; k < m->kv_heads; k++) {
-                float *key = cache + (k * pool + slots[r]) * dim, *value = cache + ((m->kv_heads + k) * pool + slots[r]) * dim;
-                for (int64_t d = 0; d < dim; d++) {
-                    key[d] = row[q + k * dim + d];
-                    value[d] = row[q + kv + k * dim + d];
+                int64_t key_at = (k * pool + slots[r]) * dim, value_at = ((m->kv_heads + k) * pool + slots[r]) * dim;
+                const float *key = row + q + k * dim, *value = row + q + kv + k * dim;
+                if (m->cache_bf16) {
+                    uint16_t *c = (uint16_t *)cache;
+                    for (int64_t d = 0; d < dim; d++) {
+                        c[key_at + d] = f32_to_bf16(key[d]);
+                        c[value_at + d] = f32_to_bf16(value[d]);
+                    }
+                } else {
+                    float *c = (float *)cache;
+                    for (int64_t d = 0; d < dim; d++) {
+                        c[key_at + d] = key[d];
+                        c[value_at + d] = value[d];
+                    }
                 }
             }
         }
-        if (enigma_decode_attention(query, rows, m->heads, m->kv_heads, dim, cache, num_blocks, block_size, tables,
-                                    max_blocks, lengths, layer->window, m->scale, attn, threads)) return 3;
+        int64_t bad = m->cache_bf16
+            ? decode_attention_bf16(query, rows, m->heads, m->kv_heads, dim, (const uint16_t *)cache, num_blocks,
+                                    block_size, tables, max_blocks, lengths, layer->window, m->scale, attn, threads)
+            : decode_attention_f32(query, rows, m->heads, m->kv_heads, dim, (const float *)cache, num_blocks,
+                                   block_size, tables, max_blocks, lengths, layer->window, m->scale, attn, threads);
+        if (bad) return 3;
         if (project(&layer->o, q, attn, rows, tmp, hidden, 0, tmp, qscratch, threads)) return 1;
         for (int64_t i = 0; i < rows * hidden; i++) x[i] += tmp[i];
         rms_norm(x, layer->post_norm, rows, hidden, m->eps, h);
