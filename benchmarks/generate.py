@@ -1,10 +1,12 @@
 """Batch-1 generation: enigma vs transformers ``generate`` on the same model.
 
-A ~110M-parameter random Llama (fp32), a 128-token prompt, 128 greedy new
-tokens, the same thread count, in the same run. Prints prefill time, decode
-tokens/s and the ratio.
+A ~110M-parameter random Llama (fp32, or cast to bf16 with ``--dtype
+bfloat16``, both engines), a 128-token prompt, 128 greedy new tokens, the same
+thread count, in the same run. Prints prefill time, decode tokens/s and the
+ratio.
 
     python benchmarks/generate.py [--threads 2] [--new-tokens 128] [--prompt 128] [--repeats 5]
+                                  [--dtype float32|bfloat16]
 """
 
 from __future__ import annotations
@@ -28,17 +30,19 @@ def main() -> None:
     parser.add_argument("--prompt", type=int, default=128)
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     args = parser.parse_args()
+    dtype = getattr(torch, args.dtype)
     torch.set_num_threads(args.threads)
 
     folder = make_bench_model()
     prompt = torch.randint(7, 300, (args.prompt,), generator=torch.Generator().manual_seed(0)).tolist()
-    print(f"model: random Llama, {parameters(folder) / 1e6:.0f}M parameters, fp32; threads: {args.threads}; "
+    print(f"model: random Llama, {parameters(folder) / 1e6:.0f}M parameters, {args.dtype}; threads: {args.threads}; "
           f"prompt {args.prompt} tokens, {args.new_tokens} new tokens, greedy")
 
     from transformers import AutoModelForCausalLM
 
-    hf = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    hf = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype).eval()
     ids = torch.tensor([prompt])
 
     def hf_generate(new_tokens: int) -> None:
@@ -49,7 +53,7 @@ def main() -> None:
 
     from enigma import LLM, SamplingParams
 
-    llm = LLM(folder, enable_prefix_caching=False)  # every repeat prefills the same prompt: really prefill it
+    llm = LLM(folder, dtype=args.dtype, enable_prefix_caching=False)  # every repeat prefills: really prefill
 
     def enigma_generate(new_tokens: int) -> None:
         out = llm.generate([prompt], SamplingParams(temperature=0, max_tokens=new_tokens, ignore_eos=True))
