@@ -12,8 +12,7 @@ def cuda_paged_availability() -> Availability:
     """Available with Triton and a CUDA device; under ``TRITON_INTERPRET=1`` without one, only by name (the
     kernels then run on the CPU, slowly: for tests)."""
     if importlib.util.find_spec("triton") is None:
-        return Availability.no("Triton is not installed: pip install 'enigma-plugin-cuda-paged[triton]' "
-                               "(torch's CUDA wheels bring it)")
+        return Availability.no("Triton is not installed: pip install triton (torch's CUDA wheels bring it)")
     import torch
 
     if torch.cuda.is_available():
