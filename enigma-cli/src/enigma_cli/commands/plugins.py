@@ -58,6 +58,7 @@ def plugins(as_json: bool) -> None:
         return
 
     from rich.console import Console
+    from rich.markup import escape
     from rich.table import Table
 
     # Piped output has no terminal width to honour: use a wide one rather than
@@ -75,7 +76,7 @@ def plugins(as_json: bool) -> None:
         elif record.status == "failed":
             status = "[red]failed[/red]"
         if record.errors:
-            status += "\n" + "\n".join(record.errors)
+            status += "\n" + "\n".join(escape(error) for error in record.errors)
         table.add_row(record.name, record.distribution or "-", record.version or "-",
                       provides or "-", status)
     console.print(table)
@@ -85,6 +86,6 @@ def plugins(as_json: bool) -> None:
         table.add_column(column)
     for impl in implementations:
         state = availability[(impl.kind, impl.name)]
-        shown = "[green]yes[/green]" if state else f"[yellow]no[/yellow]: {state.reason}"
+        shown = "[green]yes[/green]" if state else f"[yellow]no[/yellow]: {escape(state.reason)}"
         table.add_row(impl.kind, impl.name, impl.plugin, str(impl.priority), shown)
     console.print(table)
