@@ -99,7 +99,7 @@ def fuse_llama_layers(model: torch.nn.Module, native: NativeKernels, backend: An
         layers.append(NativeLayer(input_norm=norms[0].detach().float(), post_norm=norms[1].detach().float(),
                                   qkv=qkv, o=o[0], gate_up=gate_up, down=down[0], window=attention.sliding_window))
     final_norm = model.model.norm.weight.detach()
-    dtype = model.model.embed_tokens.weight.dtype
+    dtype = final_norm.dtype  # the model's: norms are parameters, cast to it (a packed embedding has no weight)
     if dtype not in NativeDecoder.CACHE_DTYPES or model.inv_freq.dtype != torch.float32:
         return None
     decoder = NativeDecoder(native.library, layers, hidden=config.hidden_size, heads=config.num_heads,
