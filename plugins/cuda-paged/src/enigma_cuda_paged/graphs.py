@@ -79,12 +79,13 @@ class DecodeGraphs:
         self.pool = None
 
     def takes(self, chunks: Sequence[Any]) -> bool:
-        """Whether this step is a plain decode of at most the largest bucket's size."""
+        """Whether this step is a plain decode of at most the largest bucket's size, whose block tables fit the
+        static ones (a speculative lookahead can reach a block past the model's length)."""
         model = self.runner.model
         return (0 < len(chunks) <= self.buckets[-1] and getattr(model, "fused_layers", None) is None
                 and hasattr(model.config, "num_heads")
                 and all(len(chunk.token_ids) == 1 and not chunk.all_logits and chunk.adapter is None
-                        for chunk in chunks))
+                        and len(chunk.block_table) <= self.max_blocks for chunk in chunks))
 
     def execute(self, chunks: Sequence[Any]) -> Any:
         """The step's :class:`~enigma.runner.StepLogits`, or None when it is not one this object runs."""
