@@ -15,6 +15,7 @@ Chosen by ``auto`` on machines without a CUDA device.
 
 from __future__ import annotations
 
+import functools
 import itertools
 from collections.abc import Sequence
 
@@ -106,15 +107,29 @@ class CPULinear(torch.nn.Linear):
             return F.linear(x, self.weight, self.bias)
         few_rows = self.native is not None and x.numel() <= self.NATIVE_MAX_ROWS * self.in_features
         if self.weight.dtype == torch.bfloat16:
-            if not few_rows:
-                return F.linear(x, self.weight, self.bias)
             bias = None if self.bias is None else self.bias.float()
-            return self.native.linear(x.float(), self.weight, bias).to(x.dtype)
+            if few_rows:
+                return self.native.linear(x.float(), self.weight, bias).to(x.dtype)
+            if not cpu_has_bf16_matmul():  # torch's bf16 matmul emulated: 4-6x slower than widening first
+                return F.linear(x.float(), self.weight.float(), bias).to(x.dtype)
+            return F.linear(x, self.weight, self.bias)
         if few_rows:
             return self.native.linear(x, self.weight, self.bias)
         if self.onednn:
             return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [], "")
         return F.linear(x, self.weight, self.bias)
+
+
+@functools.cache
+def cpu_has_bf16_matmul() -> bool:
+    """Whether this CPU multiplies bfloat16 natively (AVX-512 BF16 or AMX), so that torch's bfloat16 matmul is
+    fast; elsewhere it is emulated (128 rows of a 4096x768 weight: 40 ms, against 10 ms widened to float32)."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as cpuinfo:
+            flags = next((line.split(":", 1)[1].split() for line in cpuinfo if line.startswith("flags")), [])
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
 def use_cpu_linears(model: torch.nn.Module, *, native: NativeKernels | None) -> None:
