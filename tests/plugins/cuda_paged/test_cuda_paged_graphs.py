@@ -83,12 +83,21 @@ def test_graphs_can_be_turned_off(folder, device, monkeypatch):
     assert len(out[0].outputs[0].token_ids) == 3
 
 
-def test_prefills_drafts_and_prompt_logprobs_run_eagerly(folder, device):
+def test_prefills_drafts_prompt_logprobs_and_adapters_run_eagerly(folder, device):
+    from enigma.runner import SequenceChunk
+
     llm = LLM(folder, backend="cuda-paged", device=device, dtype="float32")
     graphs = llm.engine.runner.step_runner
-    params = SamplingParams(temperature=0, max_tokens=1, ignore_eos=True, prompt_logprobs=1)
-    llm.generate(prompts(2), params)                                    # prefill only: nothing replayed
-    assert graphs.replays == 0 and not graphs.steps
+    llm.generate(prompts(2), SamplingParams(temperature=0, max_tokens=1, ignore_eos=True))
+    assert graphs.replays == 0 and not graphs.steps                    # prefill only: nothing replayed
+    decode = SequenceChunk([5], 7, [0])
+    assert graphs.takes([decode, decode])
+    for other in (SequenceChunk([5, 6], 7, [0]),                       # a draft being verified
+                  SequenceChunk([5], 7, [0], all_logits=True),         # logprobs of every token
+                  SequenceChunk([5], 7, [0], adapter="sql"),           # a LoRA adapter
+                  SequenceChunk([5], 7, list(range(graphs.max_blocks + 1)))):  # a table past the static one
+        assert not graphs.takes([decode, other])
+    assert not graphs.takes([decode] * (graphs.buckets[-1] + 1))
 
 
 @pytest.mark.gpu

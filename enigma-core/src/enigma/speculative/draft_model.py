@@ -30,15 +30,6 @@ from enigma.runner import ModelRunner, SequenceChunk
 from enigma.sampling import filtered_probs
 
 
-@attrs.frozen(kw_only=True)
-class DraftTiming:
-    """What one round of drafting did besides drafting: its first forward catches the draft's KV up on the
-    tokens it has not seen — one or two a request while drafting runs every step, a whole prompt or many
-    steps' worth after a pause."""
-
-    catch_up_tokens: int
-
-
 @attrs.define
 class _DraftState:
     preemptions: int
@@ -83,8 +74,9 @@ class DraftModelProposer:
     """Drafts with a model on its own runner (see the module's docstring)."""
 
     needs_kv = True
-    timing: DraftTiming | None = None
-    """What the last :meth:`propose` caught up on."""
+    catch_up_tokens = 0
+    """Tokens the last :meth:`propose`'s first forward fed the draft model to catch its KV up: one or two a
+    request while drafting runs every step, a whole prompt or many steps' worth after a pause."""
 
     def __init__(self, runner: ModelRunner, *, target_vocab_size: int, name: str) -> None:
         if runner.vocab_size != target_vocab_size:
@@ -134,7 +126,7 @@ class DraftModelProposer:
                 break
             logits = self.runner.execute([
                 SequenceChunk([drafts[i][-1]], len(contexts[i]) + step, block_tables[i]) for i in active]).last
-        self.timing = DraftTiming(catch_up_tokens=sum(len(chunk.token_ids) for chunk in chunks))
+        self.catch_up_tokens = sum(len(chunk.token_ids) for chunk in chunks)
         for request, tokens, mine in zip(requests, contexts, drafts):
             self._states[request.request_id] = _DraftState(request.num_preemptions, len(tokens), mine)
         return [(mine, torch.stack(rows) if rows else None) for mine, rows in zip(drafts, probs)]

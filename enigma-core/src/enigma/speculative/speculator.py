@@ -86,8 +86,7 @@ class Speculator:
         """Tell the cost model what a round of drafting cost, unless the draft model spent it catching up on a
         prompt or on steps it drafted nothing for: counted, such rounds made drafting look too dear to resume,
         and a speculator that never drafts never measures again."""
-        timing = getattr(self.proposer, "timing", None)
-        if timing is None or timing.catch_up_tokens <= 2 * batch:
+        if getattr(self.proposer, "catch_up_tokens", 0) <= 2 * batch:
             self.length.record_drafting(forwards, seconds)
 
     # ------------------------------------------------------------ verification

@@ -23,7 +23,7 @@ import torch
 from enigma.attention import AttentionMetadata
 from enigma.backends.torch_backend import TorchBackend, write_kv
 from enigma.errors import BadRequestError
-from enigma_cuda_paged import kernels
+from enigma_cuda_paged import interpreted, kernels
 from enigma_cuda_paged.graphs import DecodeGraphs
 
 
@@ -38,7 +38,7 @@ class CudaPagedBackend(TorchBackend):
 
     def __init__(self, *, device: str | torch.device | None = None) -> None:
         device = torch.device(device or "cuda")
-        if device.type != "cuda" and not (device.type == "cpu" and kernels.interpreted()):
+        if device.type != "cuda" and not (device.type == "cpu" and interpreted()):
             raise BadRequestError(f"backend 'cuda-paged' runs on a CUDA device, not on {device}; choose backend "
                                   "'torch-cpu' or 'torch' for that device (the CPU runs it only under "
                                   "TRITON_INTERPRET=1, for tests)")
@@ -71,9 +71,9 @@ class CudaPagedBackend(TorchBackend):
                        head_dim: int) -> tuple[int, ...]:
         """The torch backend's layout, for block sizes the kernel takes (a power of two, at least 16), with one
         spare block after the pool's: the padding rows of graph-replayed decodes write there."""
-        if block_size < kernels.MIN_DOT or block_size & (block_size - 1):
-            raise BadRequestError(f"backend 'cuda-paged' needs a KV block size that is a power of two of at least "
-                                  f"{kernels.MIN_DOT}, not {block_size}; use block_size=16 (--block-size 16)")
+        problem = kernels.block_size_problem(block_size)
+        if problem:
+            raise BadRequestError(problem)
         return super().kv_cache_shape(num_blocks + 1, block_size, num_kv_heads, head_dim)
 
     def step_runner(self, runner: Any) -> DecodeGraphs | None:

@@ -22,13 +22,14 @@ tests check it where no GPU is.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 
 import attrs
 import torch
 import triton
 import triton.language as tl
+
+from enigma_cuda_paged import interpreted
 
 MIN_DOT = 16
 """``tl.dot``'s smallest dimension: tiles, cache blocks and head dims are padded (or must be) at least this."""
@@ -145,10 +146,12 @@ def step_tables(query_lens: Sequence[int], seq_lens: Sequence[int], *, group: in
     return StepTables(q_starts=parts[0], seq_lens=parts[1], tile_seq=parts[2], tile_first=parts[3], block_q=block_q)
 
 
-def interpreted() -> bool:
-    """Whether Triton runs kernels in its CPU interpreter (``TRITON_INTERPRET=1``), whose ``tl.dot`` gets
-    bfloat16 wrong (Triton 3.9: errors of 1e10 on a 16x16 product): there the kernel multiplies in float32."""
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+def block_size_problem(block_size: int) -> str | None:
+    """Why the kernel cannot walk cache blocks of ``block_size`` slots, and what to use instead; None if it can."""
+    if block_size < MIN_DOT or block_size & (block_size - 1):
+        return (f"backend 'cuda-paged' needs a KV block size that is a power of two of at least {MIN_DOT}, not "
+                f"{block_size}; use block_size=16 (--block-size 16)")
+    return None
 
 
 def check_cache(kv_cache: torch.Tensor) -> None:
@@ -156,10 +159,9 @@ def check_cache(kv_cache: torch.Tensor) -> None:
     if kv_cache.dim() != 5 or kv_cache.shape[0] != 2:
         raise ValueError(f"paged attention needs a [2, kv_heads, blocks, block_size, head_dim] cache, not "
                          f"{tuple(kv_cache.shape)}")
-    block_size = kv_cache.shape[3]
-    if block_size < MIN_DOT or block_size & (block_size - 1):
-        raise ValueError(f"backend 'cuda-paged' needs a KV block size that is a power of two of at least "
-                         f"{MIN_DOT}, not {block_size}; use block_size=16 (--block-size 16)")
+    problem = block_size_problem(kv_cache.shape[3])
+    if problem:
+        raise ValueError(problem)
     if not kv_cache.is_contiguous():
         raise ValueError("paged attention needs a contiguous KV cache")
 
@@ -197,6 +199,6 @@ def paged_attention(query: torch.Tensor, kv_cache: torch.Tensor, block_tables: t
         HEAD_DIM=head_dim, HEAD_DIM_PADDED=max(MIN_DOT, triton.next_power_of_2(head_dim)),
         SLIDING=sliding_window is not None,
         PRECISION="ieee" if query.dtype == torch.float32 else "tf32",
-        DOT_FP32=query.dtype == torch.bfloat16 and interpreted(),
+        DOT_FP32=query.dtype == torch.bfloat16 and interpreted(),  # the interpreter's bf16 tl.dot is wrong
     )
     return out

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import importlib.util
-import os
 
 from enigma import Availability, hookimpl
+from enigma_cuda_paged import interpreted
 
 
 def cuda_paged_availability() -> Availability:
@@ -17,7 +17,7 @@ def cuda_paged_availability() -> Availability:
 
     if torch.cuda.is_available():
         return Availability.yes()
-    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+    if interpreted():
         return Availability.yes(auto=False, reason="no CUDA device: Triton's interpreter runs the kernels on the "
                                                    "CPU (slowly, for tests); choose it by name")
     return Availability.no("no CUDA device found (torch.cuda.is_available() is false); use backend 'torch-cpu'")

@@ -36,10 +36,7 @@ class MetalBackend(TorchBackend):
     def kv_cache_memory(self, requested: int | float | None) -> int:
         """Bytes for the KV pool: ``requested`` bytes (an int), a share in (0, 1] of the memory Metal still
         offers this process (a float), or :attr:`DEFAULT_KV_FRACTION` of it."""
-        if isinstance(requested, int) and not isinstance(requested, bool):
-            return requested
-        if requested is not None and not 0 < requested <= 1:
-            raise BadRequestError(f"kv_cache_memory={requested} is invalid: give bytes (an integer) or a "
-                                  "fraction of the GPU's free memory in (0, 1]")
+        if requested is not None and not (isinstance(requested, float) and 0 < requested <= 1):
+            return super().kv_cache_memory(requested)  # bytes as given, or the error naming a bad fraction
         free = torch.mps.recommended_max_memory() - torch.mps.driver_allocated_memory()
         return max(0, int(free * (requested or self.DEFAULT_KV_FRACTION)))
