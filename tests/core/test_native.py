@@ -30,9 +30,11 @@ def fresh_kernels(monkeypatch):
 
 
 @settings(max_examples=40, deadline=None)
-@given(rows=st.integers(0, 9), in_features=st.integers(1, 70), out_features=st.integers(1, 13),
+@given(rows=st.integers(0, 40), in_features=st.integers(1, 70), out_features=st.integers(1, 60),
        bias=st.booleans(), seed=st.integers(0, 2**16))
 def test_linear_matches_torch(kernels, rows, in_features, out_features, bias, seed):
+    # up to 4 rows: dot products; more: transposed groups of 16, 8 and dot products for the last few rows,
+    # blocks of 24 weight rows, then of 4, then single ones
     generator = torch.Generator().manual_seed(seed)
     x = torch.randn(rows, in_features, generator=generator)
     weight = torch.randn(out_features, in_features, generator=generator)
@@ -40,7 +42,7 @@ def test_linear_matches_torch(kernels, rows, in_features, out_features, bias, se
     torch.testing.assert_close(kernels.linear(x, weight, b), F.linear(x, weight, b), rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("shape", [(1, 768), (2, 768), (3, 2048), (32, 768), (2, 5, 768)])
+@pytest.mark.parametrize("shape", [(1, 768), (2, 768), (3, 2048), (9, 768), (32, 768), (2, 5, 768)])
 def test_linear_model_sized(kernels, shape):
     x = torch.randn(*shape)
     weight = torch.randn(2306, shape[-1]) * 0.02  # out not a multiple of 4: the one-row tail runs too
@@ -171,15 +173,16 @@ def _decode_case(seq_lens, *, heads=4, kv_heads=2, dim=8, block_size=4, num_bloc
 
 
 @pytest.mark.parametrize("window", [None, 3, 100])
-def test_decode_attention_matches_softmax_over_the_table(kernels, window):
-    query, cache, tables, lengths = _decode_case([5, 1, 12])
-    out = kernels.decode_attention(query, cache, tables, lengths, window=window, scale=0.3)
+@pytest.mark.parametrize("dim, scale", [(8, 0.3), (6, 0.3), (16, 40.0)])  # 6: not in vectors of 8; 40: scores
+def test_decode_attention_matches_softmax_over_the_table(kernels, window, dim, scale):  # far apart (e^-87 clamp)
+    query, cache, tables, lengths = _decode_case([5, 1, 12, 37], dim=dim, num_blocks=48)
+    out = kernels.decode_attention(query, cache, tables, lengths, window=window, scale=scale)
     for s, length in enumerate(lengths.tolist()):
         slots = [(int(tables[s, p // 4]), p % 4) for p in range(length)][-(window or length):]
         keys = torch.stack([cache[0, :, b, o] for b, o in slots], dim=1)      # [kv_heads, n, dim]
         values = torch.stack([cache[1, :, b, o] for b, o in slots], dim=1)
-        expected = torch.softmax(query[s].view(2, 2, 8) @ keys.transpose(1, 2) * 0.3, -1) @ values
-        torch.testing.assert_close(out[s], expected.reshape(4, 8), rtol=1e-5, atol=1e-5)
+        expected = torch.softmax(query[s].view(2, 2, dim) @ keys.transpose(1, 2) * scale, -1) @ values
+        torch.testing.assert_close(out[s], expected.reshape(4, dim), rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("change, message", [
