@@ -308,7 +308,9 @@ def test_prompt_lookup_takes_the_longest_most_recent_ngram():
     assert lookup_ngram([1, 2, 3, 9, 1, 2, 3, 7, 8, 5, 2, 3], 3) == [7, 8, 5]
     assert lookup_ngram([1, 2, 3, 4, 2, 3], 2, min_n=2, max_n=2) == [4, 2]
     assert lookup_ngram([5, 6, 7], 3) == []
-    assert lookup_ngram([4, 4, 4, 4], 5) == [4]  # the most recent occurrence: one token follows it
+    assert lookup_ngram([4, 4, 4, 4], 5) == [4, 4, 4, 4, 4]  # one token follows it; the copy runs on
+    assert lookup_ngram([1, 2, 3, 1, 2, 3, 1, 2], 7) == [3, 1, 2, 3, 1, 2, 3]  # a period of 3 drafted on
+    assert lookup_ngram([7, 1, 2, 3, 9, 1, 2, 3], 2, max_n=3) == [9, 1]  # far enough back: a plain copy
 
 
 def test_config_spellings():

@@ -126,14 +126,29 @@ class ModelRunner:
                                  adapters=adapters if any(adapters) else ())
         with forward_context(context):
             hidden = self.model(input_ids, positions, context)
-        ends = torch.tensor(context.metadata.query_lens, device=self.device).cumsum(0) - 1
+        return self._logits(chunks, hidden)
+
+    def _logits(self, chunks: Sequence[SequenceChunk], hidden: torch.Tensor) -> StepLogits:
+        """The step's logits from its hidden states: every token's for chunks that ask, each chunk's last
+        token's for all (taken from the former where there are any: the head runs once per token)."""
+        if not any(chunk.all_logits for chunk in chunks):
+            ends = torch.tensor([len(chunk.token_ids) for chunk in chunks], device=self.device).cumsum(0) - 1
+            return StepLogits(self.model.compute_logits(hidden[ends]), {})
         full: dict[int, torch.Tensor] = {}
+        wanted: list[int] = []  # rows of hidden to run the head over
+        where: list[tuple[int, int]] = []  # per chunk: (row of the head's output of its last token, first row)
         start = 0
+        for chunk in chunks:
+            count = len(chunk.token_ids)
+            rows = range(start, start + count) if chunk.all_logits else range(start + count - 1, start + count)
+            where.append((len(wanted) + len(rows) - 1, len(wanted)))
+            wanted.extend(rows)
+            start += count
+        logits = self.model.compute_logits(hidden[torch.tensor(wanted, device=self.device)])
         for index, chunk in enumerate(chunks):
             if chunk.all_logits:
-                full[index] = self.model.compute_logits(hidden[start:start + len(chunk.token_ids)])
-            start += len(chunk.token_ids)
-        return StepLogits(self.model.compute_logits(hidden[ends]), full)
+                full[index] = logits[where[index][1]:where[index][0] + 1]
+        return StepLogits(logits[[last for last, _ in where]], full)
 
 
 @attrs.frozen(kw_only=True)

@@ -4,7 +4,10 @@ No second model: when an answer copies from its prompt (extraction, code
 edits, summaries with quotes, RAG answers), the tokens after an earlier
 occurrence of the last few tokens are likely to come next. The longest
 n-gram (``prompt_lookup_max`` down to ``prompt_lookup_min``) that occurred
-before wins, and of its occurrences the most recent.
+before wins, and of its occurrences the most recent. When that occurrence is
+fewer than k tokens back, the copy runs on over its own output, as an LZ77
+copy does: text that repeats with a period of d tokens is drafted as
+repeating on (a loop, a list, a table's rows), not cut off after d tokens.
 """
 
 from __future__ import annotations
@@ -15,8 +18,9 @@ import numpy as np
 
 
 def lookup_ngram(tokens: Sequence[int], k: int, *, min_n: int = 1, max_n: int = 4) -> list[int]:
-    """Up to ``k`` tokens that followed the most recent earlier occurrence of the longest
-    final n-gram of ``tokens`` (``min_n <= n <= max_n``); empty when there is none."""
+    """``k`` tokens that followed the most recent earlier occurrence of the longest final n-gram of
+    ``tokens`` (``min_n <= n <= max_n``), the copy running on over its own output when the occurrence
+    is fewer than k tokens back; empty when there is none."""
     length = len(tokens)
     if k < 1 or length < min_n + 1:
         return []
@@ -27,7 +31,11 @@ def lookup_ngram(tokens: Sequence[int], k: int, *, min_n: int = 1, max_n: int = 
         hits = np.flatnonzero((windows == pattern).all(axis=1))
         if len(hits):
             follow = int(hits[-1]) + n
-            return array[follow:follow + k].tolist()
+            drafts = array[follow:follow + k].tolist()
+            period = length - follow
+            while len(drafts) < k:
+                drafts.append(drafts[len(drafts) - period])
+            return drafts
     return []
 
 
