@@ -268,6 +268,22 @@ def test_no_probes_where_even_perfect_drafts_would_not_pay():
     assert all(k == 0 for ks in chosen for k in ks)
 
 
+def test_the_drafting_cost_follows_the_batch_size():
+    length = SpeculationLength(4)
+    for _ in range(30):
+        length.record_step(1, 1e-3)
+        length.record_step(16, 4e-3)  # 0.8 ms fixed, 0.2 ms a token
+    length.record_drafting(4, 4 * 0.4e-3, batch=1)  # a draft forward costs 0.4 of a target step
+    assert length.draft_seconds(1) == pytest.approx(0.4e-3, rel=0.01)
+    assert length.draft_seconds(16) == pytest.approx(0.4 * 4e-3, rel=0.01)
+    batch = [f"r{i}" for i in range(16)]
+    for request_id in batch:
+        length.record_verification(request_id, 4, 3)
+    # at batch 1 these drafts pay; at batch 16, where a draft forward costs 1.6 ms, they would not
+    assert length.lengths(["r0"])[0] > 0
+    assert length.lengths(batch) == [0] * 16
+
+
 def test_lengths_shrink_when_drafts_are_rejected_and_probe_again():
     length = SpeculationLength(4)
     length.EXPLORE_EVERY = 10**9  # probes alone here

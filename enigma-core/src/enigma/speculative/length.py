@@ -5,8 +5,11 @@ With a per-token acceptance rate ``a``, verifying ``k`` drafts emits
 target's own token). It costs one target step over ``1 + k`` tokens per
 request and ``k`` draft forwards. :class:`SpeculationLength` fits the target's
 step time as ``fixed + per_token * tokens`` over the decode steps it sees
-(exponentially weighted least squares), times the drafting, tracks each
-request's acceptance, and each step picks the k (0 .. ``num_speculative_tokens``)
+(exponentially weighted least squares), times the drafting as a ratio to the
+target's fitted step over as many tokens as requests drafted for (so that a
+draft forward's cost follows the batch size: one number for all sizes, measured
+on single requests, made batches of 16 draft and lose), tracks each request's
+acceptance, and each step picks the k (0 .. ``num_speculative_tokens``)
 that maximises emitted tokens per second for the batch. When nothing pays —
 acceptance near zero, or a batch large enough for verification to cost what
 it saves — k is 0, and after ``PROBE_EVERY`` steps a request tries one draft
@@ -80,7 +83,8 @@ class SpeculationLength:
         self._n, self._x, self._y, self._xx, self._xy = 0.0, 0.0, 0.0, 0.0, 0.0
         for tokens, seconds in ((1, 1e-3), (9, 1.4e-3)):
             self._add(tokens, seconds, weight=0.5)
-        self._draft_step = 0.0
+        self._draft_ratio = 0.0
+        """A draft forward's time over the target's fitted step time at the same batch size."""
         self._draft_steps_seen = 0
         self._overall = self.PRIOR_ACCEPTANCE
 
@@ -100,14 +104,14 @@ class SpeculationLength:
                                                                              self._xy))
         self._add(num_tokens, seconds)
 
-    def record_drafting(self, forwards: int, seconds: float) -> None:
-        """Drafting took ``seconds`` for ``forwards`` batched draft forwards."""
-        if forwards < 1:
+    def record_drafting(self, forwards: int, seconds: float, batch: int = 1) -> None:
+        """Drafting for ``batch`` requests took ``seconds`` for ``forwards`` batched draft forwards."""
+        if forwards < 1 or batch < 1:
             return
-        per = seconds / forwards
+        ratio = seconds / forwards / self.step_seconds(batch)
         self._draft_steps_seen += 1
         weight = max(0.1, 1.0 / self._draft_steps_seen)
-        self._draft_step = per if self._draft_steps_seen == 1 else (1 - weight) * self._draft_step + weight * per
+        self._draft_ratio = ratio if self._draft_steps_seen == 1 else (1 - weight) * self._draft_ratio + weight * ratio
 
     def record_verification(self, request_id: str, proposed: int, accepted: int) -> None:
         """A request's ``accepted`` of ``proposed`` drafts were kept."""
@@ -124,6 +128,15 @@ class SpeculationLength:
             acceptance = self.ACCEPTANCE_DECAY * acceptance + (1 - self.ACCEPTANCE_DECAY) * outcome
             self._overall = 0.99 * self._overall + 0.01 * outcome
         self._acceptance[request_id] = acceptance
+
+    def step_seconds(self, tokens: int) -> float:
+        """The fitted time of a target step over ``tokens`` tokens."""
+        fixed, per_token = self.step_costs()
+        return fixed + per_token * tokens
+
+    def draft_seconds(self, batch: int) -> float:
+        """The expected time of one draft forward over ``batch`` requests."""
+        return self._draft_ratio * self.step_seconds(batch)
 
     def step_costs(self) -> tuple[float, float]:
         """``(fixed, per_token)`` seconds of a target step, as fitted."""
@@ -147,10 +160,10 @@ class SpeculationLength:
             return [0] * len(request_ids)
         fixed, per_token = self.step_costs()
         acceptances = [self._acceptance.get(r, self._overall) for r in request_ids]
-        k = best_length(acceptances, self.max_k, step_fixed=fixed, step_per_token=per_token,
-                        draft_step=self._draft_step)
+        draft_step = self.draft_seconds(len(request_ids))
+        k = best_length(acceptances, self.max_k, step_fixed=fixed, step_per_token=per_token, draft_step=draft_step)
         worth_probing = k == 0 and best_length([1.0] * len(request_ids), self.max_k, step_fixed=fixed,
-                                                step_per_token=per_token, draft_step=self._draft_step) > 0
+                                                step_per_token=per_token, draft_step=draft_step) > 0
         lengths = []
         for request_id in request_ids:
             if k > 0:

@@ -87,7 +87,7 @@ class Speculator:
         prompt or on steps it drafted nothing for: counted, such rounds made drafting look too dear to resume,
         and a speculator that never drafts never measures again."""
         if getattr(self.proposer, "catch_up_tokens", 0) <= 2 * batch:
-            self.length.record_drafting(forwards, seconds)
+            self.length.record_drafting(forwards, seconds, batch)
 
     # ------------------------------------------------------------ verification
 
