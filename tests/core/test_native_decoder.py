@@ -221,6 +221,42 @@ def test_a_self_draft_runs_the_first_layers_over_its_own_caches(tiny_model):
     assert seen == [5, 1]
 
 
+@pytest.mark.parametrize("arch", ["llama-gqa", "qwen2"])
+def test_greedy_decoding_in_one_go_equals_a_step_at_a_time(tiny_model, arch):
+    """``decode_greedy``: the native decoder's steps back to back give the tokens and KV of the torch path's
+    steps one execute at a time (sequences of different lengths, one stopping early)."""
+    fused, plain = runners(tiny_model(arch))
+    seen = calls(fused)
+    a, b = ids(7, 3), ids(3, 4)
+    tables = [[11, 3, 20, 7], [5, 9, 2, 40]]
+    for runner in (fused, plain):
+        runner.execute([SequenceChunk(a[:4], 0, tables[0]), SequenceChunk(b[:2], 0, tables[1])])
+    args = ([a[4:7], [b[2]]], [4, 2], tables, [5, 2])  # a first feed of three tokens, then one a step
+    got, expected = fused.decode_greedy(*args), plain.decode_greedy(*args)
+    assert got == expected and [len(tokens) for tokens in got] == [5, 2]
+    assert seen[-5:] == [4, 2, 1, 1, 1]  # one native call a step, none through the runner's execute
+    for mine, theirs in zip(fused.kv_caches, plain.kv_caches):
+        torch.testing.assert_close(mine, theirs, atol=1e-4, rtol=1e-4)
+    # the self-draft's view runs its first layers only, over its own caches
+    views = [ModelRunner(None, runner.backend, block_size=4, num_blocks=48, prepared=first_layer_of(runner.model),
+                         dtype=torch.float32) for runner in (fused, plain)]
+    for view in views:
+        view.execute([SequenceChunk(a[:6], 0, tables[0])])
+    # a feed longer than the native decoder takes in one step runs the torch path, with the same tokens
+    long = ids(40, 5)
+    greedy = [runner.decode_greedy([long], [0], [list(range(first, first + 12))], [3])
+              for runner, first in ((fused, 10), (plain, 22))]
+    assert greedy[0] == greedy[1]
+    greedy = [view.decode_greedy([[a[6]]], [6], tables[:1], [3]) for view in views]
+    assert greedy[0] == greedy[1]
+
+
+def first_layer_of(model):
+    from enigma.speculative.draft_model import LeadingLayers
+
+    return LeadingLayers(model, 1)
+
+
 class SelfDraft(torch.nn.Module):
     def __init__(self, model):
         super().__init__()

@@ -128,6 +128,33 @@ class ModelRunner:
             hidden = self.model(input_ids, positions, context)
         return self._logits(chunks, hidden)
 
+    @torch.inference_mode()
+    def decode_greedy(self, feeds: Sequence[Sequence[int]], starts: Sequence[int],
+                      block_tables: Sequence[Sequence[int]], steps: Sequence[int]) -> list[list[int]]:
+        """Greedy continuations, as a draft model drafts for greedy requests: sequence ``i``'s tokens
+        ``feeds[i]`` are fed from position ``starts[i]`` (the KV before it cached), then its argmax is fed
+        back, one token a forward, until it has ``steps[i]`` argmaxes; the sequences batched, KV written
+        through ``block_tables[i]``. Returns each sequence's argmaxes. The model's own fast loop where it
+        has one (``model.decode_greedy``: the native decoder's steps back to back), else one
+        :meth:`execute` a step."""
+        feeds, starts, steps = [list(feed) for feed in feeds], list(starts), list(steps)
+        tables = [list(table) for table in block_tables]
+        fast = getattr(self.model, "decode_greedy", None)
+        if fast is not None and self.step_runner is None:
+            chosen = fast(self.kv_caches, self.block_size, feeds, starts, tables, steps)
+            if chosen is not None:
+                return chosen
+        chosen = [[] for _ in feeds]
+        active = [i for i in range(len(feeds)) if steps[i] > 0]
+        while active:
+            logits = self.execute([SequenceChunk(feeds[i], starts[i], tables[i]) for i in active]).last
+            for i, token in zip(active, logits.argmax(dim=-1).tolist()):
+                chosen[i].append(token)
+                starts[i] += len(feeds[i])
+                feeds[i] = [token]
+            active = [i for i in active if len(chosen[i]) < steps[i]]
+        return chosen
+
     def _logits(self, chunks: Sequence[SequenceChunk], hidden: torch.Tensor) -> StepLogits:
         """The step's logits from its hidden states: every token's for chunks that ask, each chunk's last
         token's for all (taken from the former where there are any: the head runs once per token)."""

@@ -257,6 +257,16 @@ class LlamaForCausalLM(nn.Module):
         """Logits ``[n, vocab]`` in float32 for the given hidden states."""
         return self.lm_head(hidden).float()
 
+    def decode_greedy(self, kv_caches: list[torch.Tensor], block_size: int, feeds: list[list[int]],
+                      starts: list[int], block_tables: list[list[int]], steps: list[int], *,
+                      num_layers: int | None = None) -> list[list[int]] | None:
+        """Greedy steps in one go where the backend fused the layers
+        (:meth:`enigma.backends.fused_layers.FusedLlamaLayers.decode_greedy`); None elsewhere."""
+        if self.fused_layers is None or torch.is_grad_enabled():
+            return None
+        return self.fused_layers.decode_greedy(self.model.embed_tokens, self.compute_logits, kv_caches, block_size,
+                                               feeds, starts, block_tables, steps, num_layers=num_layers)
+
     def fuse_projections(self, wrap: Callable[[nn.Linear], nn.Module] = lambda linear: linear) -> int:
         """Run each layer's q/k/v, and gate/up, as one matmul where they are all plain ``nn.Linear``s.
 

@@ -11,7 +11,9 @@ Per request the proposer remembers how far the draft's KV is valid. Each
 proposal first computes the tokens since then in one batched forward (after a
 verify step: the accepted draft the draft never computed, and the new
 token), which also gives the first draft token; the others come from one
-single-token forward each. Drafts the target rejected leave stale KV behind,
+single-token forward each. For greedy requests the runner's
+:meth:`~enigma.runner.ModelRunner.decode_greedy` does it all: the native
+decoder's steps back to back where the backend has it. Drafts the target rejected leave stale KV behind,
 which the next catch-up overwrites. A preempted request (its blocks gone)
 starts over. Several requests may write the same shared prefix block: the
 same tokens at the same positions, so the same values.
@@ -69,6 +71,10 @@ class LeadingLayers(torch.nn.Module):
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.target.compute_logits(hidden)
 
+    def decode_greedy(self, *args: Any, **kwargs: Any) -> list[list[int]] | None:
+        decode = getattr(self.target, "decode_greedy", None)
+        return None if decode is None else decode(*args, **kwargs, num_layers=self._num_layers)
+
 
 class DraftModelProposer:
     """Drafts with a model on its own runner (see the module's docstring)."""
@@ -111,9 +117,13 @@ class DraftModelProposer:
         for request, tokens, table in zip(requests, contexts, block_tables):
             valid = self._valid(request, tokens)
             chunks.append(SequenceChunk(tokens[valid:], valid, table))
+        probs: list[list[torch.Tensor]] = [[] for _ in requests]
+        if all(request.sequence.params.greedy for request in requests):
+            drafts = self.runner.decode_greedy([chunk.token_ids for chunk in chunks], [chunk.start for chunk in chunks],
+                                               block_tables, lengths)
+            return self._remember(requests, contexts, drafts, chunks, probs)
         logits = self.runner.execute(chunks).last
         drafts: list[list[int]] = [[] for _ in requests]
-        probs: list[list[torch.Tensor]] = [[] for _ in requests]
         active = list(range(len(requests)))
         for step in range(max(lengths, default=0)):
             for row, index in enumerate(active):
@@ -126,6 +136,12 @@ class DraftModelProposer:
                 break
             logits = self.runner.execute([
                 SequenceChunk([drafts[i][-1]], len(contexts[i]) + step, block_tables[i]) for i in active]).last
+        return self._remember(requests, contexts, drafts, chunks, probs)
+
+    def _remember(self, requests: Sequence[Any], contexts: Sequence[Sequence[int]], drafts: list[list[int]],
+                  chunks: Sequence[SequenceChunk], probs: list[list[torch.Tensor]]
+                  ) -> list[tuple[list[int], torch.Tensor | None]]:
+        """Note how far each request's draft KV now reaches; the proposals ``propose`` returns."""
         self.catch_up_tokens = sum(len(chunk.token_ids) for chunk in chunks)
         for request, tokens, mine in zip(requests, contexts, drafts):
             self._states[request.request_id] = _DraftState(request.num_preemptions, len(tokens), mine)
