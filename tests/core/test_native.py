@@ -185,6 +185,24 @@ def test_decode_attention_matches_softmax_over_the_table(kernels, window, dim, s
         torch.testing.assert_close(out[s], expected.reshape(4, dim), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("window", [None, 7])
+def test_decode_attention_of_runs_of_rows_matches_softmax(kernels, window):
+    """Blocks of 16 and a head size in vectors of 8: rows of one sequence at consecutive positions (a
+    verification) are attended together, the block's keys transposed once; a lone row and a row of another
+    table in between end runs."""
+    lengths = [20, 21, 22, 23, 24, 9, 40, 41, 42]
+    query, cache, tables, lengths = _decode_case(lengths, dim=16, block_size=16, num_blocks=32)
+    tables[1:5] = tables[0]
+    tables[7:] = tables[6]
+    out = kernels.decode_attention(query, cache, tables, lengths, window=window, scale=0.25)
+    for s, length in enumerate(lengths.tolist()):
+        slots = [(int(tables[s, p // 16]), p % 16) for p in range(length)][-(window or length):]
+        keys = torch.stack([cache[0, :, b, o] for b, o in slots], dim=1)
+        values = torch.stack([cache[1, :, b, o] for b, o in slots], dim=1)
+        expected = torch.softmax(query[s].view(2, 2, 16) @ keys.transpose(1, 2) * 0.25, -1) @ values
+        torch.testing.assert_close(out[s], expected.reshape(4, 16), rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("change, message", [
     (lambda tables, lengths: (tables.clone().fill_(99), lengths), "outside the pool of 16"),
     (lambda tables, lengths: (tables[:, :1], lengths), "shorter than their length"),

@@ -317,6 +317,26 @@ def test_bfloat16_models_decode_natively_at_least_as_close_to_float32_as_torch(t
     assert worst_native < 0.05 * scale
 
 
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_verify_chunks_over_blocks_of_16_equal_the_torch_path(tiny_model, dtype):
+    """Blocks of 16 (the engine's default): a verify chunk's rows are attended as one run."""
+    folder = tiny_model("llama-gqa", dtype=dtype)
+    fused, plain = (ModelRunner(load_model(folder), TorchCPUBackend(), block_size=16, num_blocks=16)
+                    for _ in range(2))
+    plain.model.fused_layers.enabled = False
+    seen = calls(fused)
+    a, table = ids(50, 11), [7, 2, 9, 4]
+    steps = [[SequenceChunk(a[:37], 0, table)], [SequenceChunk(a[37:46], 37, table, all_logits=True)],
+             [SequenceChunk([a[46]], 46, table)]]
+    for chunks in steps:
+        expected, got = plain.execute(chunks), fused.execute(chunks)
+        scale = max(1.0, expected.last.abs().max().item())
+        tolerance = 1e-4 if dtype == "float32" else 0.05
+        torch.testing.assert_close(got.full.get(0, got.last), expected.full.get(0, expected.last),
+                                   atol=tolerance * scale, rtol=0)
+    assert seen == [9, 1]
+
+
 def test_bfloat16_greedy_tokens_follow_the_float32_model(tiny_model):
     from enigma import LLM, SamplingParams
 

@@ -428,6 +428,42 @@ static inline float fast_exp(float x) {
     return p * two_n;
 }
 
+/* fast_exp on eight floats at once, written out in vectors (loops calling fast_exp are not vectorised by
+ * the compiler: its clamps and floor are branches to it). */
+typedef int32_t enigma_i32x8 __attribute__((vector_size(32)));
+
+static inline enigma_v8 v8_select(enigma_i32x8 mask, enigma_v8 yes, enigma_v8 no) {
+    enigma_i32x8 a, b;
+    memcpy(&a, &yes, sizeof a);
+    memcpy(&b, &no, sizeof b);
+    enigma_i32x8 bits = (mask & a) | (~mask & b);
+    enigma_v8 v;
+    memcpy(&v, &bits, sizeof v);
+    return v;
+}
+
+static inline enigma_v8 v8_exp(enigma_v8 x) {
+    const enigma_v8 low = v8_splat(-87.0f), high = v8_splat(88.0f);
+    x = v8_select(x < low, low, x);
+    x = v8_select(x > high, high, x);
+    enigma_v8 y = x * v8_splat(1.44269504088896341f) + v8_splat(0.5f);
+    enigma_i32x8 n = __builtin_convertvector(y, enigma_i32x8);  /* toward zero: one too many below zero */
+    n += __builtin_convertvector(n, enigma_v8) > y;             /* a true comparison is -1: floor(y) */
+    enigma_v8 nf = __builtin_convertvector(n, enigma_v8);
+    enigma_v8 r = x - nf * v8_splat(0.693359375f) + nf * v8_splat(2.12194440e-4f);
+    enigma_v8 p = v8_splat(1.9875691500e-4f);
+    p = p * r + v8_splat(1.3981999507e-3f);
+    p = p * r + v8_splat(8.3334519073e-3f);
+    p = p * r + v8_splat(4.1665795894e-2f);
+    p = p * r + v8_splat(1.6666665459e-1f);
+    p = p * r + v8_splat(5.0000001201e-1f);
+    p = p * r * r + r + v8_splat(1.0f);
+    enigma_i32x8 bits = (n + 127) << 23;
+    enigma_v8 two_n;
+    memcpy(&two_n, &bits, sizeof two_n);
+    return p * two_n;
+}
+
 /* One sequence's query heads that share KV head `keys`/`values` (`group` of
  * them, [group, dim] at q) over its cached positions first..seq_len-1, read
  * block by block through its block table: online softmax, one pass over the
@@ -515,6 +551,93 @@ static int attend_group_##SUFFIX(const float *q, int64_t group, int64_t dim, con
     return 0;                                                                                                 \
 }                                                                                                             \
                                                                                                               \
+/* attend_run_SUFFIX: rows consecutive rows of one sequence (a verification's drafts, or a lone decode; one  \
+ * block table, lengths[j] = lengths[0] + j) over KV head `keys`/`values`, each row's `group` query heads at   \
+ * query + j * row_stride, for block_size 16 and dim a multiple of 8. Each block's keys are transposed once   \
+ * ([dim][16]) for all the run's queries: a query's 16 scores are then two vectors of multiply-adds down the  \
+ * dimensions, with no sums across a vector, and its outputs stay in registers while the values pass. */      \
+static int attend_run_##SUFFIX(const float *query, int64_t row_stride, int64_t rows, int64_t group,          \
+                               int64_t dim, const CTYPE *keys, const CTYPE *values, const int64_t *table,    \
+                               int64_t table_len, int64_t num_blocks, const int64_t *lengths, int64_t window,\
+                               float scale, float *out) {                                                     \
+    enum { BLOCK = 16 };                                                                                      \
+    const int64_t queries = rows * group;                                                                     \
+    float kt[dim * BLOCK], maxima[queries], sums[queries], scores[BLOCK];                                      \
+    int64_t firsts[rows];                                                                                     \
+    for (int64_t j = 0; j < rows; j++) firsts[j] = window > 0 && lengths[j] > window ? lengths[j] - window : 0; \
+    for (int64_t n = 0; n < queries; n++) {                                                                   \
+        maxima[n] = -INFINITY;                                                                                \
+        sums[n] = 0;                                                                                          \
+        float *o = out + (n / group) * row_stride + (n % group) * dim;                                        \
+        for (int64_t d = 0; d < dim; d++) o[d] = 0;                                                           \
+    }                                                                                                         \
+    const int64_t end = lengths[rows - 1];                                                                    \
+    for (int64_t start = firsts[0] - firsts[0] % BLOCK; start < end; start += BLOCK) {                        \
+        if (start / BLOCK >= table_len) return 1;                                                             \
+        int64_t block = table[start / BLOCK];                                                                 \
+        if (block < 0 || block >= num_blocks) return 1;                                                       \
+        const CTYPE *kb = keys + block * BLOCK * dim, *vb = values + block * BLOCK * dim;                    \
+        int64_t filled = end - start < BLOCK ? end - start : BLOCK;                                           \
+        for (int64_t t = 0; t < filled; t++)                                                                  \
+            for (int64_t d = 0; d < dim; d++) kt[d * BLOCK + t] = LOAD(kb + t * dim, d);                      \
+        for (int64_t t = filled; t < BLOCK; t++)                                                              \
+            for (int64_t d = 0; d < dim; d++) kt[d * BLOCK + t] = 0;                                          \
+        for (int64_t n = 0; n < queries; n++) {                                                               \
+            int64_t j = n / group;                                                                            \
+            int64_t lo = firsts[j] > start ? firsts[j] - start : 0;                                           \
+            int64_t hi = lengths[j] - start < BLOCK ? lengths[j] - start : BLOCK;                              \
+            if (hi <= lo) continue;                                                                           \
+            const float *q = query + j * row_stride + (n % group) * dim;                                      \
+            float *o = out + j * row_stride + (n % group) * dim;                                              \
+            enigma_v8 low[4] = {0}, high[4] = {0};  /* four chains: a multiply-add waits on the one before */ \
+            for (int64_t d = 0; d < dim; d += 4)                                                              \
+                for (int c = 0; c < 4; c++) {                                                                 \
+                    enigma_v8 qd = v8_splat(q[d + c]);                                                        \
+                    low[c] += qd * v8_load(kt + (d + c) * BLOCK);                                             \
+                    high[c] += qd * v8_load(kt + (d + c) * BLOCK + 8);                                        \
+                }                                                                                             \
+            enigma_v8 low_sum = (low[0] + low[1]) + (low[2] + low[3]);                                        \
+            enigma_v8 high_sum = (high[0] + high[1]) + (high[2] + high[3]);                                   \
+            memcpy(scores, &low_sum, sizeof low_sum);                                                         \
+            memcpy(scores + 8, &high_sum, sizeof high_sum);                                                   \
+            float block_max = -INFINITY;                                                                      \
+            for (int64_t t = lo; t < hi; t++) {                                                               \
+                scores[t] *= scale;                                                                           \
+                if (scores[t] > block_max) block_max = scores[t];                                             \
+            }                                                                                                 \
+            if (block_max > maxima[n]) {                                                                      \
+                float correction = expf(maxima[n] - block_max);  /* 0 for the first block */                  \
+                sums[n] *= correction;                                                                        \
+                for (int64_t d = 0; d < dim; d++) o[d] *= correction;                                         \
+                maxima[n] = block_max;                                                                        \
+            }                                                                                                 \
+            enigma_v8 top = v8_splat(maxima[n]);                                                              \
+            enigma_v8 weights_low = v8_exp(v8_load(scores) - top), weights_high = v8_exp(v8_load(scores + 8) - top); \
+            memcpy(scores, &weights_low, sizeof weights_low);                                                 \
+            memcpy(scores + 8, &weights_high, sizeof weights_high);                                           \
+            for (int64_t t = 0; t < lo; t++) scores[t] = 0;                                                   \
+            for (int64_t t = hi; t < BLOCK; t++) scores[t] = 0;                                               \
+            float block_sum = 0;                                                                              \
+            for (int64_t t = lo; t < hi; t++) block_sum += scores[t];                                         \
+            sums[n] += block_sum;                                                                             \
+            for (int64_t d = 0; d < dim; d += 8) {  /* two chains, even and odd positions */                  \
+                enigma_v8 even = v8_load(o + d), odd = v8_splat(0);                                           \
+                for (int64_t t = lo - lo % 2; t < hi; t += 2) {                                               \
+                    even += v8_splat(scores[t]) * LOAD##V8(vb + t * dim + d);                                 \
+                    if (t + 1 < hi) odd += v8_splat(scores[t + 1]) * LOAD##V8(vb + (t + 1) * dim + d);        \
+                }                                                                                             \
+                enigma_v8 sum = even + odd;                                                                   \
+                memcpy(o + d, &sum, sizeof sum);                                                              \
+            }                                                                                                 \
+        }                                                                                                     \
+    }                                                                                                         \
+    for (int64_t n = 0; n < queries; n++) {                                                                   \
+        float inverse = 1.0f / sums[n], *o = out + (n / group) * row_stride + (n % group) * dim;              \
+        for (int64_t d = 0; d < dim; d++) o[d] *= inverse;                                                    \
+    }                                                                                                         \
+    return 0;                                                                                                 \
+}                                                                                                             \
+                                                                                                              \
 static int64_t decode_attention_##SUFFIX(const float *query, int64_t num_seqs, int64_t heads, int64_t kv_heads,\
                                          int64_t dim, const CTYPE *kv_cache, int64_t num_blocks,              \
                                          int64_t block_size, const int64_t *block_tables, int64_t max_blocks, \
@@ -522,6 +645,32 @@ static int64_t decode_attention_##SUFFIX(const float *query, int64_t num_seqs, i
                                          int32_t threads) {                                                   \
     int64_t group = heads / kv_heads, head_stride = num_blocks * block_size * dim;                            \
     int64_t bad = 0;                                                                                          \
+    if (block_size == 16 && dim % 8 == 0 && dim <= 512) {                                                     \
+        /* runs of rows of one sequence: consecutive positions, the same table; at most RUN_MAX rows */       \
+        enum { RUN_MAX = 16 };                                                                                \
+        int64_t *runs = malloc((size_t)(num_seqs + 1) * sizeof(int64_t)), count = 0;                          \
+        if (runs != NULL) {                                                                                   \
+            for (int64_t s = 0; s < num_seqs; s++)                                                            \
+                if (s == 0 || s - runs[count - 1] >= RUN_MAX || seq_lens[s] != seq_lens[s - 1] + 1           \
+                    || memcmp(block_tables + s * max_blocks, block_tables + (s - 1) * max_blocks,            \
+                              (size_t)max_blocks * sizeof(int64_t)) != 0)                                     \
+                    runs[count++] = s;                                                                        \
+            runs[count] = num_seqs;                                                                           \
+            _Pragma("omp parallel for collapse(2) schedule(dynamic, 1) num_threads(threads) reduction(+ : bad)") \
+            for (int64_t r = 0; r < count; r++) {                                                             \
+                for (int64_t h = 0; h < kv_heads; h++) {                                                      \
+                    int64_t s = runs[r];                                                                      \
+                    const CTYPE *keys = kv_cache + h * head_stride, *values = keys + kv_heads * head_stride;  \
+                    int64_t offset = (s * heads + h * group) * dim;                                           \
+                    bad += attend_run_##SUFFIX(query + offset, heads * dim, runs[r + 1] - s, group, dim, keys, \
+                                               values, block_tables + s * max_blocks, max_blocks, num_blocks, \
+                                               seq_lens + s, window, scale, out + offset);                    \
+                }                                                                                             \
+            }                                                                                                 \
+            free(runs);                                                                                       \
+            return bad;                                                                                       \
+        }                                                                                                     \
+    }                                                                                                         \
     _Pragma("omp parallel for collapse(2) schedule(dynamic, 1) num_threads(threads) reduction(+ : bad)")      \
     for (int64_t s = 0; s < num_seqs; s++) {                                                                  \
         for (int64_t h = 0; h < kv_heads; h++) {                                                              \
@@ -721,8 +870,12 @@ int enigma_decode_layers(const enigma_decoder *m, const enigma_layer *layers, in
         for (int64_t r = 0; r < rows; r++) {
             const float *g = gate_up + r * 2 * inter, *u = g + inter;
             float *a = act + r * inter;
-#pragma omp simd
-            for (int64_t j = 0; j < inter; j++) a[j] = g[j] / (1.0f + fast_exp(-g[j])) * u[j];
+            int64_t j = 0;
+            for (; j + 8 <= inter; j += 8) {
+                enigma_v8 gate = v8_load(g + j), silu = gate / (v8_splat(1.0f) + v8_exp(-gate)) * v8_load(u + j);
+                memcpy(a + j, &silu, sizeof silu);
+            }
+            for (; j < inter; j++) a[j] = g[j] / (1.0f + fast_exp(-g[j])) * u[j];
         }
         if (project(&layer->down, inter, act, rows, tmp, hidden, 0, tmp, qscratch, threads)) return 1;
         for (int64_t i = 0; i < rows * hidden; i++) x[i] += tmp[i];
