@@ -91,6 +91,22 @@ def test_greedy_tokens_equal_plain_decoding(target, draft, plain, method, budget
     assert llm.engine.cache.num_used_blocks == 0
 
 
+@pytest.mark.parametrize("method", ["draft", "target-as-draft"])
+def test_greedy_identity_with_penalties_and_min_tokens(target, draft, method):
+    """Greedy requests whose logits a penalty or min_tokens changes verify against the processed logits; the
+    others against the raw argmax (one batch holds both)."""
+    penalised = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True, repetition_penalty=1.3,
+                               frequency_penalty=0.5)  # with these prompts: other tokens than without
+    params = [penalised, SamplingParams(temperature=0, max_tokens=10, min_tokens=8),
+              SamplingParams(temperature=0, max_tokens=10), penalised]
+    prompts = prompts_of((12, 20, 9, 30), seed=0, repeat=True)
+    expected = LLM(target, block_size=4).generate(prompts, params)
+    llm = LLM(target, block_size=4, speculative_config=spec_config(method, target, draft))
+    got = llm.generate(prompts, params)
+    assert [o.outputs[0].token_ids for o in got] == [o.outputs[0].token_ids for o in expected]
+    assert llm.engine.stats()["spec_decode_num_draft_tokens"] > 0
+
+
 @pytest.mark.parametrize("method", ["draft", "ngram", "target-as-draft"])
 def test_greedy_identity_survives_preemption(target, draft, plain, method):
     llm = LLM(target, block_size=4, num_kv_blocks=24, max_num_batched_tokens=64,

@@ -218,7 +218,9 @@ def _token_table(token_lists: Sequence[Any], logits: torch.Tensor) -> torch.Tens
     return table.scatter_add_(1, ids, torch.ones_like(ids, dtype=torch.int32))[:, :vocab]
 
 
-def _needs_processing(row: SamplingRow) -> bool:
+def needs_processing(row: SamplingRow) -> bool:
+    """Whether a penalty or min_tokens changes this row's logits (:func:`process_logits`); grammar
+    constraints aside."""
     params = row.params
     return (params.repetition_penalty != 1.0 or params.presence_penalty != 0.0 or params.frequency_penalty != 0.0
             or (len(row.output_token_ids) < params.min_tokens and bool(row.stop_ids)))
@@ -282,7 +284,7 @@ def process_logits(logits: torch.Tensor, rows: Sequence[SamplingRow], *, masks: 
                    ) -> torch.Tensor:
     """Penalties, min_tokens and grammar masks applied to ``logits`` (a copy where anything applies):
     what temperature, top-k/p and min-p then work on."""
-    if any(_needs_processing(row) for row in rows):
+    if any(needs_processing(row) for row in rows):
         logits = apply_penalties(logits.clone(), rows)
     constrained = constrained_rows(rows)
     if constrained:

@@ -264,27 +264,39 @@ class Engine:
         """Verify each item's drafts against the target's logits at its ``1 + drafts`` positions (rejection
         sampling, :mod:`enigma.speculative.rejection`); append the emitted tokens to the sequences and
         return them per item (fewer where a sequence finished on the way)."""
-        from enigma.sampling import SamplingRow, sampling_probs
-        from enigma.speculative.rejection import verify_drafts
+        from enigma.sampling import SamplingRow, needs_processing, sampling_probs
+        from enigma.speculative.rejection import accept_greedy, verify_drafts
 
+        # greedy requests with nothing to apply to their logits keep their drafts while they equal the argmaxes
+        # (one argmax over every such row); the others verify against their sampling distributions
+        plain = {index for index, item in enumerate(items)
+                 if item.request.sequence.params.greedy and not needs_processing(item.request.sequence.row)}
+        plain_best = (torch.cat([logits[index] for index in sorted(plain)]).argmax(dim=-1).tolist() if plain else [])
         rows = []
-        for item in items:
+        for index, item in enumerate(items):
+            if index in plain:
+                continue
             sequence = item.request.sequence
             drafts = list(item.draft_token_ids)
             for count in range(len(drafts) + 1):
                 rows.append(SamplingRow(sequence.params, sequence.prompt_token_ids,
                                         sequence.output_token_ids + drafts[:count], generator=sequence.row.generator,
                                         stop_ids=sequence.row.stop_ids))
-        probs = sampling_probs(torch.cat(logits), rows)
-        emitted_per_item, first = [], 0
+        probs = (sampling_probs(torch.cat([logits[i] for i in range(len(items)) if i not in plain]), rows)
+                 if rows else None)
+        emitted_per_item, first, first_plain = [], 0, 0
         now = time.time()
-        for item, item_logits in zip(items, logits):
+        for index, (item, item_logits) in enumerate(zip(items, logits)):
             request, sequence = item.request, item.request.sequence
             drafts = list(item.draft_token_ids)
-            draft_probs = request.spec_probs[:len(drafts)] if request.spec_probs is not None else None
-            emitted = verify_drafts(probs[first:first + len(drafts) + 1], drafts, draft_probs,
-                                    generator=sequence.row.generator, greedy=sequence.params.greedy)
-            first += len(drafts) + 1
+            if index in plain:
+                emitted = accept_greedy(plain_best[first_plain:first_plain + len(drafts) + 1], drafts)
+                first_plain += len(drafts) + 1
+            else:
+                draft_probs = request.spec_probs[:len(drafts)] if request.spec_probs is not None else None
+                emitted = verify_drafts(probs[first:first + len(drafts) + 1], drafts, draft_probs,
+                                        generator=sequence.row.generator, greedy=sequence.params.greedy)
+                first += len(drafts) + 1
             raw = torch.log_softmax(item_logits, dim=-1) if sequence.params.logprobs is not None else None
             appended = []
             for position, token in enumerate(emitted):

@@ -36,13 +36,7 @@ def verify_drafts(target_probs: torch.Tensor, draft_token_ids: Sequence[int], dr
         raise ValueError(f"verify_drafts needs k + 1 = {k + 1} rows of target probabilities, "
                          f"got {target_probs.shape[0]}")
     if greedy:
-        best = target_probs.argmax(dim=-1).tolist()
-        emitted = []
-        for index, token in enumerate(draft_token_ids):
-            if best[index] != token:
-                break
-            emitted.append(int(token))
-        return [*emitted, best[len(emitted)]]
+        return accept_greedy(target_probs.argmax(dim=-1).tolist(), draft_token_ids)
     emitted: list[int] = []
     for index, token in enumerate(draft_token_ids):
         p = target_probs[index]
@@ -62,6 +56,17 @@ def verify_drafts(target_probs: torch.Tensor, draft_token_ids: Sequence[int], dr
         return emitted
     emitted.append(int(torch.multinomial(target_probs[k], 1, generator=generator)))
     return emitted
+
+
+def accept_greedy(best: Sequence[int], draft_token_ids: Sequence[int]) -> list[int]:
+    """The tokens a greedy request emits: its drafts while they equal the target's argmaxes ``best`` (one
+    per position, ``k + 1``), then the target's argmax where they part (or after the last draft)."""
+    emitted = []
+    for index, token in enumerate(draft_token_ids):
+        if best[index] != token:
+            break
+        emitted.append(int(token))
+    return [*emitted, best[len(emitted)]]
 
 
 def _uniform(generator: torch.Generator | None) -> float:
