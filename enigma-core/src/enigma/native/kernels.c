@@ -521,11 +521,17 @@ static int attend_group_##SUFFIX(const float *q, int64_t group, int64_t dim, con
                 for (int64_t d = 0; d < dim; d++) og[d] *= correction;                                        \
                 maxima[g] = block_max;                                                                        \
             }                                                                                                 \
-            float top = maxima[g], block_sum = 0;                                                             \
-            _Pragma("omp simd reduction(+ : block_sum)")                                                      \
-            for (int64_t t = lo; t < hi; t++) {                                                               \
-                scores[t] = fast_exp(scores[t] - top);                                                     \
-                block_sum += scores[t];                                                                       \
+            float block_sum = 0;                                                                              \
+            for (int64_t t = lo; t < hi; t += 8) {  /* e^x eight at a time */                                 \
+                float chunk[8] = {0};                                                                         \
+                int64_t count = hi - t < 8 ? hi - t : 8;                                                      \
+                memcpy(chunk, scores + t, (size_t)count * sizeof(float));                                     \
+                enigma_v8 weights = v8_exp(v8_load(chunk) - v8_splat(maxima[g]));                             \
+                memcpy(chunk, &weights, sizeof weights);                                                      \
+                for (int64_t i = 0; i < count; i++) {                                                         \
+                    scores[t + i] = chunk[i];                                                                 \
+                    block_sum += chunk[i];                                                                    \
+                }                                                                                             \
             }                                                                                                 \
             sums[g] += block_sum;                                                                             \
             if (dim % 8 == 0) {  /* each 8 of og in a register while the block's values pass */             \
@@ -659,12 +665,17 @@ static int64_t decode_attention_##SUFFIX(const float *query, int64_t num_seqs, i
             _Pragma("omp parallel for collapse(2) schedule(dynamic, 1) num_threads(threads) reduction(+ : bad)") \
             for (int64_t r = 0; r < count; r++) {                                                             \
                 for (int64_t h = 0; h < kv_heads; h++) {                                                      \
-                    int64_t s = runs[r];                                                                      \
+                    int64_t s = runs[r], first = window > 0 && seq_lens[s] > window ? seq_lens[s] - window : 0; \
                     const CTYPE *keys = kv_cache + h * head_stride, *values = keys + kv_heads * head_stride;  \
                     int64_t offset = (s * heads + h * group) * dim;                                           \
-                    bad += attend_run_##SUFFIX(query + offset, heads * dim, runs[r + 1] - s, group, dim, keys, \
-                                               values, block_tables + s * max_blocks, max_blocks, num_blocks, \
-                                               seq_lens + s, window, scale, out + offset);                    \
+                    if (runs[r + 1] - s == 1)  /* a lone decode: transposing would cost more than it saves */ \
+                        bad += attend_group_##SUFFIX(query + offset, group, dim, keys, values,                \
+                                                     block_tables + s * max_blocks, max_blocks, num_blocks,   \
+                                                     block_size, first, seq_lens[s], scale, out + offset);    \
+                    else                                                                                      \
+                        bad += attend_run_##SUFFIX(query + offset, heads * dim, runs[r + 1] - s, group, dim,  \
+                                                   keys, values, block_tables + s * max_blocks, max_blocks,   \
+                                                   num_blocks, seq_lens + s, window, scale, out + offset);    \
                 }                                                                                             \
             }                                                                                                 \
             free(runs);                                                                                       \
