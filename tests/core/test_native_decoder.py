@@ -227,6 +227,9 @@ def test_greedy_decoding_in_one_go_equals_a_step_at_a_time(tiny_model, arch):
     steps one execute at a time (sequences of different lengths, one stopping early)."""
     fused, plain = runners(tiny_model(arch))
     seen = calls(fused)
+    counting, in_one_call = fused.model.fused_layers.decoder, []
+    native_loop = counting.decode_greedy
+    counting.decode_greedy = lambda *args, **kwargs: in_one_call.append(args[-1]) or native_loop(*args, **kwargs)
     a, b = ids(7, 3), ids(3, 4)
     tables = [[11, 3, 20, 7], [5, 9, 2, 40]]
     for runner in (fused, plain):
@@ -234,7 +237,9 @@ def test_greedy_decoding_in_one_go_equals_a_step_at_a_time(tiny_model, arch):
     args = ([a[4:7], [b[2]]], [4, 2], tables, [5, 2])  # a first feed of three tokens, then one a step
     got, expected = fused.decode_greedy(*args), plain.decode_greedy(*args)
     assert got == expected and [len(tokens) for tokens in got] == [5, 2]
-    assert seen[-5:] == [4, 2, 1, 1, 1]  # one native call a step, none through the runner's execute
+    # the first feeds (4 rows), a step while the two need different numbers of steps, then the last three
+    # steps of the first sequence in one native call; none through the runner's execute
+    assert seen[-2:] == [4, 2] and in_one_call == [3]
     for mine, theirs in zip(fused.kv_caches, plain.kv_caches):
         torch.testing.assert_close(mine, theirs, atol=1e-4, rtol=1e-4)
     # the self-draft's view runs its first layers only, over its own caches
@@ -249,6 +254,22 @@ def test_greedy_decoding_in_one_go_equals_a_step_at_a_time(tiny_model, arch):
     assert greedy[0] == greedy[1]
     greedy = [view.decode_greedy([[a[6]]], [6], tables[:1], [3]) for view in views]
     assert greedy[0] == greedy[1]
+
+
+def test_native_greedy_loop_reads_bfloat16_embeddings_and_refuses_bad_tokens(tiny_model):
+    fused, _ = runners(tiny_model("llama-gqa"))
+    model = fused.model
+    decoder, head = model.fused_layers.decoder, model.fused_layers._head(model.lm_head)
+    a, table = ids(6, 12), torch.tensor([[3, 4, 5, 6]])
+    fused.execute([SequenceChunk(a[:5], 0, [3, 4, 5, 6])])
+    narrow = model.model.embed_tokens.weight.detach().to(torch.bfloat16)
+    args = ([a[5]], [5], table, fused.kv_caches, 4)
+    # the same numbers, widened in the loop or before it: the same tokens
+    assert decoder.decode_greedy(narrow, head, *args) == decoder.decode_greedy(narrow.float(), head, *args)
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        decoder.decode_greedy(narrow, head, [10**6], [5], table, fused.kv_caches, 2)
+    with pytest.raises(ValueError, match="block table is shorter"):
+        decoder.decode_greedy(narrow, head, [a[5]], [5], table, fused.kv_caches, 40)
 
 
 def first_layer_of(model):

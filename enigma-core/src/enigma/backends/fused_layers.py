@@ -13,10 +13,10 @@ adapter, a forward hook added by tensor parallelism) is seen at the next step
 and runs the torch path from then on.
 
 It also drafts: :meth:`FusedLlamaLayers.decode_greedy` feeds each sequence's
-argmax back for a number of single-token steps with nothing between the
-native calls but the embedding, the head and the argmax (a draft model's
-steps through the runner spent half their time building metadata and calling
-modules).
+argmax back for a number of single-token steps, in one native call that runs
+the embedding, the stack, the head and the argmax step after step (a draft
+model's steps through the runner spent half their time building metadata and
+calling modules).
 
 A bfloat16 model runs with its weights and KV cache in bfloat16, widened as
 they are read, and its activations in float32 (torch's bfloat16 path rounds
@@ -57,6 +57,7 @@ class FusedLlamaLayers:
         self._hooked = [module for layer in model.model.layers for module in (layer, layer.self_attn, layer.mlp)]
         self._short = getattr(backend, "SHORT_QUERY_MAX", 16)
         self._windowed = any(layer.self_attn.sliding_window for layer in model.model.layers)
+        self._head_cache: tuple[torch.nn.Module, NativeProjection | None] | None = None
         self.enabled = True
 
     def __call__(self, x: torch.Tensor, positions: torch.Tensor, context: ForwardContext,
@@ -77,40 +78,61 @@ class FusedLlamaLayers:
         return hidden.to(self.dtype)
 
     @torch.inference_mode()
-    def decode_greedy(self, embed: Any, head: Any, kv_caches: list[torch.Tensor], block_size: int,
-                      feeds: list[list[int]], starts: list[int], block_tables: list[list[int]], steps: list[int], *,
-                      num_layers: int | None = None) -> list[list[int]] | None:
+    def decode_greedy(self, embed: torch.nn.Module, lm_head: torch.nn.Module, kv_caches: list[torch.Tensor],
+                      block_size: int, feeds: list[list[int]], starts: list[int], block_tables: list[list[int]],
+                      steps: list[int], *, num_layers: int | None = None) -> list[list[int]] | None:
         """Sequence ``i``'s tokens ``feeds[i]`` fed from position ``starts[i]``, then its argmax fed back,
         until it has ``steps[i]`` argmaxes (the sequences batched, KV written through ``block_tables[i]``);
-        each sequence's argmaxes. ``embed`` and ``head`` are the model's embedding and its
-        ``compute_logits``. None where the native decoder cannot run them (the caller steps the model)."""
+        each sequence's argmaxes. ``embed`` and ``lm_head`` are the model's. The first step (a feed of
+        several tokens) runs from here; the single-token steps after it in one native call
+        (:meth:`NativeDecoder.decode_greedy`) where the embedding is a plain table and the head has a native
+        kernel, else a native call each. None where the native decoder cannot run them (the caller steps
+        the model)."""
         active = [i for i in range(len(feeds)) if steps[i] > 0]
         if (not self.enabled or self._windowed or not 0 < sum(len(feeds[i]) for i in active) <= self.decoder.max_rows
                 or any(not feeds[i] for i in active) or not self._unchanged()):
             return None
         chosen: list[list[int]] = [[] for _ in feeds]
         current, positions = [list(feed) for feed in feeds], list(starts)
+        width = max(len(block_tables[i]) for i in active)
+        padded = {i: block_tables[i] + [0] * (width - len(block_tables[i])) for i in active}
         while active:
+            left = {steps[i] - len(chosen[i]) for i in active}
+            head = self._head(lm_head)
+            table = getattr(embed, "weight", None)
+            if (chosen[active[0]] and len(left) == 1 and head is not None and isinstance(embed, torch.nn.Embedding)
+                    and table is not None and table.dtype in NativeDecoder.CACHE_DTYPES and table.is_contiguous()):
+                rest = self.decoder.decode_greedy(table, head, [current[i][0] for i in active],
+                                                  [positions[i] for i in active],
+                                                  torch.tensor([padded[i] for i in active], dtype=torch.int64),
+                                                  kv_caches, left.pop(), num_layers=num_layers)
+                for i, tokens in zip(active, rest):
+                    chosen[i] += tokens
+                break
             rows = [(i, positions[i] + offset) for i in active for offset in range(len(current[i]))]
             where = torch.tensor([position for _, position in rows], dtype=torch.int64)
             slots = torch.tensor([block_tables[i][p // block_size] * block_size + p % block_size for i, p in rows],
                                  dtype=torch.int64)
-            width = max(len(block_tables[i]) for i in active)
-            tables = torch.tensor([block_tables[i] + [0] * (width - len(block_tables[i])) for i, _ in rows],
-                                  dtype=torch.int64)
+            tables = torch.tensor([padded[i] for i, _ in rows], dtype=torch.int64)
             x = embed(torch.tensor([token for i in active for token in current[i]], dtype=torch.int64))
             hidden = self.decoder(x.to(torch.float32).contiguous(), where, slots, kv_caches, tables, where + 1,
                                   num_layers=num_layers)
             if len(rows) > len(active):  # a first feed of several tokens: the head over each one's last
                 ends = torch.tensor([len(current[i]) for i in active]).cumsum(0) - 1
                 hidden = hidden[ends]
-            best = head(hidden.to(self.dtype)).argmax(dim=-1).tolist()
+            best = lm_head(hidden.to(self.dtype)).float().argmax(dim=-1).tolist()
             for i, token in zip(active, best):
                 chosen[i].append(token)
                 positions[i] += len(current[i])
                 current[i] = [token]
             active = [i for i in active if len(chosen[i]) < steps[i]]
         return chosen
+
+    def _head(self, lm_head: torch.nn.Module) -> NativeProjection | None:
+        """``lm_head``'s native projection (looked up once per module), or None."""
+        if self._head_cache is None or self._head_cache[0] is not lm_head:
+            self._head_cache = (lm_head, native_projection(lm_head))
+        return self._head_cache[1]
 
     def _unchanged(self) -> bool:
         return (all(holder.get(key) is module for holder, key, module in self._watched)

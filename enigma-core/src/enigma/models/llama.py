@@ -264,7 +264,7 @@ class LlamaForCausalLM(nn.Module):
         (:meth:`enigma.backends.fused_layers.FusedLlamaLayers.decode_greedy`); None elsewhere."""
         if self.fused_layers is None or torch.is_grad_enabled():
             return None
-        return self.fused_layers.decode_greedy(self.model.embed_tokens, self.compute_logits, kv_caches, block_size,
+        return self.fused_layers.decode_greedy(self.model.embed_tokens, self.lm_head, kv_caches, block_size,
                                                feeds, starts, block_tables, steps, num_layers=num_layers)
 
     def fuse_projections(self, wrap: Callable[[nn.Linear], nn.Module] = lambda linear: linear) -> int:

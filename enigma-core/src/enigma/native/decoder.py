@@ -82,7 +82,8 @@ class _Decoder(ctypes.Structure):
 
 
 ERRORS = {1: "a matmul kernel refused its input", 2: "a cache slot lies outside the KV pool",
-          3: "a block table is shorter than its length or names a block outside the KV pool"}
+          3: "a block table is shorter than its length or names a block outside the KV pool",
+          4: "a token lies outside the vocabulary"}
 
 
 class NativeDecoder:
@@ -108,6 +109,14 @@ class NativeDecoder:
                                    ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64,
                                    ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64,
                                    ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int]
+        self._greedy = library.enigma_decode_greedy
+        self._greedy.restype = ctypes.c_int
+        self._greedy.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64,
+                                 ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64,
+                                 ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64,
+                                 ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
+                                 ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
+                                 ctypes.c_int]
         scratch_floats = library.enigma_decoder_scratch_floats
         scratch_floats.restype = ctypes.c_int64
         scratch_floats.argtypes = [ctypes.c_void_p, ctypes.c_int64]
@@ -186,6 +195,48 @@ class NativeDecoder:
         if status:
             raise ValueError(f"native decoder: {ERRORS.get(status, f'status {status}')}")
         return out
+
+    def decode_greedy(self, embedding: torch.Tensor, head: NativeProjection, first_tokens: Sequence[int],
+                      starts: Sequence[int], tables: torch.Tensor, kv_caches: Sequence[torch.Tensor], steps: int, *,
+                      num_layers: int | None = None) -> list[list[int]]:
+        """``steps`` greedy single-token steps in one native call: row ``r`` feeds ``first_tokens[r]`` at
+        position ``starts[r]``, then each step its argmax, through the stack, the final norm and ``head``
+        (the LM head's projection); returns each row's ``steps`` argmaxes. ``embedding``: the ``[vocab,
+        hidden]`` float32 or bfloat16 table; ``tables``: int64 ``[rows, max_blocks]``, each covering the
+        row's positions up to ``starts[r] + steps - 1``. At most :attr:`max_rows` rows."""
+        rows = len(first_tokens)
+        vocab = head.out_features
+        if not (0 < rows <= self.max_rows and steps > 0 and embedding.dtype in self.CACHE_DTYPES
+                and embedding.is_contiguous() and embedding.shape[1] == self.hidden == head.in_features
+                and embedding.shape[0] >= vocab and head.weight.is_contiguous()
+                and tables.dtype == torch.int64 and tables.is_contiguous() and tables.shape[0] == rows):
+            raise ValueError(f"native greedy decoding: {rows} rows (1..{self.max_rows}), {steps} steps, embedding "
+                             f"{embedding.dtype} {list(embedding.shape)} and head {head.in_features}->{vocab} do "
+                             f"not fit a stack of width {self.hidden}, or the tables are not int64 [rows, blocks]")
+        layers = self.num_layers if num_layers is None else num_layers
+        caches = self._cache_pointers(kv_caches, layers)
+        _, _, num_blocks, block_size, _ = kv_caches[0].shape
+        bias = None if head.bias is None else head.bias.float().contiguous()  # alive until the call returns
+        projection = _Projection(fn=head.function, weight=head.weight.data_ptr(),
+                                 bias=None if bias is None else bias.data_ptr(), kind=head.kind, out=vocab)
+        first = torch.tensor(list(first_tokens), dtype=torch.int64)
+        start = torch.tensor(list(starts), dtype=torch.int64)
+        out = torch.empty(rows, steps, dtype=torch.int64)
+        x, hidden = torch.empty(rows, self.hidden), torch.empty(rows, self.hidden)
+        logits = torch.empty(rows, vocab)
+        positions, slots, lengths = (torch.empty(rows, dtype=torch.int64) for _ in range(3))
+        qscratch = self._qscratch
+        if head.scratch_bytes_per_row * rows > qscratch.numel():
+            qscratch = torch.empty(head.scratch_bytes_per_row * self.max_rows, dtype=torch.uint8)
+        status = self._greedy(ctypes.byref(self._decoder), self._layers, layers, caches, num_blocks, block_size,
+                              embedding.data_ptr(), int(embedding.dtype == torch.bfloat16), ctypes.byref(projection),
+                              vocab, rows, first.data_ptr(), start.data_ptr(), tables.data_ptr(), tables.shape[1],
+                              steps, out.data_ptr(), x.data_ptr(), hidden.data_ptr(), logits.data_ptr(),
+                              positions.data_ptr(), slots.data_ptr(), lengths.data_ptr(), self._scratch.data_ptr(),
+                              qscratch.data_ptr(), torch.get_num_threads())
+        if status:
+            raise ValueError(f"native greedy decoding: {ERRORS.get(status, f'status {status}')}")
+        return out.tolist()
 
     def _cache_pointers(self, kv_caches: Sequence[torch.Tensor], layers: int) -> ctypes.Array:
         """The caches' addresses as a C array, made again only when the pool was reallocated."""

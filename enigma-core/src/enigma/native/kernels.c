@@ -895,3 +895,55 @@ int enigma_decode_layers(const enigma_decoder *m, const enigma_layer *layers, in
     else if (out != x) for (int64_t i = 0; i < rows * hidden; i++) out[i] = x[i];
     return 0;
 }
+
+/* Greedy decoding in one call (a draft model's drafting): `steps` single-token steps for `rows` sequences.
+ * Step s feeds row r's token (first_tokens[r], then its previous argmax) at position starts[r] + s:
+ * embedding row (float32, or bfloat16 when embedding_bf16), enigma_decode_layers, the head (head, `vocab`
+ * outputs; its bias added) and the argmax, into out[r * steps + s]. tables as enigma_decode_layers reads
+ * them (one row per sequence); x, hidden ([rows, hidden]), logits ([rows, vocab]) and positions, slots,
+ * lengths ([rows]) are the caller's scratch, scratch and qscratch enigma_decode_layers' (qscratch also
+ * the head's). Returns enigma_decode_layers' status, or 4 for a token outside the vocabulary. */
+int enigma_decode_greedy(const enigma_decoder *m, const enigma_layer *layers, int64_t num_layers,
+                         void *const *caches, int64_t num_blocks, int64_t block_size, const void *embedding,
+                         int64_t embedding_bf16, const enigma_projection *head, int64_t vocab, int64_t rows,
+                         const int64_t *first_tokens, const int64_t *starts, const int64_t *tables,
+                         int64_t max_blocks, int64_t steps, int64_t *out, float *x, float *hidden, float *logits,
+                         int64_t *positions, int64_t *slots, int64_t *lengths, float *scratch, uint8_t *qscratch,
+                         int threads) {
+    const int64_t width = m->hidden;
+    for (int64_t step = 0; step < steps; step++) {
+        for (int64_t r = 0; r < rows; r++) {
+            int64_t token = step == 0 ? first_tokens[r] : out[r * steps + step - 1];
+            if (token < 0 || token >= vocab) return 4;
+            if (embedding_bf16) {
+                const uint16_t *row = (const uint16_t *)embedding + token * width;
+                for (int64_t i = 0; i < width; i++) x[r * width + i] = bf16_to_f32(row[i]);
+            } else {
+                memcpy(x + r * width, (const float *)embedding + token * width, (size_t)width * sizeof(float));
+            }
+            positions[r] = starts[r] + step;
+            int64_t block = positions[r] / block_size;
+            if (block >= max_blocks) return 3;
+            slots[r] = tables[r * max_blocks + block] * block_size + positions[r] % block_size;
+            lengths[r] = positions[r] + 1;
+        }
+        int status = enigma_decode_layers(m, layers, num_layers, caches, num_blocks, block_size, x, rows, positions,
+                                          slots, tables, max_blocks, lengths, scratch, qscratch, hidden, threads);
+        if (status) return status;
+        if (head->fn(head->kind, head->weight, head->out, width, hidden, rows, qscratch, logits, threads)) return 1;
+        for (int64_t r = 0; r < rows; r++) {
+            const float *row = logits + r * vocab;
+            int64_t best = 0;
+            float top = head->bias ? row[0] + head->bias[0] : row[0];
+            for (int64_t j = 1; j < vocab; j++) {
+                float value = head->bias ? row[j] + head->bias[j] : row[j];
+                if (value > top) {
+                    top = value;
+                    best = j;
+                }
+            }
+            out[r * steps + step] = best;
+        }
+    }
+    return 0;
+}
