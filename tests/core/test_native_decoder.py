@@ -72,14 +72,14 @@ def test_decode_and_verify_steps_equal_the_torch_path(tiny_model, arch):
     a, b = ids(40, 1), ids(9, 2)
     table_a, table_b = [11, 3, 20, 7, 1, 30, 31, 32, 33, 34, 35, 36], [5, 9, 2, 40, 41]
     steps = [
-        [SequenceChunk(a[:20], 0, table_a)],                                  # 20 new tokens: the torch path
+        [SequenceChunk(a[:20], 0, table_a)],                                  # 20 new tokens, short context
         [SequenceChunk(a[20:30], 20, table_a, all_logits=True), SequenceChunk(b[:6], 0, table_b)],  # short chunks
     ]
     steps += [[SequenceChunk([a[30 + i]], 30 + i, table_a), SequenceChunk([b[6 + i]], 6 + i, table_b)]
               for i in range(3)]                                              # decode-only, non-contiguous blocks
     steps.append([SequenceChunk(a[33:38], 33, table_a, all_logits=True)])    # a verify chunk of five
     same_steps(fused, plain, steps)
-    assert seen == [16, 2, 2, 2, 5]
+    assert seen == [20, 16, 2, 2, 2, 5]
 
 
 @settings(max_examples=12, deadline=None)
@@ -166,12 +166,19 @@ def test_training_and_large_steps_take_the_torch_path(tiny_model):
     fused.execute([SequenceChunk(ids(3, 8), 0, [0])])
     fused.execute([SequenceChunk([5], 0, [1 + s]) for s in range(40)])             # 40 rows > 32
     assert seen == [3]
+    # a chunk longer than the backend's short queries runs natively while tokens x context stay small
+    fused.model.fused_layers.LONG_CHUNK_WORK = 17 * 20
+    fused.execute([SequenceChunk(ids(17, 9), 0, [41, 42, 43, 44, 45])])             # 17 x 17: natively
+    fused.execute([SequenceChunk(ids(17, 10), 3, [46, 47, 48, 49, 50])])            # 17 x 20: natively
+    fused.execute([SequenceChunk(ids(17, 11), 4, [51, 52, 53, 54, 55, 56])])        # 17 x 21: torch
+    fused.execute([SequenceChunk(ids(16, 12), 40, list(range(41, 56)))])             # 16: always natively
+    assert seen == [3, 17, 17, 16]
     model = fused.model
     with torch.enable_grad():
         x = torch.tensor([5, 6])
         context = _context(fused, [SequenceChunk([5, 6], 0, [50])])
         hidden = model(x, torch.tensor([0, 1]), context)
-    assert seen == [3] and hidden.shape == (2, model.config.hidden_size)
+    assert seen == [3, 17, 17, 16] and hidden.shape == (2, model.config.hidden_size)
 
 
 def _context(runner: ModelRunner, chunks):
@@ -337,7 +344,7 @@ def test_bfloat16_models_decode_natively_at_least_as_close_to_float32_as_torch(t
         got, theirs = native_bf16.execute(chunks).last, torch_bf16.execute(chunks).last
         worst_native = max(worst_native, (got - expected).abs().max().item())
         worst_torch = max(worst_torch, (theirs - expected).abs().max().item())
-    assert seen == [2, 2, 2, 2, 2]                       # the decodes and the verify chunk ran natively
+    assert seen == [30, 2, 2, 2, 2, 2]                   # the short prompts, decodes and verify chunk natively
     scale = reference.execute(steps[-1]).last.abs().max().item()
     assert worst_native <= max(worst_torch, 0.02 * scale)
     assert worst_native < 0.05 * scale

@@ -6,7 +6,8 @@ or a module answering ``native_projection()``, such as the ggml plugin's
 ``GGMLLinear``) it sets ``model.fused_layers`` to a :class:`FusedLlamaLayers`.
 The model's forward hands it each step; it runs the steps it can take —
 inference, float32 or bfloat16, few rows, each sequence's new tokens no more
-than a short verify chunk, no adapters — through :class:`~enigma.native.decoder.NativeDecoder`
+than a short chunk (a verification, a short prompt; see
+:attr:`FusedLlamaLayers.LONG_CHUNK_WORK`), no adapters — through :class:`~enigma.native.decoder.NativeDecoder`
 and gives the others back (None), which then run the torch path, the
 reference. A model changed after preparation (a projection wrapped by an
 adapter, a forward hook added by tensor parallelism) is seen at the next step
@@ -47,6 +48,12 @@ def native_projection(module: Any) -> NativeProjection | None:
 class FusedLlamaLayers:
     """A prepared Llama's decoder stack for steps the native decoder takes (see the module's doc)."""
 
+    LONG_CHUNK_WORK = 32 * 1024
+    """Chunks longer than the backend's short queries (a long verification, a short prompt) still run here
+    while their tokens times their context stay under this: the native decoder attends row by row, which
+    beats torch's batched attention while contexts are short (enigma-tiny, 17-32 tokens: 1.6-2.8x faster;
+    the 110M benchmark model, 32 tokens: 1.2x after 100 tokens, even after 1000) and loses beyond."""
+
     def __init__(self, model: torch.nn.Module, decoder: NativeDecoder, backend: Any, watched: list[tuple]) -> None:
         self.decoder = decoder
         self.dtype = decoder.cache_dtype
@@ -65,8 +72,9 @@ class FusedLlamaLayers:
         """The hidden states after the final norm, or None: this step runs the torch path."""
         metadata = context.metadata
         if (not self.enabled or context.adapters or x.dtype != self.dtype
-                or not 0 < x.shape[0] <= self.decoder.max_rows or max(metadata.query_lens) > self._short
-                or metadata.sliding_window is not None):
+                or not 0 < x.shape[0] <= self.decoder.max_rows or metadata.sliding_window is not None
+                or any(length > self._short and length * seq_len > self.LONG_CHUNK_WORK
+                       for length, seq_len in zip(metadata.query_lens, metadata.seq_lens))):
             return None
         if not self._unchanged():
             log.info("the model changed after preparation (an adapter or a hook): its steps run the torch path")
