@@ -7,7 +7,7 @@ Batch 1 (one request at a time, greedy unless said), tokens per second, median o
 - ``extractive``: prompts that already hold the answer, as in editing, extraction and RAG answers that
   quote their sources. enigma-tiny (5M parameters) does not follow "repeat the text above", so each
   prompt is a documentation passage's opening, what enigma-tiny writes after it, and the opening again:
-  what it writes next copies from its prompt. Prompt lookup (``[ngram]``, k=8).
+  what it writes next copies from its prompt. Prompt lookup (``[ngram]``, adaptive k up to 8, and 16).
 - ``ordinary``: documentation-style openings and questions (none of them in the draft's
   distillation data); the trained draft ``enigma-tiny-draft`` (adaptive k up to 8), the self-draft (``[self]``, the
   first 2 of 6 layers) and prompt lookup; also sampled at enigma-tiny's defaults (temperature 0.6, top-p 0.9).
@@ -114,13 +114,14 @@ def main() -> None:
     engines = {
         "plain": LLM("enigma-tiny"),
         "[ngram] k=8": LLM("enigma-tiny", speculative_model="[ngram]", num_speculative_tokens=8),
+        "[ngram] k=16": LLM("enigma-tiny", speculative_model="[ngram]", num_speculative_tokens=16),
         "draft k<=8": LLM("enigma-tiny", speculative_model="enigma-tiny-draft", num_speculative_tokens=8),
         "[self] 2 layers k=4": LLM("enigma-tiny", speculative_config={"method": "self", "draft_layers": 2}),
         "random draft k<=8": LLM("enigma-tiny", speculative_model=str(bad_draft), num_speculative_tokens=8),
     }
     cases = [  # (workload, prompts, params, batch, engines)
         ("extractive, greedy, batch 1", extractive_prompts(engines["plain"], greedy), greedy, False,
-         ["plain", "[ngram] k=8"]),
+         ["plain", "[ngram] k=8", "[ngram] k=16"]),
         ("ordinary, greedy, batch 1", ordinary, greedy, False,
          ["plain", "draft k<=8", "[self] 2 layers k=4", "[ngram] k=8"]),
         ("ordinary, sampled, batch 1", ordinary, sampled, False, ["plain", "draft k<=8"]),

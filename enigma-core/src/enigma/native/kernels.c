@@ -119,12 +119,12 @@ DEFINE_ROWS(f32, float, LOAD_F32)
 DEFINE_DRIVER(f32, float)
 /* Many rows of x (a verification of drafts, a batch of decodes, a short prefill) make the matmul bound by
  * arithmetic, not memory, and the dot products above spend much of it summing their vectors across. Here x
- * is transposed instead, into groups of 16 rows ([in][16]; 8 for a last group of 5-9), zero-padded, and
+ * is transposed instead, into groups of 16 rows ([in][16]; a last one of 8, see column_groups), zero-padded, and
  * each weight element, broadcast, multiplies a whole group: no sums across a vector, J weight rows times one
  * or two vectors of accumulators in registers. A block of weight rows is read from memory once for all the
  * groups, and stays in L1 while they pass. bfloat16 weights are widened a block at a time into a float32
- * copy first. Measured on enigma-tiny's layers (BENCHMARKS.md): 16 rows 1.4x and 32 rows 2.5x faster than
- * the dot products. */
+ * copy first. Measured on enigma-tiny's layer matrices: 8 rows 1.15x, 16-32 rows 1.3-1.5x faster than the
+ * dot products. */
 typedef float enigma_v8 __attribute__((vector_size(32)));
 
 static inline enigma_v8 v8_load(const float *p) {
@@ -155,7 +155,7 @@ static inline enigma_v8 v8_load_bf16(const uint16_t *p) {
     return v;
 }
 
-#define COLUMN_ROWS_MIN 5   /* fewer rows of x run the dot products (as fast, and nothing to transpose) */
+#define COLUMN_ROWS_MIN 7   /* fewer rows of x run the dot products (faster, and nothing to transpose) */
 #define COLUMN_BLOCK 24     /* weight rows at a time: 4 x 6 (two vectors), 3 x 8 (one), 6 x 4 (dot products) */
 
 /* columns1_J / columns2_J: J weight rows (w, rows of `in`) against one group of 8 / 16 transposed rows of
@@ -192,11 +192,13 @@ DEFINE_COLUMN_KERNELS(6)
 DEFINE_COLUMN_KERNELS(8)
 
 /* How x's m rows are grouped: the first `wide` rows in groups of 16, then up to `narrow` a group of 8, the
- * rest (at most 4) by the dot products. A last 9 rows are 8 and one: cheaper than 16, seven of them zeros. */
+ * rest by the dot products. Measured on enigma-tiny's matrices: a last 14-15 rows are cheapest as a padded
+ * 16, 9-13 as 8 and dot products (10 rows: 1.2x faster than 16 with six of zeros), 7-8 as 8, and fewer
+ * than COLUMN_ROWS_MIN by the dot products alone (5 rows: 1.2x faster than 8 with three of zeros). */
 static void column_groups(int64_t m, int64_t *wide, int64_t *narrow) {
     int64_t left = m % 16;
-    *wide = left > 9 ? m : m - left;
-    *narrow = left > 9 ? m : left >= COLUMN_ROWS_MIN ? *wide + (left > 8 ? 8 : left) : *wide;
+    *wide = left >= 14 ? m : m - left;
+    *narrow = left >= 14 ? m : left >= COLUMN_ROWS_MIN ? *wide + (left > 8 ? 8 : left) : *wide;
 }
 
 /* x's rows in column_groups' layout (group at xt + first_row * in), zero-padded; NULL if out of memory. */
