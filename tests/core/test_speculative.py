@@ -263,6 +263,25 @@ def test_expected_tokens_and_the_best_length():
     assert best_length([0.6] * 32, 6, step_fixed=0.01, step_per_token=1.0, draft_step=0.0) == 0
 
 
+def test_drafts_that_run_on_once_started_are_drafted_long():
+    """Copies: the first draft is kept half the time, but once it is, so are the rest. One per-token rate
+    (0.5 overall) would draft 1 or 2; the measured continuation makes 8 pay."""
+    assert expected_tokens(0.5, 3, [1.0, 1.0]) == 1 + 0.5 * 3
+    assert expected_tokens(0.5, 3, [0.5, 0.5]) == pytest.approx(expected_tokens(0.5, 3))
+    costs = {"step_fixed": 1e-3, "step_per_token": 0.1e-3, "draft_step": 0.0}
+    assert best_length([0.5], 8, **costs) <= 2
+    assert best_length([0.5], 8, **costs, continuation=[1.0] * 7) == 8
+    length = SpeculationLength(8)
+    length.EXPLORE_EVERY = 10**9
+    for _ in range(30):
+        length.record_step(1, 1e-3)
+        length.record_step(9, 1.8e-3)
+    for _ in range(100):  # all or nothing: 8 of 8, or the first rejected
+        length.record_verification("r", 8, 8)
+        length.record_verification("r", 8, 0)
+    assert length.continuation()[0] > 0.9 and length.lengths(["r"])[0] == 8
+
+
 def test_every_so_often_a_step_drafts_nothing_to_measure_plain_steps():
     length = SpeculationLength(4)
     for _ in range(30):

@@ -1,9 +1,13 @@
 """How many tokens to draft: the k that gives the most tokens per second, from what was measured.
 
-With a per-token acceptance rate ``a``, verifying ``k`` drafts emits
-``(1 - a**(k + 1)) / (1 - a)`` tokens on average (the accepted run plus the
-target's own token). It costs one target step over ``1 + k`` tokens per
-request and ``k`` draft forwards. :class:`SpeculationLength` fits the target's
+Verifying ``k`` drafts emits the accepted run plus the target's own token:
+``1 + a_1 + a_1 a_2 + ... + a_1 ... a_k`` tokens on average, where ``a_1`` is
+the request's own acceptance (its drafts' recent record) and ``a_i`` the
+acceptance of draft ``i`` once the drafts before it were kept, measured over
+all requests (:meth:`SpeculationLength.continuation`): prompt lookup's copies
+run on once they start, so one per-token rate, ``(1 - a**(k + 1)) / (1 - a)``,
+would under-rate long drafts. It costs one target step over ``1 + k`` tokens
+per request and ``k`` draft forwards. :class:`SpeculationLength` fits the target's
 step time as ``fixed + per_token * tokens`` over the decode steps it sees
 (exponentially weighted least squares), times the drafting as a ratio to the
 target's fitted step over as many tokens as requests drafted for (so that a
@@ -29,24 +33,33 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 
-def expected_tokens(acceptance: float, k: int) -> float:
-    """Tokens one verification of ``k`` drafts emits on average at a per-token ``acceptance``."""
-    if acceptance >= 1.0:
-        return k + 1.0
-    return (1.0 - acceptance ** (k + 1)) / (1.0 - acceptance)
+def expected_tokens(acceptance: float, k: int, continuation: Sequence[float] | None = None) -> float:
+    """Tokens one verification of ``k`` drafts emits on average when the first draft is accepted at
+    ``acceptance`` and draft ``i`` (2, 3, ...), its predecessors accepted, at ``continuation[i - 2]``;
+    without ``continuation``, every draft at ``acceptance``."""
+    if continuation is None:
+        if acceptance >= 1.0:
+            return k + 1.0
+        return (1.0 - acceptance ** (k + 1)) / (1.0 - acceptance)
+    total = survive = 1.0
+    for i in range(k):
+        survive *= acceptance if i == 0 else continuation[i - 1]
+        total += survive
+    return total
 
 
 def best_length(acceptances: Sequence[float], max_k: int, *, step_fixed: float, step_per_token: float,
-                draft_step: float) -> int:
+                draft_step: float, continuation: Sequence[float] | None = None) -> int:
     """The k in ``0 .. max_k`` that emits the most tokens per second for a batch whose requests
-    accept drafts at ``acceptances`` (each request's k is the same; its tokens count for all)."""
+    accept their first draft at ``acceptances`` and later ones at ``continuation`` (see
+    :func:`expected_tokens`; each request's k is the same; its tokens count for all)."""
     batch = len(acceptances)
     if batch == 0:
         return 0
     best, best_rate = 0, batch / (step_fixed + step_per_token * batch)
     for k in range(1, max_k + 1):
         seconds = step_fixed + step_per_token * batch * (1 + k) + draft_step * k
-        rate = sum(expected_tokens(a, k) for a in acceptances) / seconds
+        rate = sum(expected_tokens(a, k, continuation) for a in acceptances) / seconds
         if rate > best_rate * 1.0001:
             best, best_rate = k, rate
     return best
@@ -68,6 +81,11 @@ class SpeculationLength:
     from the acceptance of all requests so far."""
     STEP_DECAY = 0.98
     """Weight of the past in the step-time fit (per step)."""
+    CONTINUATION_DECAY = 0.995
+    """Weight of the past in the acceptance of later drafts (per verification, all requests together)."""
+    CONTINUATION_PRIOR = 2.0
+    """Verifications' worth of weight the estimate of one draft position's acceptance gives the position
+    before it's (the first's: the overall acceptance)."""
 
     def __init__(self, max_k: int, *, adaptive: bool = True) -> None:
         self.max_k = max_k
@@ -87,6 +105,9 @@ class SpeculationLength:
         """A draft forward's time over the target's fitted step time at the same batch size."""
         self._draft_steps_seen = 0
         self._overall = self.PRIOR_ACCEPTANCE
+        # per draft position i >= 2: how often it was verified with its predecessors accepted, how often kept
+        self._reached = [0.0] * max(0, max_k - 1)
+        self._kept = [0.0] * max(0, max_k - 1)
 
     # ------------------------------------------------------------ measurements
 
@@ -122,12 +143,28 @@ class SpeculationLength:
             wait = self._probe_wait.get(request_id, self._last_wait)
             self._probe_wait[request_id] = self._last_wait = (self.PROBE_EVERY if accepted else
                                                               min(2 * wait, self.PROBE_MAX))
+        self._reached = [self.CONTINUATION_DECAY * n for n in self._reached]
+        self._kept = [self.CONTINUATION_DECAY * n for n in self._kept]
+        for position in range(1, min(proposed, accepted + 1, self.max_k)):  # drafts 2 .. the first rejected
+            self._reached[position - 1] += 1.0
+            self._kept[position - 1] += 1.0 if position < accepted else 0.0
         acceptance = self._acceptance.get(request_id, self._overall)
         outcomes = [1.0] * accepted + ([0.0] if accepted < proposed else [])
         for outcome in outcomes:
             acceptance = self.ACCEPTANCE_DECAY * acceptance + (1 - self.ACCEPTANCE_DECAY) * outcome
             self._overall = 0.99 * self._overall + 0.01 * outcome
         self._acceptance[request_id] = acceptance
+
+    def continuation(self) -> list[float]:
+        """The acceptance of draft 2, 3, ... when the drafts before it were accepted: copies from the prompt
+        tend to run on once they start (prompt lookup: 0.9 and more where the first draft is right at 0.75),
+        which one per-token rate would miss, drafting short where long drafts pay."""
+        estimates, prior = [], self._overall
+        for kept, reached in zip(self._kept, self._reached):
+            # few verifications of a position (none beyond the drafts tried so far) lean on the one before it
+            prior = (kept + self.CONTINUATION_PRIOR * prior) / (reached + self.CONTINUATION_PRIOR)
+            estimates.append(prior)
+        return estimates
 
     def step_seconds(self, tokens: int) -> float:
         """The fitted time of a target step over ``tokens`` tokens."""
@@ -161,7 +198,8 @@ class SpeculationLength:
         fixed, per_token = self.step_costs()
         acceptances = [self._acceptance.get(r, self._overall) for r in request_ids]
         draft_step = self.draft_seconds(len(request_ids))
-        k = best_length(acceptances, self.max_k, step_fixed=fixed, step_per_token=per_token, draft_step=draft_step)
+        k = best_length(acceptances, self.max_k, step_fixed=fixed, step_per_token=per_token, draft_step=draft_step,
+                        continuation=self.continuation())
         worth_probing = k == 0 and best_length([1.0] * len(request_ids), self.max_k, step_fixed=fixed,
                                                 step_per_token=per_token, draft_step=draft_step) > 0
         lengths = []
