@@ -251,6 +251,7 @@ def test_contiguous_cache_baseline_reserves_whole_sequences(folder, solo):
     llm = make_llm(folder, cache="contiguous", num_kv_blocks=400)
     assert_same(llm.generate(prompts_of(LENGTHS), PARAMS), solo)
     engine = llm.engine
-    engine.add_request("x", prompts_of([5])[0], SamplingParams(max_tokens=2))
+    # ignore_eos: a first token drawn as EOS (temperature 1) would end the request and free its blocks
+    engine.add_request("x", prompts_of([5])[0], SamplingParams(max_tokens=2, ignore_eos=True))
     engine.step()
     assert engine.cache.num_used_blocks == engine.max_model_len // 4  # a full-length reservation
