@@ -56,10 +56,17 @@ def best_length(acceptances: Sequence[float], max_k: int, *, step_fixed: float, 
     batch = len(acceptances)
     if batch == 0:
         return 0
+    tokens = [float(batch)] * (max_k + 1)  # the batch's expected tokens from k drafts each, k = 0 .. max_k
+    for acceptance in acceptances:  # expected_tokens for every k in one pass: a running sum of survivals
+        survive = total = 1.0
+        for k in range(1, max_k + 1):
+            survive *= acceptance if continuation is None or k == 1 else continuation[k - 2]
+            total += survive
+            tokens[k] += total - 1.0
     best, best_rate = 0, batch / (step_fixed + step_per_token * batch)
     for k in range(1, max_k + 1):
         seconds = step_fixed + step_per_token * batch * (1 + k) + draft_step * k
-        rate = sum(expected_tokens(a, k, continuation) for a in acceptances) / seconds
+        rate = tokens[k] / seconds
         if rate > best_rate * 1.0001:
             best, best_rate = k, rate
     return best
@@ -74,6 +81,8 @@ class SpeculationLength:
     """The longest wait between probes, after rejected ones."""
     EXPLORE_EVERY = 16
     """Every this many steps, one without drafts (see the module's docstring)."""
+    DECIDE_EVERY = 8
+    """Steps a decision on k is kept for while the batch is the same and nothing was verified."""
     PRIOR_ACCEPTANCE = 0.7
     """The acceptance assumed before any draft was verified."""
     ACCEPTANCE_DECAY = 0.9
@@ -101,6 +110,7 @@ class SpeculationLength:
         self._n, self._x, self._y, self._xx, self._xy = 0.0, 0.0, 0.0, 0.0, 0.0
         for tokens, seconds in ((1, 1e-3), (9, 1.4e-3)):
             self._add(tokens, seconds, weight=0.5)
+        self._decided: tuple[tuple[str, ...], int, tuple[int, bool]] | None = None
         self._draft_ratio = 0.0
         """A draft forward's time over the target's fitted step time at the same batch size."""
         self._draft_steps_seen = 0
@@ -138,6 +148,7 @@ class SpeculationLength:
         """A request's ``accepted`` of ``proposed`` drafts were kept."""
         if proposed < 1:
             return
+        self._decided = None
         if request_id in self._probing:
             self._probing.discard(request_id)
             wait = self._probe_wait.get(request_id, self._last_wait)
@@ -195,13 +206,7 @@ class SpeculationLength:
         self._steps += 1
         if self._steps % self.EXPLORE_EVERY == 0:
             return [0] * len(request_ids)
-        fixed, per_token = self.step_costs()
-        acceptances = [self._acceptance.get(r, self._overall) for r in request_ids]
-        draft_step = self.draft_seconds(len(request_ids))
-        k = best_length(acceptances, self.max_k, step_fixed=fixed, step_per_token=per_token, draft_step=draft_step,
-                        continuation=self.continuation())
-        worth_probing = k == 0 and best_length([1.0] * len(request_ids), self.max_k, step_fixed=fixed,
-                                                step_per_token=per_token, draft_step=draft_step) > 0
+        k, worth_probing = self._decision(tuple(request_ids))
         lengths = []
         for request_id in request_ids:
             if k > 0:
@@ -215,6 +220,23 @@ class SpeculationLength:
                 self._probing.add(request_id)
             lengths.append(1 if probe else 0)
         return lengths
+
+    def _decision(self, request_ids: tuple[str, ...]) -> tuple[int, bool]:
+        """(k, whether probes could pay) for these requests: worked out again when they change, after a
+        verification, or every ``DECIDE_EVERY`` steps (the step-time fit moves slowly); kept in between, so
+        that a batch not drafting pays next to nothing a step for asking."""
+        cached = self._decided
+        if cached is not None and cached[0] == request_ids and self._steps - cached[1] < self.DECIDE_EVERY:
+            return cached[2]
+        fixed, per_token = self.step_costs()
+        acceptances = [self._acceptance.get(r, self._overall) for r in request_ids]
+        draft_step = self.draft_seconds(len(request_ids))
+        k = best_length(acceptances, self.max_k, step_fixed=fixed, step_per_token=per_token, draft_step=draft_step,
+                        continuation=self.continuation())
+        worth_probing = k == 0 and best_length([1.0] * len(request_ids), self.max_k, step_fixed=fixed,
+                                                step_per_token=per_token, draft_step=draft_step) > 0
+        self._decided = (request_ids, self._steps, (k, worth_probing))
+        return k, worth_probing
 
     def acceptance(self, request_id: str) -> float:
         return self._acceptance.get(request_id, self._overall)
