@@ -317,6 +317,11 @@ def test_the_drafting_cost_follows_the_batch_size():
     # at batch 1 these drafts pay; at batch 16, where a draft forward costs 1.6 ms, they would not
     assert length.lengths(["r0"])[0] > 0
     assert length.lengths(batch) == [0] * 16
+    # sampled requests' drafting (a forward a step, drawn in torch) is timed apart; until it is, the greedy's
+    assert length.draft_seconds(1, greedy=False) == length.draft_seconds(1)
+    length.record_drafting(4, 4 * 0.9e-3, batch=1, greedy=False)
+    assert length.draft_seconds(1, greedy=False) == pytest.approx(0.9e-3, rel=0.01)
+    assert length.draft_seconds(1) == pytest.approx(0.4e-3, rel=0.01)
 
 
 def test_lengths_shrink_when_drafts_are_rejected_and_probe_again():

@@ -111,9 +111,10 @@ class SpeculationLength:
         for tokens, seconds in ((1, 1e-3), (9, 1.4e-3)):
             self._add(tokens, seconds, weight=0.5)
         self._decided: tuple[tuple[str, ...], int, tuple[int, bool]] | None = None
-        self._draft_ratio = 0.0
-        """A draft forward's time over the target's fitted step time at the same batch size."""
-        self._draft_steps_seen = 0
+        self._draft_ratio = {True: 0.0, False: 0.0}
+        """A draft forward's time over the target's fitted step time at the same batch size: for batches of
+        greedy requests (a draft model's greedy steps run back to back natively) and for the others."""
+        self._draft_steps_seen = {True: 0, False: 0}
         self._overall = self.PRIOR_ACCEPTANCE
         # per draft position i >= 2: how often it was verified with its predecessors accepted, how often kept
         self._reached = [0.0] * max(0, max_k - 1)
@@ -135,14 +136,16 @@ class SpeculationLength:
                                                                              self._xy))
         self._add(num_tokens, seconds)
 
-    def record_drafting(self, forwards: int, seconds: float, batch: int = 1) -> None:
-        """Drafting for ``batch`` requests took ``seconds`` for ``forwards`` batched draft forwards."""
+    def record_drafting(self, forwards: int, seconds: float, batch: int = 1, *, greedy: bool = True) -> None:
+        """Drafting for ``batch`` requests (``greedy``: all of them greedy) took ``seconds`` for ``forwards``
+        batched draft forwards."""
         if forwards < 1 or batch < 1:
             return
         ratio = seconds / forwards / self.step_seconds(batch)
-        self._draft_steps_seen += 1
-        weight = max(0.1, 1.0 / self._draft_steps_seen)
-        self._draft_ratio = ratio if self._draft_steps_seen == 1 else (1 - weight) * self._draft_ratio + weight * ratio
+        self._draft_steps_seen[greedy] += 1
+        weight = max(0.1, 1.0 / self._draft_steps_seen[greedy])
+        self._draft_ratio[greedy] = (ratio if self._draft_steps_seen[greedy] == 1
+                                     else (1 - weight) * self._draft_ratio[greedy] + weight * ratio)
 
     def record_verification(self, request_id: str, proposed: int, accepted: int) -> None:
         """A request's ``accepted`` of ``proposed`` drafts were kept."""
@@ -182,9 +185,11 @@ class SpeculationLength:
         fixed, per_token = self.step_costs()
         return fixed + per_token * tokens
 
-    def draft_seconds(self, batch: int) -> float:
-        """The expected time of one draft forward over ``batch`` requests."""
-        return self._draft_ratio * self.step_seconds(batch)
+    def draft_seconds(self, batch: int, *, greedy: bool = True) -> float:
+        """The expected time of one draft forward over ``batch`` requests (``greedy``: all greedy); until
+        one kind of batch was measured, the other's."""
+        measured = greedy if self._draft_steps_seen[greedy] or not self._draft_steps_seen[not greedy] else not greedy
+        return self._draft_ratio[measured] * self.step_seconds(batch)
 
     def step_costs(self) -> tuple[float, float]:
         """``(fixed, per_token)`` seconds of a target step, as fitted."""
@@ -197,8 +202,9 @@ class SpeculationLength:
 
     # ------------------------------------------------------------ decisions
 
-    def lengths(self, request_ids: Sequence[str]) -> list[int]:
-        """k for each of this step's proposing requests (0: no drafts for it this time)."""
+    def lengths(self, request_ids: Sequence[str], *, greedy: bool = True) -> list[int]:
+        """k for each of this step's proposing requests (``greedy``: all of them greedy; 0: no drafts for
+        it this time)."""
         if not request_ids:
             return []
         if not self.adaptive:
@@ -206,7 +212,7 @@ class SpeculationLength:
         self._steps += 1
         if self._steps % self.EXPLORE_EVERY == 0:
             return [0] * len(request_ids)
-        k, worth_probing = self._decision(tuple(request_ids))
+        k, worth_probing = self._decision(tuple(request_ids), greedy)
         lengths = []
         for request_id in request_ids:
             if k > 0:
@@ -221,7 +227,7 @@ class SpeculationLength:
             lengths.append(1 if probe else 0)
         return lengths
 
-    def _decision(self, request_ids: tuple[str, ...]) -> tuple[int, bool]:
+    def _decision(self, request_ids: tuple[str, ...], greedy: bool) -> tuple[int, bool]:
         """(k, whether probes could pay) for these requests: worked out again when they change, after a
         verification, or every ``DECIDE_EVERY`` steps (the step-time fit moves slowly); kept in between, so
         that a batch not drafting pays next to nothing a step for asking."""
@@ -230,7 +236,7 @@ class SpeculationLength:
             return cached[2]
         fixed, per_token = self.step_costs()
         acceptances = [self._acceptance.get(r, self._overall) for r in request_ids]
-        draft_step = self.draft_seconds(len(request_ids))
+        draft_step = self.draft_seconds(len(request_ids), greedy=greedy)
         k = best_length(acceptances, self.max_k, step_fixed=fixed, step_per_token=per_token, draft_step=draft_step,
                         continuation=self.continuation())
         worth_probing = k == 0 and best_length([1.0] * len(request_ids), self.max_k, step_fixed=fixed,

@@ -66,7 +66,8 @@ class Speculator:
                     if request.sequence.constraint is None]
         if not eligible:
             return
-        lengths = self.length.lengths([request.request_id for request, _ in eligible])
+        greedy = all(request.sequence.params.greedy for request, _ in eligible)
+        lengths = self.length.lengths([request.request_id for request, _ in eligible], greedy=greedy)
         chosen = []
         for (request, table), k in zip(eligible, lengths):
             room = request.sequence.max_num_tokens - request.num_tokens - 1  # the target adds one of its own
@@ -77,17 +78,18 @@ class Speculator:
             return
         started = time.perf_counter()
         proposals = self.proposer.propose([c[0] for c in chosen], [c[2] for c in chosen], [c[1] for c in chosen])
-        self._record_drafting(max(c[2] for c in chosen), time.perf_counter() - started, len(chosen))
+        self._record_drafting(max(c[2] for c in chosen), time.perf_counter() - started, len(chosen),
+                              greedy=all(c[0].sequence.params.greedy for c in chosen))
         for (request, _, k), (drafts, probs) in zip(chosen, proposals):
             request.spec_token_ids = list(drafts[:k])
             request.spec_probs = probs[:k] if probs is not None else None
 
-    def _record_drafting(self, forwards: int, seconds: float, batch: int) -> None:
+    def _record_drafting(self, forwards: int, seconds: float, batch: int, *, greedy: bool) -> None:
         """Tell the cost model what a round of drafting cost, unless the draft model spent it catching up on a
         prompt or on steps it drafted nothing for: counted, such rounds made drafting look too dear to resume,
         and a speculator that never drafts never measures again."""
         if getattr(self.proposer, "catch_up_tokens", 0) <= 2 * batch:
-            self.length.record_drafting(forwards, seconds, batch)
+            self.length.record_drafting(forwards, seconds, batch, greedy=greedy)
 
     # ------------------------------------------------------------ verification
 
