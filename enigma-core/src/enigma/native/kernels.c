@@ -87,6 +87,13 @@ static void one_row_##SUFFIX(const float *x, int64_t m, int64_t in, const WTYPE 
     }                                                                                                         \
 }
 
+/* y[t, :] += bias for every row t, the rows shared among the threads of the enclosing parallel region. */
+static void add_bias(float *y, const float *bias, int64_t m, int64_t out) {
+#pragma omp for schedule(static)
+    for (int64_t t = 0; t < m; t++)
+        for (int64_t j = 0; j < out; j++) y[t * out + j] += bias[j];
+}
+
 /* linear_SUFFIX: the rows of the weight split into stretches over the threads, four rows at a time by
  * four_rows_SUFFIX and the rest by one_row_SUFFIX, then the bias. */
 #define DEFINE_DRIVER(SUFFIX, WTYPE)                                                                           \
@@ -107,11 +114,7 @@ static void linear_##SUFFIX(const float *x, int64_t m, int64_t in, const WTYPE *
         }                                                                                                     \
         _Pragma("omp for schedule(static)")                                                                   \
         for (int64_t j = blocks * 4; j < out; j++) one_row_##SUFFIX(x, m, in, w + j * in, y + j, out);        \
-        if (bias) {                                                                                           \
-            _Pragma("omp for schedule(static)")                                                               \
-            for (int64_t t = 0; t < m; t++)                                                                   \
-                for (int64_t j = 0; j < out; j++) y[t * out + j] += bias[j];                                  \
-        }                                                                                                     \
+        if (bias) add_bias(y, bias, m, out);                                                                  \
     }                                                                                                         \
 }
 
@@ -285,11 +288,7 @@ static void linear_columns_##SUFFIX(const float *x, int64_t m, int64_t in, const
             }                                                                                                 \
             column_rows(x, xt, m, in, block, rows, y + first, out);                                           \
         }                                                                                                     \
-        if (bias) {                                                                                           \
-            _Pragma("omp for schedule(static)")                                                               \
-            for (int64_t t = 0; t < m; t++)                                                                   \
-                for (int64_t j = 0; j < out; j++) y[t * out + j] += bias[j];                                  \
-        }                                                                                                     \
+        if (bias) add_bias(y, bias, m, out);                                                                  \
     }                                                                                                         \
     free(blocks_f32);                                                                                         \
     free(xt);                                                                                                 \
@@ -466,6 +465,17 @@ static inline enigma_v8 v8_exp(enigma_v8 x) {
     return p * two_n;
 }
 
+/* The online softmax's step to a new block: when the block's largest score passes the running maximum,
+ * the sum and the output so far are scaled down to it (from nothing, for the first block). */
+static inline void softmax_rescale(float block_max, float *maximum, float *sum, float *o, int64_t dim) {
+    if (block_max > *maximum) {
+        float correction = expf(*maximum - block_max);
+        *sum *= correction;
+        for (int64_t d = 0; d < dim; d++) o[d] *= correction;
+        *maximum = block_max;
+    }
+}
+
 /* One sequence's query heads that share KV head `keys`/`values` (`group` of
  * them, [group, dim] at q) over its cached positions first..seq_len-1, read
  * block by block through its block table: online softmax, one pass over the
@@ -517,12 +527,7 @@ static int attend_group_##SUFFIX(const float *q, int64_t group, int64_t dim, con
                 scores[t] = dot * scale;                                                                      \
                 if (scores[t] > block_max) block_max = scores[t];                                             \
             }                                                                                                 \
-            if (block_max > maxima[g]) {                                                                      \
-                float correction = expf(maxima[g] - block_max);  /* 0 for the first block */                  \
-                sums[g] *= correction;                                                                        \
-                for (int64_t d = 0; d < dim; d++) og[d] *= correction;                                        \
-                maxima[g] = block_max;                                                                        \
-            }                                                                                                 \
+            softmax_rescale(block_max, &maxima[g], &sums[g], og, dim);                                        \
             float block_sum = 0;                                                                              \
             for (int64_t t = lo; t < hi; t += 8) {  /* e^x eight at a time */                                 \
                 float chunk[8] = {0};                                                                         \
@@ -613,12 +618,7 @@ static int attend_run_##SUFFIX(const float *query, int64_t row_stride, int64_t r
                 scores[t] *= scale;                                                                           \
                 if (scores[t] > block_max) block_max = scores[t];                                             \
             }                                                                                                 \
-            if (block_max > maxima[n]) {                                                                      \
-                float correction = expf(maxima[n] - block_max);  /* 0 for the first block */                  \
-                sums[n] *= correction;                                                                        \
-                for (int64_t d = 0; d < dim; d++) o[d] *= correction;                                         \
-                maxima[n] = block_max;                                                                        \
-            }                                                                                                 \
+            softmax_rescale(block_max, &maxima[n], &sums[n], o, dim);                                         \
             enigma_v8 top = v8_splat(maxima[n]);                                                              \
             enigma_v8 weights_low = v8_exp(v8_load(scores) - top), weights_high = v8_exp(v8_load(scores + 8) - top); \
             memcpy(scores, &weights_low, sizeof weights_low);                                                 \
