@@ -170,9 +170,10 @@ class SpeculationLength:
         self._acceptance[request_id] = acceptance
 
     def continuation(self) -> list[float]:
-        """The acceptance of draft 2, 3, ... when the drafts before it were accepted: copies from the prompt
-        tend to run on once they start (prompt lookup: 0.9 and more where the first draft is right at 0.75),
-        which one per-token rate would miss, drafting short where long drafts pay."""
+        """The acceptance of draft 2, 3, ... when the drafts before it were accepted. Drafts tend to run on
+        once they start (measured on enigma-tiny: 0.83-1.0 for prompt lookup's drafts 2-8 and 0.92-0.96 for
+        the trained draft's, where the acceptance over all draft tokens is 0.52-0.77), which one per-token
+        rate would miss, drafting short where long drafts pay."""
         estimates, prior = [], self._overall
         for kept, reached in zip(self._kept, self._reached):
             # few verifications of a position (none beyond the drafts tried so far) lean on the one before it
