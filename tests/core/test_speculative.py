@@ -322,6 +322,11 @@ def test_the_drafting_cost_follows_the_batch_size():
     length.record_drafting(4, 4 * 0.9e-3, batch=1, greedy=False)
     assert length.draft_seconds(1, greedy=False) == pytest.approx(0.9e-3, rel=0.01)
     assert length.draft_seconds(1) == pytest.approx(0.4e-3, rel=0.01)
+    # once drafting at batch 16 is measured dearer than batch 1's ratio says, batch 16 goes by its own
+    length.record_drafting(4, 4 * 0.8 * 4e-3, batch=16)
+    assert length.draft_seconds(16) == pytest.approx(0.8 * 4e-3, rel=0.01)
+    assert length.draft_seconds(1) == pytest.approx(0.4e-3, rel=0.01)
+    assert length.draft_seconds(12) == pytest.approx(0.8 * length.step_seconds(12), rel=0.01)  # nearest: 16
 
 
 def test_lengths_shrink_when_drafts_are_rejected_and_probe_again():
