@@ -10,9 +10,9 @@ would under-rate long drafts. It costs one target step over ``1 + k`` tokens
 per request and ``k`` draft forwards. :class:`SpeculationLength` fits the target's
 step time as ``fixed + per_token * tokens`` over the decode steps it sees
 (exponentially weighted least squares), times the drafting as a ratio to the
-target's fitted step over as many tokens as requests drafted for (so that a
-draft forward's cost follows the batch size: one number for all sizes, measured
-on single requests, made batches of 16 draft and lose), tracks each request's
+target's fitted step over as many tokens as requests drafted for, kept by batch
+size and by greedy or sampled batches (one number, measured on single greedy
+requests, made batches of 16 and sampled requests draft and lose), tracks each request's
 acceptance, and each step picks the k (0 .. ``num_speculative_tokens``)
 that maximises emitted tokens per second for the batch. When nothing pays —
 acceptance near zero, or a batch large enough for verification to cost what
