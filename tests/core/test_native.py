@@ -214,6 +214,14 @@ def test_decode_attention_refuses_a_bad_table(kernels, change, message):
         kernels.decode_attention(query, cache, tables, lengths, window=None, scale=1.0)
 
 
+def test_decode_attention_refuses_a_bad_table_for_a_run_of_rows(kernels):
+    query, cache, tables, lengths = _decode_case([20, 21, 22], dim=16, block_size=16, num_blocks=8)
+    tables[:] = tables[0]
+    tables[:, 1] = 99  # the run's second block lies outside the pool: one failure per KV head, not per row
+    with pytest.raises(ValueError, match=r"2 \(sequence or run of its rows, KV head\) pairs .* pool of 8"):
+        kernels.decode_attention(query, cache, tables, lengths, window=None, scale=1.0)
+
+
 def test_decode_attention_refuses_mismatched_inputs(kernels):
     query, cache, tables, lengths = _decode_case([5, 9])
     with pytest.raises(ValueError, match="float32 query"):

@@ -82,6 +82,24 @@ def test_decode_and_verify_steps_equal_the_torch_path(tiny_model, arch):
     assert seen == [20, 16, 2, 2, 2, 5]
 
 
+def test_every_token_logits_for_the_chunks_that_ask_and_the_last_for_all(tiny_model):
+    """The head runs once over the rows wanted: every token of chunks with ``all_logits`` (one token too),
+    the last of the others; ``last`` holds each chunk's last row either way."""
+    fused, plain = runners(tiny_model("llama-gqa"))
+    a, b, c = ids(6, 21), ids(3, 22), ids(1, 23)
+    chunks = [SequenceChunk(a, 0, [1, 2]), SequenceChunk(b, 0, [3], all_logits=True),
+              SequenceChunk(c, 0, [4], all_logits=True)]
+    got = fused.execute(chunks)
+    assert sorted(got.full) == [1, 2] and got.full[1].shape[0] == 3 and got.full[2].shape[0] == 1
+    for index in (1, 2):
+        torch.testing.assert_close(got.last[index], got.full[index][-1])
+    expected = plain.execute(chunks)
+    torch.testing.assert_close(got.last, expected.last, atol=1e-4, rtol=0)
+    torch.testing.assert_close(got.full[1], expected.full[1], atol=1e-4, rtol=0)
+    alone = fused.execute([SequenceChunk(c, 0, [5], all_logits=True)])  # one chunk of one token that asks
+    assert list(alone.full) == [0] and alone.full[0].shape[0] == 1
+
+
 @settings(max_examples=12, deadline=None)
 @given(heads=st.sampled_from([(4, 4), (4, 2), (6, 1)]), head_dim=st.sampled_from([8, 12, 16, 32]),
        layers=st.integers(1, 3), rows=st.integers(1, 20), bias=st.booleans(), seed=st.integers(0, 1000))

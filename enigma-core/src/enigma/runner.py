@@ -156,26 +156,23 @@ class ModelRunner:
         return chosen
 
     def _logits(self, chunks: Sequence[SequenceChunk], hidden: torch.Tensor) -> StepLogits:
-        """The step's logits from its hidden states: every token's for chunks that ask, each chunk's last
-        token's for all (taken from the former where there are any: the head runs once per token)."""
-        if not any(chunk.all_logits for chunk in chunks):
-            ends = torch.tensor([len(chunk.token_ids) for chunk in chunks], device=self.device).cumsum(0) - 1
-            return StepLogits(self.model.compute_logits(hidden[ends]), {})
-        full: dict[int, torch.Tensor] = {}
-        wanted: list[int] = []  # rows of hidden to run the head over
-        where: list[tuple[int, int]] = []  # per chunk: (row of the head's output of its last token, first row)
+        """The step's logits from its hidden states: each chunk's last token's, and every token's for chunks
+        that ask (the head runs once per token either way)."""
+        rows: list[int] = []  # rows of hidden the head runs over
+        spans: list[tuple[int, int]] = []  # each chunk's rows among them
         start = 0
         for chunk in chunks:
-            count = len(chunk.token_ids)
-            rows = range(start, start + count) if chunk.all_logits else range(start + count - 1, start + count)
-            where.append((len(wanted) + len(rows) - 1, len(wanted)))
-            wanted.extend(rows)
-            start += count
-        logits = self.model.compute_logits(hidden[torch.tensor(wanted, device=self.device)])
-        for index, chunk in enumerate(chunks):
-            if chunk.all_logits:
-                full[index] = logits[where[index][1]:where[index][0] + 1]
-        return StepLogits(logits[[last for last, _ in where]], full)
+            end = start + len(chunk.token_ids)
+            first = start if chunk.all_logits else end - 1
+            spans.append((len(rows), len(rows) + end - first))
+            rows.extend(range(first, end))
+            start = end
+        logits = self.model.compute_logits(hidden[torch.tensor(rows, device=self.device)])
+        if not any(chunk.all_logits for chunk in chunks):  # the head ran over each chunk's last token only
+            return StepLogits(logits, {})
+        full = {index: logits[low:high] for index, (chunk, (low, high)) in enumerate(zip(chunks, spans))
+                if chunk.all_logits}
+        return StepLogits(logits[[high - 1 for _, high in spans]], full)
 
 
 @attrs.frozen(kw_only=True)

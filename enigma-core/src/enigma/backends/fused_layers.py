@@ -52,7 +52,7 @@ class FusedLlamaLayers:
     """Chunks longer than the backend's short queries (a long verification, a short prompt) still run here
     while their tokens times their context stay under this: the native decoder attends row by row, which
     beats torch's batched attention while contexts are short (enigma-tiny, 17-32 tokens: 1.6-2.8x faster;
-    the 110M benchmark model, 32 tokens: 1.2x after 100 tokens, even after 1000) and loses beyond."""
+    the 110M benchmark model, 32 tokens: 1.2x after 100 tokens, level after 1000) and loses beyond."""
 
     def __init__(self, model: torch.nn.Module, decoder: NativeDecoder, backend: Any, watched: list[tuple]) -> None:
         self.decoder = decoder
@@ -104,12 +104,12 @@ class FusedLlamaLayers:
         current, positions = [list(feed) for feed in feeds], list(starts)
         width = max(len(block_tables[i]) for i in active)
         padded = {i: block_tables[i] + [0] * (width - len(block_tables[i])) for i in active}
+        head, table = self._head(lm_head), getattr(embed, "weight", None)
+        in_one_call = (head is not None and isinstance(embed, torch.nn.Embedding) and table is not None
+                       and table.dtype in NativeDecoder.CACHE_DTYPES and table.is_contiguous())
         while active:
             left = {steps[i] - len(chosen[i]) for i in active}
-            head = self._head(lm_head)
-            table = getattr(embed, "weight", None)
-            if (chosen[active[0]] and len(left) == 1 and head is not None and isinstance(embed, torch.nn.Embedding)
-                    and table is not None and table.dtype in NativeDecoder.CACHE_DTYPES and table.is_contiguous()):
+            if in_one_call and chosen[active[0]] and len(left) == 1:
                 rest = self.decoder.decode_greedy(table, head, [current[i][0] for i in active],
                                                   [positions[i] for i in active],
                                                   torch.tensor([padded[i] for i in active], dtype=torch.int64),

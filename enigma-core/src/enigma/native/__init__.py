@@ -127,8 +127,9 @@ class NativeKernels:
                                      block_tables.data_ptr(), block_tables.shape[1], seq_lens.data_ptr(),
                                      window or 0, scale, out.data_ptr(), torch.get_num_threads())
         if bad:
-            raise ValueError(f"native decode attention: {bad} (sequence, KV head) pairs have a block table "
-                             f"shorter than their length or naming a block outside the pool of {num_blocks}")
+            raise ValueError(f"native decode attention: {bad} (sequence or run of its rows, KV head) pairs "
+                             "have a block table shorter than their length or naming a block outside the pool of "
+                             f"{num_blocks}")
         return out
 
 

@@ -225,7 +225,7 @@ static void scatter(float acc[][16], int64_t rows, int64_t first, int64_t count,
 }
 
 /* y[:, 0:J] (row stride out) = x @ w[0:J]^T for J = COLUMN_BLOCK, 4 or 1 weight rows. */
-#define DEFINE_COLUMN_BLOCK(J, J2, J1, J4)                                                                     \
+#define DEFINE_COLUMN_BLOCK(J, J2, J1)                                                                     \
 static void column_block_##J(const float *x, const float *xt, int64_t m, int64_t in, const float *w, float *y,\
                              int64_t out) {                                                                   \
     float acc[J][16];                                                                                         \
@@ -241,15 +241,15 @@ static void column_block_##J(const float *x, const float *xt, int64_t m, int64_t
         t = narrow;                                                                                           \
     }                                                                                                         \
     if (t < m) {                                                                                              \
-        if (J4 == 4)                                                                                          \
+        if (J % 4 == 0)                                                                                       \
             for (int64_t r = 0; r < J; r += 4) four_rows_f32(x + t * in, m - t, in, w + r * in, y + t * out + r, out); \
         else                                                                                                  \
             one_row_f32(x + t * in, m - t, in, w, y + t * out, out);                                          \
     }                                                                                                         \
 }
-DEFINE_COLUMN_BLOCK(24, 6, 8, 4)
-DEFINE_COLUMN_BLOCK(4, 4, 4, 4)
-DEFINE_COLUMN_BLOCK(1, 1, 1, 1)
+DEFINE_COLUMN_BLOCK(24, 6, 8)
+DEFINE_COLUMN_BLOCK(4, 4, 4)
+DEFINE_COLUMN_BLOCK(1, 1, 1)
 
 /* Weight rows 0 .. rows-1 of w: blocks of COLUMN_BLOCK, then of 4, then one by one. */
 static void column_rows(const float *x, const float *xt, int64_t m, int64_t in, const float *w, int64_t rows,
@@ -406,31 +406,13 @@ void enigma_linear_bf16(const float *x, int64_t m, int64_t in, const uint16_t *w
     linear_bf16(x, m, in, w, out, bias, y, threads);
 }
 
-/* e^x in arithmetic the compiler vectorises (libm's expf is a call per element, which was most of a
- * short-context attention's time and a tenth of a small model's decode step in SiLU): x = n ln2 + r,
- * |r| <= ln2 / 2, e^r by Cephes' expf polynomial, 2^n put into the exponent bits. Relative error below 2e-7
- * (tested against expf). x is clamped to [-87, 88]: below, e^-87 (~1e-38) where expf gives less, nothing
- * next to a softmax's largest weight (1) or to SiLU's 1 + e^-g; above, 2^127-odd instead of infinity, after
- * which SiLU's g / (1 + e^-g) is still 0 to float precision. */
-static inline float fast_exp(float x) {
-    x = x < -87.0f ? -87.0f : x > 88.0f ? 88.0f : x;
-    float n = floorf(x * 1.44269504088896341f + 0.5f);
-    float r = x - n * 0.693359375f + n * 2.12194440e-4f;
-    float p = 1.9875691500e-4f;
-    p = p * r + 1.3981999507e-3f;
-    p = p * r + 8.3334519073e-3f;
-    p = p * r + 4.1665795894e-2f;
-    p = p * r + 1.6666665459e-1f;
-    p = p * r + 5.0000001201e-1f;
-    p = p * r * r + r + 1.0f;
-    uint32_t bits = (uint32_t)((int32_t)n + 127) << 23;
-    float two_n;
-    memcpy(&two_n, &bits, sizeof two_n);
-    return p * two_n;
-}
-
-/* fast_exp on eight floats at once, written out in vectors (loops calling fast_exp are not vectorised by
- * the compiler: its clamps and floor are branches to it). */
+/* e^x on eight floats, written out in vectors (libm's expf is a call per element: the polynomial in its
+ * place took enigma-tiny's attention of 9 rows over 200 positions from 170 to 128 us a layer, scalar; the
+ * compiler does not vectorise a scalar version either, its clamps and floor being branches to it): x = n ln2 + r,
+ * |r| <= ln2 / 2, e^r by Cephes' expf polynomial, 2^n put into the exponent bits. Relative error at most
+ * 8.5e-8 against exp in double over [-87, 88] (14M points). x is clamped to that range: below, e^-87
+ * (~1e-38) where expf gives less, nothing next to a softmax's largest weight (1) or to SiLU's 1 + e^-g;
+ * above, 2^127-odd instead of infinity, after which SiLU's g / (1 + e^-g) is still 0 to float precision. */
 typedef int32_t enigma_i32x8 __attribute__((vector_size(32)));
 
 static inline enigma_v8 v8_select(enigma_i32x8 mask, enigma_v8 yes, enigma_v8 no) {
@@ -488,8 +470,9 @@ static inline void softmax_rescale(float block_max, float *maximum, float *sum, 
  * window > 0), the blocks named by block_tables[s] ([num_seqs, max_blocks]).
  * kv_cache is the torch backend's layout, [2, kv_heads, num_blocks,
  * block_size, dim]; query heads h*group .. (h+1)*group-1 share KV head h.
- * Sequences and KV heads run in parallel. Returns the number of (sequence, KV
- * head) pairs whose table was too short or named a block outside the pool
+ * Rows of one sequence at consecutive positions (a verification) run together
+ * (attend_run). Runs and KV heads run in parallel. Returns the number of (run,
+ * KV head) pairs whose table was too short or named a block outside the pool
  * (their output is undefined); 0 when all is well. */
 #define DEFINE_ATTENTION(SUFFIX, CTYPE, LOAD)                                                                  \
 static int attend_group_##SUFFIX(const float *q, int64_t group, int64_t dim, const CTYPE *keys,               \
@@ -564,7 +547,7 @@ static int attend_group_##SUFFIX(const float *q, int64_t group, int64_t dim, con
     return 0;                                                                                                 \
 }                                                                                                             \
                                                                                                               \
-/* attend_run_SUFFIX: rows consecutive rows of one sequence (a verification's drafts, or a lone decode; one  \
+/* attend_run_SUFFIX: rows consecutive rows of one sequence (a verification's drafts, a short prompt; one    \
  * block table, lengths[j] = lengths[0] + j) over KV head `keys`/`values`, each row's `group` query heads at   \
  * query + j * row_stride, for block_size 16 and dim a multiple of 8. Each block's keys are transposed once   \
  * ([dim][16]) for all the run's queries: a query's 16 scores are then two vectors of multiply-adds down the  \
@@ -653,47 +636,31 @@ static int64_t decode_attention_##SUFFIX(const float *query, int64_t num_seqs, i
                                          int32_t threads) {                                                   \
     int64_t group = heads / kv_heads, head_stride = num_blocks * block_size * dim;                            \
     int64_t bad = 0;                                                                                          \
-    if (block_size == 16 && dim % 8 == 0 && dim <= 512) {                                                     \
-        /* runs of rows of one sequence: consecutive positions, the same table; at most RUN_MAX rows */       \
-        enum { RUN_MAX = 16 };                                                                                \
-        int64_t *runs = malloc((size_t)(num_seqs + 1) * sizeof(int64_t)), count = 0;                          \
-        if (runs != NULL) {                                                                                   \
-            for (int64_t s = 0; s < num_seqs; s++)                                                            \
-                if (s == 0 || s - runs[count - 1] >= RUN_MAX || seq_lens[s] != seq_lens[s - 1] + 1           \
-                    || memcmp(block_tables + s * max_blocks, block_tables + (s - 1) * max_blocks,            \
-                              (size_t)max_blocks * sizeof(int64_t)) != 0)                                     \
-                    runs[count++] = s;                                                                        \
-            runs[count] = num_seqs;                                                                           \
-            _Pragma("omp parallel for collapse(2) schedule(dynamic, 1) num_threads(threads) reduction(+ : bad)") \
-            for (int64_t r = 0; r < count; r++) {                                                             \
-                for (int64_t h = 0; h < kv_heads; h++) {                                                      \
-                    int64_t s = runs[r], first = window > 0 && seq_lens[s] > window ? seq_lens[s] - window : 0; \
-                    const CTYPE *keys = kv_cache + h * head_stride, *values = keys + kv_heads * head_stride;  \
-                    int64_t offset = (s * heads + h * group) * dim;                                           \
-                    if (runs[r + 1] - s == 1)  /* a lone decode: transposing would cost more than it saves */ \
-                        bad += attend_group_##SUFFIX(query + offset, group, dim, keys, values,                \
-                                                     block_tables + s * max_blocks, max_blocks, num_blocks,   \
-                                                     block_size, first, seq_lens[s], scale, out + offset);    \
-                    else                                                                                      \
-                        bad += attend_run_##SUFFIX(query + offset, heads * dim, runs[r + 1] - s, group, dim,  \
-                                                   keys, values, block_tables + s * max_blocks, max_blocks,   \
-                                                   num_blocks, seq_lens + s, window, scale, out + offset);    \
-                }                                                                                             \
-            }                                                                                                 \
-            free(runs);                                                                                       \
-            return bad;                                                                                       \
-        }                                                                                                     \
-    }                                                                                                         \
+    /* runs of rows of one sequence (consecutive positions, the same table; at most RUN_MAX rows) where       \
+     * attend_run can take them (blocks of 16, dim in vectors of 8), else every row a run of its own */       \
+    enum { RUN_MAX = 16 };                                                                                    \
+    const int runs_allowed = block_size == 16 && dim % 8 == 0 && dim <= 512;                                  \
+    int64_t runs[num_seqs + 1], count = 0;                                                                    \
+    for (int64_t s = 0; s < num_seqs; s++)                                                                    \
+        if (s == 0 || !runs_allowed || s - runs[count - 1] >= RUN_MAX || seq_lens[s] != seq_lens[s - 1] + 1   \
+            || memcmp(block_tables + s * max_blocks, block_tables + (s - 1) * max_blocks,                     \
+                      (size_t)max_blocks * sizeof(int64_t)) != 0)                                             \
+            runs[count++] = s;                                                                                \
+    runs[count] = num_seqs;                                                                                   \
     _Pragma("omp parallel for collapse(2) schedule(dynamic, 1) num_threads(threads) reduction(+ : bad)")      \
-    for (int64_t s = 0; s < num_seqs; s++) {                                                                  \
+    for (int64_t r = 0; r < count; r++) {                                                                     \
         for (int64_t h = 0; h < kv_heads; h++) {                                                              \
-            int64_t seq_len = seq_lens[s];                                                                    \
-            int64_t first = window > 0 && seq_len > window ? seq_len - window : 0;                            \
+            int64_t s = runs[r], first = window > 0 && seq_lens[s] > window ? seq_lens[s] - window : 0;       \
             const CTYPE *keys = kv_cache + h * head_stride, *values = keys + kv_heads * head_stride;          \
             int64_t offset = (s * heads + h * group) * dim;                                                   \
-            bad += attend_group_##SUFFIX(query + offset, group, dim, keys, values, block_tables + s * max_blocks,\
-                                         max_blocks, num_blocks, block_size, first, seq_len, scale,           \
-                                         out + offset);                                                       \
+            if (runs[r + 1] - s == 1)  /* a lone decode: transposing would cost more than it saves */         \
+                bad += attend_group_##SUFFIX(query + offset, group, dim, keys, values, block_tables + s * max_blocks,\
+                                             max_blocks, num_blocks, block_size, first, seq_lens[s], scale,   \
+                                             out + offset);                                                   \
+            else                                                                                              \
+                bad += attend_run_##SUFFIX(query + offset, heads * dim, runs[r + 1] - s, group, dim, keys, values,\
+                                           block_tables + s * max_blocks, max_blocks, num_blocks, seq_lens + s,\
+                                           window, scale, out + offset);                                      \
         }                                                                                                     \
     }                                                                                                         \
     return bad;                                                                                               \
@@ -888,7 +855,13 @@ int enigma_decode_layers(const enigma_decoder *m, const enigma_layer *layers, in
                 enigma_v8 gate = v8_load(g + j), silu = gate / (v8_splat(1.0f) + v8_exp(-gate)) * v8_load(u + j);
                 memcpy(a + j, &silu, sizeof silu);
             }
-            for (; j < inter; j++) a[j] = g[j] / (1.0f + fast_exp(-g[j])) * u[j];
+            if (j < inter) {  /* the last few, padded to eight */
+                float gate[8] = {0}, up[8] = {0};
+                memcpy(gate, g + j, (size_t)(inter - j) * sizeof(float));
+                memcpy(up, u + j, (size_t)(inter - j) * sizeof(float));
+                enigma_v8 tail = v8_load(gate), silu = tail / (v8_splat(1.0f) + v8_exp(-tail)) * v8_load(up);
+                memcpy(a + j, &silu, (size_t)(inter - j) * sizeof(float));
+            }
         }
         if (project(&layer->down, inter, act, rows, tmp, hidden, 0, tmp, qscratch, threads)) return 1;
         for (int64_t i = 0; i < rows * hidden; i++) x[i] += tmp[i];
