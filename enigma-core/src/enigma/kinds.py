@@ -100,6 +100,9 @@ class Backend(Protocol):
     returns the step's :class:`~enigma.runner.StepLogits`, or None to leave the
     step to the runner's eager forward, and its ``reset()`` is called when the
     KV pool is reallocated (cuda-paged replays decode steps from CUDA graphs).
+    Optionally, ``kv_cache_dtype(dtype)`` names the dtype the KV cache is
+    stored in for a model running in ``dtype`` (cuda-paged: fp8 on request);
+    without it the cache has the model's dtype.
     """
 
     device: torch.device

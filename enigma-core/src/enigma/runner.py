@@ -60,6 +60,9 @@ class ModelRunner:
         self.block_size = block_size
         self.vocab_size = self.model.config.vocab_size
         self.max_model_len = self.model.config.max_position_embeddings
+        kv_cache_dtype = getattr(backend, "kv_cache_dtype", None)
+        self.kv_dtype = kv_cache_dtype(self.dtype) if kv_cache_dtype is not None else self.dtype
+        """What the KV cache holds: the model's dtype unless the backend stores it otherwise (fp8)."""
         self.kv_caches: list[torch.Tensor] = []
         self.num_blocks = 0
         self.step_runner: Any = None
@@ -72,7 +75,7 @@ class ModelRunner:
     @property
     def bytes_per_block(self) -> int:
         kv_heads, head_dim = self.model.kv_shape
-        element = torch.empty((), dtype=self.dtype).element_size()
+        element = torch.empty((), dtype=self.kv_dtype).element_size()
         return 2 * self.block_size * kv_heads * head_dim * element * self.model.num_layers
 
     def resize(self, num_blocks: int) -> None:
@@ -86,7 +89,7 @@ class ModelRunner:
         self.kv_caches = []  # free the old pool before allocating the new one
         if self.step_runner is not None:
             self.step_runner.reset()
-        self.kv_caches = [torch.zeros(shape, dtype=self.dtype, device=self.device)
+        self.kv_caches = [torch.zeros(shape, dtype=self.kv_dtype, device=self.device)
                           for _ in range(self.model.num_layers)]
         self.num_blocks = num_blocks
 

@@ -1,6 +1,6 @@
 """The cuda-paged backend in the engine: the same greedy tokens and logprobs as the reference backend
-(batches of prefills and decodes, chunked prefills, shared prefixes, sliding windows, verified drafts),
-its availability, its memory budget and what it refuses."""
+(batches of prefills and decodes, chunked prefills, shared prefixes, sliding windows, verified drafts, any
+block size, split keys), fp8 KV caches, its availability, its memory budget and what it refuses."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from enigma import LLM, BadRequestError, SamplingParams
+from enigma.errors import ConfigError
 from enigma.plugins import load_plugins
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
@@ -94,9 +95,68 @@ def test_verified_drafts_give_the_tokens_of_plain_decoding(models, device, metho
     assert llm.engine.cache.num_used_blocks == 0
 
 
-def test_a_block_size_the_kernel_cannot_walk_is_refused(models, device):
-    with pytest.raises(BadRequestError, match="power of two of at least 16.*--block-size 16"):
-        LLM(models("llama-gqa"), backend="cuda-paged", device=device, block_size=4)
+@pytest.mark.parametrize("block_size", [4, 24])
+def test_any_block_size_gives_the_reference_tokens(models, device, block_size):
+    # blocks smaller than a KV tile are gathered several to a tile; 24 is not a power of two
+    folder = models("llama-gqa")
+    expected = generate(folder, "torch", device, block_size=block_size)
+    assert_same(generate(folder, "cuda-paged", device, block_size=block_size), expected)
+
+
+def test_split_keys_give_the_reference_tokens(models, device, monkeypatch):
+    # a GPU of 64 multiprocessors and splits of 16 keys: every decode here shares its keys out
+    from enigma_cuda_paged import graphs, kernels
+
+    monkeypatch.setattr(kernels, "multiprocessors", lambda device: 64)
+    monkeypatch.setattr(graphs, "multiprocessors", lambda device: 64)
+    monkeypatch.setattr(kernels, "MIN_SPLIT_KEYS", 16)
+    folder = models("llama-gqa")
+    expected = generate(folder, "torch", device)
+    llm = LLM(folder, backend="cuda-paged", device=device, dtype="float32")
+    outputs = [output.outputs[0] for output in llm.generate(prompts_of(LENGTHS), PARAMS)]
+    assert_same(outputs, expected)
+    assert all(step.tables.splits > 1 for step in llm.engine.runner.step_runner.steps.values())
+
+
+@pytest.mark.parametrize("name", ["fp8", "fp8_e5m2"])
+def test_fp8_kv_caches_hold_more_tokens_and_give_the_reference_tokens(models, device, monkeypatch, name):
+    # the oracle: the reference backend with its keys and values rounded through the same fp8 type
+    from enigma.backends import torch_backend
+
+    folder = models("llama-gqa")
+    plain = LLM(folder, backend="cuda-paged", device=device, dtype="float32", kv_cache_memory=2**20)
+    monkeypatch.setenv("ENIGMA_PLUGINS__CUDA_PAGED__KV_CACHE_DTYPE", name)
+    llm = LLM(folder, backend="cuda-paged", device=device, dtype="float32", kv_cache_memory=2**20)
+    runner = llm.engine.runner
+    fp8 = torch.float8_e5m2 if name == "fp8_e5m2" else torch.float8_e4m3fn
+    assert runner.kv_dtype == fp8 and runner.kv_caches[0].dtype == fp8
+    assert runner.bytes_per_block * 4 == plain.engine.runner.bytes_per_block      # a quarter of float32's
+    assert llm.engine.num_blocks >= 4 * plain.engine.num_blocks - 4
+    write = torch_backend.write_kv
+    monkeypatch.setattr(torch_backend, "write_kv", lambda cache, key, value, slots: write(
+        cache, key.to(fp8).float(), value.to(fp8).float(), slots))
+    expected = generate(folder, "torch", device)
+    outputs = [output.outputs[0] for output in llm.generate(prompts_of(LENGTHS), PARAMS)]
+    assert llm.engine.cache.num_used_blocks == 0
+    assert_same(outputs, expected)
+
+
+def test_e4m3_caches_are_refused_on_gpus_that_cannot_convert_them(monkeypatch):
+    from enigma_cuda_paged.backend import fp8_dtype
+
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device: (8, 0))
+    with pytest.raises(BadRequestError, match="compute capability 8.9.*this one is 8.0.*fp8_e5m2"):
+        fp8_dtype("fp8", torch.device("cuda"))
+    assert fp8_dtype("fp8_e5m2", torch.device("cuda")) == torch.float8_e5m2
+    assert fp8_dtype("auto", torch.device("cuda")) is None
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device: (9, 0))
+    assert fp8_dtype("fp8_e4m3", torch.device("cuda")) == torch.float8_e4m3fn
+
+
+def test_an_unknown_kv_cache_dtype_is_refused(models, device, monkeypatch):
+    monkeypatch.setenv("ENIGMA_PLUGINS__CUDA_PAGED__KV_CACHE_DTYPE", "int4")
+    with pytest.raises(ConfigError, match="kv_cache_dtype = .int4. .*auto, fp8, fp8_e4m3 or fp8_e5m2"):
+        LLM(models("llama-gqa"), backend="cuda-paged", device=device)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a CUDA device")

@@ -18,6 +18,9 @@ import torch.nn.functional as F
 from enigma.attention import AttentionMetadata
 from enigma.errors import BadRequestError
 
+FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
+"""The 8-bit float types a KV cache may be stored in."""
+
 
 def kv_cache_shape(num_blocks: int, block_size: int, num_kv_heads: int, head_dim: int) -> tuple[int, ...]:
     """One layer's cache: ``[2 (k, v), kv_heads, num_blocks, block_size, head_dim]``.
@@ -30,11 +33,18 @@ def kv_cache_shape(num_blocks: int, block_size: int, num_kv_heads: int, head_dim
 
 def write_kv(kv_cache: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
              slot_mapping: torch.Tensor) -> None:
-    """Store this step's keys and values (``[tokens, kv_heads, dim]``) at their cache slots."""
+    """Store this step's keys and values (``[tokens, kv_heads, dim]``) at their cache slots. An fp8 cache
+    takes them saturated to its largest finite value (a plain cast would make out-of-range values NaN)."""
     _, kv_heads, num_blocks, block_size, head_dim = kv_cache.shape
     flat = kv_cache.view(2, kv_heads, num_blocks * block_size, head_dim)
-    flat[0].index_copy_(1, slot_mapping, key.transpose(0, 1).to(kv_cache.dtype))
-    flat[1].index_copy_(1, slot_mapping, value.transpose(0, 1).to(kv_cache.dtype))
+    key, value = key.transpose(0, 1), value.transpose(0, 1)
+    if kv_cache.dtype in FP8_DTYPES:
+        # saturate, then copy the bytes: index_copy_ has no fp8 kernels
+        largest = torch.finfo(kv_cache.dtype).max
+        key, value = (part.clamp(-largest, largest).to(kv_cache.dtype).view(torch.uint8) for part in (key, value))
+        flat = flat.view(torch.uint8)
+    flat[0].index_copy_(1, slot_mapping, key.to(flat.dtype))
+    flat[1].index_copy_(1, slot_mapping, value.to(flat.dtype))
 
 
 def gather_kv(kv_cache: torch.Tensor, block_table: torch.Tensor,

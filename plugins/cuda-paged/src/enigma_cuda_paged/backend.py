@@ -7,7 +7,8 @@ blocks where they lie (:mod:`enigma_cuda_paged.kernels`). The kernel's
 per-step tables are built once per step and uploaded in one copy; the layers
 share them. Decode-only steps replay CUDA graphs (:mod:`enigma_cuda_paged.graphs`).
 The KV pool takes what ``gpu_memory_utilization`` (0.9 by default) leaves once
-the weights are in. Settings: ``[plugins.cuda-paged]``
+the weights are in, and holds the model's dtype or, with ``kv_cache_dtype``,
+8-bit floats (twice bf16's tokens). Settings: ``[plugins.cuda-paged]``
 (:class:`~enigma_cuda_paged.settings.CudaPagedSettings`).
 
 With ``TRITON_INTERPRET=1`` and no GPU it also runs on the CPU, slowly, which is
@@ -49,6 +50,7 @@ class CudaPagedBackend(TorchBackend):
         from enigma.config import plugin_settings
 
         self.settings = plugin_settings("cuda-paged")
+        self.kv_dtype = fp8_dtype(self.settings.kv_cache_dtype, self.device)
         self._tables: tuple[torch.Tensor, int, kernels.StepTables] | None = None
 
     def kv_cache_memory(self, requested: int | float | None) -> int:
@@ -69,12 +71,13 @@ class CudaPagedBackend(TorchBackend):
 
     def kv_cache_shape(self, num_blocks: int, block_size: int, num_kv_heads: int,
                        head_dim: int) -> tuple[int, ...]:
-        """The torch backend's layout, for block sizes the kernel takes (a power of two, at least 16), with one
-        spare block after the pool's: the padding rows of graph-replayed decodes write there."""
-        problem = kernels.block_size_problem(block_size)
-        if problem:
-            raise BadRequestError(problem)
+        """The torch backend's layout, with one spare block after the pool's: the padding rows of
+        graph-replayed decodes write there."""
         return super().kv_cache_shape(num_blocks + 1, block_size, num_kv_heads, head_dim)
+
+    def kv_cache_dtype(self, dtype: torch.dtype) -> torch.dtype:
+        """The model's ``dtype``, or the fp8 type that ``kv_cache_dtype`` names."""
+        return self.kv_dtype or dtype
 
     def step_runner(self, runner: Any) -> DecodeGraphs | None:
         """What runs ``runner``'s decode-only steps: CUDA graphs on the GPU (unless ``cuda_graphs`` is off); on a
@@ -89,16 +92,17 @@ class CudaPagedBackend(TorchBackend):
         """Write this step's KV into ``kv_cache``, then attend with the paged kernel. See
         :class:`enigma.kinds.Backend`."""
         write_kv(kv_cache, key, value, metadata.slot_mapping)
-        tables = self.step_tables(metadata, group=query.shape[1] // kv_cache.shape[1])
+        tables = self.step_tables(metadata, group=query.shape[1] // kv_cache.shape[1], kv_heads=kv_cache.shape[1])
         return kernels.paged_attention(query, kv_cache, metadata.block_tables, tables, scale=scale,
                                        sliding_window=metadata.sliding_window)
 
-    def step_tables(self, metadata: AttentionMetadata, *, group: int) -> kernels.StepTables:
+    def step_tables(self, metadata: AttentionMetadata, *, group: int, kv_heads: int) -> kernels.StepTables:
         """The kernel's tables for this step, made by the first layer that asks. A layer with its own sliding
         window gets a copy of the metadata sharing the step's block tables, so those identify the step."""
         cached = self._tables
         if cached is None or cached[0] is not metadata.block_tables or cached[1] not in (group, None):
-            tables = kernels.step_tables(metadata.query_lens, metadata.seq_lens, group=group, device=self.device)
+            tables = kernels.step_tables(metadata.query_lens, metadata.seq_lens, group=group, device=self.device,
+                                         kv_heads=kv_heads)
             self._tables = cached = (metadata.block_tables, group, tables)
         return cached[2]
 
@@ -106,3 +110,20 @@ class CudaPagedBackend(TorchBackend):
         """Make ``tables`` the ones every layer of steps over ``metadata``'s block tables reads: a graph's
         static tables, which hold the step's lengths on the device (made for the model's group, so any)."""
         self._tables = (metadata.block_tables, None, tables)
+
+
+FP8_TYPES = {"fp8": torch.float8_e4m3fn, "fp8_e4m3": torch.float8_e4m3fn, "fp8_e5m2": torch.float8_e5m2}
+
+
+def fp8_dtype(name: str, device: torch.device) -> torch.dtype | None:
+    """The fp8 type ``kv_cache_dtype`` names (None for ``auto``), refused where the GPU cannot convert it."""
+    if name == "auto":
+        return None
+    dtype = FP8_TYPES[name]
+    if dtype == torch.float8_e4m3fn and device.type == "cuda":
+        capability = torch.cuda.get_device_capability(device)
+        if capability < (8, 9):
+            raise BadRequestError(f"kv_cache_dtype={name} (e4m3) needs an NVIDIA GPU of compute capability 8.9 or "
+                                  f"later (Ada, Hopper); this one is {capability[0]}.{capability[1]}: use "
+                                  "fp8_e5m2 (enigma config set plugins.cuda-paged.kv_cache_dtype fp8_e5m2) or auto")
+    return dtype

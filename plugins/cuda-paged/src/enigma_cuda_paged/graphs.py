@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from enigma.attention import AttentionMetadata, ForwardContext, forward_context
-from enigma_cuda_paged.kernels import StepTables, tile_tokens
+from enigma_cuda_paged.kernels import StepTables, kv_splits, multiprocessors, tile_tokens
 
 
 def batch_buckets(max_batch: int) -> tuple[int, ...]:
@@ -110,10 +110,13 @@ class DecodeGraphs:
         input_ids, positions, slots, seq_lens = packed[: 4 * batch].view(4, batch)
         block_tables = packed[4 * batch:].view(batch, width)
         ordinal = torch.arange(batch + 1, dtype=torch.int64, device=device)
-        group = self.runner.model.config.num_heads // self.runner.model.kv_shape[0]
+        kv_heads = self.runner.model.kv_shape[0]
+        group = self.runner.model.config.num_heads // kv_heads
+        # split for the longest history the bucket may see: a graph's shape is fixed, the split's share is not
+        splits = kv_splits(batch * kv_heads, self.runner.max_model_len, multiprocessors(device))
         tables = StepTables(q_starts=ordinal, seq_lens=seq_lens, tile_seq=ordinal[:batch],
                             tile_first=torch.zeros(batch, dtype=torch.int64, device=device),
-                            block_q=tile_tokens(group, 1))
+                            block_q=tile_tokens(group, 1), splits=splits)
         metadata = AttentionMetadata(query_lens=(1,) * batch, seq_lens=(1,) * batch, slot_mapping=slots,
                                      block_tables=block_tables, block_size=self.runner.block_size)
         step = StaticStep(batch=batch, packed=packed, input_ids=input_ids, positions=positions, metadata=metadata,
