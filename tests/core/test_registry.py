@@ -9,9 +9,10 @@ from enigma.registry import Implementation, Registry
 
 
 def add(registry: Registry, name: str, *, priority: int = 0, available=None, kind: str = "backend",
-        factory=dict, plugin: str | None = None) -> None:
+        factory=dict, plugin: str | None = None, devices=()) -> None:
     registry.add(Implementation(kind=kind, name=name, factory=factory, plugin=plugin or f"p-{name}",
-                                distribution=f"dist-{name}", priority=priority, available_check=available))
+                                distribution=f"dist-{name}", priority=priority, available_check=available,
+                                devices=devices))
 
 
 @pytest.fixture
@@ -30,6 +31,26 @@ def test_select_by_name_returns_that_one(registry):
 def test_auto_takes_highest_priority_available(registry):
     assert registry.select("backend", "auto").name == "medium"
     assert registry.select("backend").name == "medium"
+
+
+def test_a_named_device_narrows_auto_to_the_backends_for_it():
+    # a GPU machine: the GPU backend is auto's choice, the CPU one only by name or by device
+    registry = Registry()
+
+    def made(name):
+        return lambda **kwargs: (name, kwargs)
+
+    add(registry, "reference", priority=0, factory=made("reference"))
+    add(registry, "cpu-fast", priority=10, devices=("cpu",), factory=made("cpu-fast"),
+        available=lambda: Availability.yes(auto=False, reason="a GPU is here"))
+    add(registry, "gpu-fast", priority=100, devices=("cuda",), factory=made("gpu-fast"))
+    assert registry.select("backend").name == "gpu-fast"
+    assert registry.select("backend", device="cuda:1").name == "gpu-fast"
+    assert registry.select("backend", device="cpu").name == "cpu-fast"
+    assert registry.select("backend", device="mps").name == "reference"
+    assert registry.select("backend", "gpu-fast", device="cpu").name == "gpu-fast"   # a name is a name
+    assert registry.create("backend", device="cpu") == ("cpu-fast", {"device": "cpu"})
+    assert registry.create("backend", device=None) == ("gpu-fast", {"device": None})
 
 
 def test_unavailable_name_says_why_and_lists_others(registry):

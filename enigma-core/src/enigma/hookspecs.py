@@ -28,6 +28,10 @@ distributions. Their signature::
 ``options``
     an attrs class of the options one use of it takes (a trainer's
     ``--lora-rank``), checked like settings; None for none.
+``devices``
+    backends: the torch device types it runs on (``("cuda",)``); empty for
+    any. ``auto`` with a device named (``--device cpu``) chooses among those
+    registered for its type or for any.
 
 Keep plugin modules light: import only ``enigma`` at module level.
 """

@@ -84,7 +84,7 @@ class Register(Protocol):
 
     def __call__(self, name: str, factory: Callable[..., Any] | str, *, priority: int = 0,
                  available: AvailabilityCheck | None = None, summary: str = "",
-                 options: type | None = None) -> None: ...
+                 options: type | None = None, devices: Sequence[str] = ()) -> None: ...
 
 
 @runtime_checkable

@@ -23,7 +23,7 @@ import logging
 import os
 import sys
 import threading
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from types import ModuleType
 from typing import Any
 
@@ -108,6 +108,7 @@ class _Register:
         available: AvailabilityCheck | None = None,
         summary: str = "",
         options: type | None = None,
+        devices: Sequence[str] = (),
     ) -> None:
         self._host.registry.add(
             Implementation(
@@ -120,6 +121,7 @@ class _Register:
                 summary=summary,
                 available_check=available,
                 options=options,
+                devices=tuple(devices),
             )
         )
 
@@ -300,9 +302,9 @@ class PluginHost:
 
     # ------------------------------------------------------------ selection
 
-    def select(self, kind: str, name: str = "auto") -> Implementation:
+    def select(self, kind: str, name: str = "auto", *, device: str | None = None) -> Implementation:
         """See :meth:`enigma.registry.Registry.select`."""
-        return self.registry.select(kind, name)
+        return self.registry.select(kind, name, device=device)
 
     def create(self, kind: str, name: str = "auto", **kwargs: Any) -> Any:
         """See :meth:`enigma.registry.Registry.create`."""

@@ -35,6 +35,8 @@ class Implementation:
     available_check: AvailabilityCheck | None = attrs.field(default=None, repr=False)
     options: type | None = attrs.field(default=None, repr=False)
     """An attrs class of per-use options it takes (a trainer's ``--lora-rank``), or None."""
+    devices: tuple[str, ...] = ()
+    """The torch device types a backend runs on (``"cuda"``, ``"cpu"``, ``"mps"``); empty: any."""
 
     def availability(self) -> Availability:
         """Whether it can run here; a check that raises counts as unavailable."""
@@ -77,6 +79,13 @@ class Implementation:
     def origin(self) -> str:
         """Who provides it, for messages: the distribution, else the plugin."""
         return self.distribution or self.plugin
+
+
+def _device_type(device: str | None) -> str | None:
+    """``"cuda"`` for ``"cuda:1"``; None for no device."""
+    if device is None:
+        return None
+    return str(device).partition(":")[0]
 
 
 def _check_kind(kind: str) -> None:
@@ -132,7 +141,7 @@ class Registry:
                 f"plugin that provides it, or choose one of these ('enigma plugins' lists them)"
             ) from None
 
-    def select(self, kind: str, name: str = AUTO) -> Implementation:
+    def select(self, kind: str, name: str = AUTO, *, device: str | None = None) -> Implementation:
         """Choose one implementation of ``kind``.
 
         An explicit ``name`` must exist and be available here. ``"auto"`` picks
@@ -140,6 +149,12 @@ class Registry:
         so installing a plugin never silently replaces enigma-core's own
         implementation (a plugin that should win says so with a higher priority). Failures list what is installed
         and why each unavailable one is unavailable.
+
+        A ``device`` (a backend's: ``"cpu"``, ``"cuda:1"``) narrows ``"auto"`` to
+        the implementations registered for its type or for any; one registered
+        for that very type is taken even where its availability says "not by
+        auto" (``torch-cpu`` on a machine with a GPU): naming the device settles
+        what that flag defers to.
         """
         if name != AUTO:
             implementation = self.get(kind, name)
@@ -151,16 +166,21 @@ class Registry:
                 )
             return implementation
         available = [impl for impl in self.implementations(kind) if impl.availability()]
+        device_type = _device_type(device)
+        if device_type is not None:
+            available = [impl for impl in available if not impl.devices or device_type in impl.devices]
         for implementation in available:
-            if implementation.availability().auto:
+            if implementation.availability().auto or device_type in implementation.devices:
                 return implementation
         if available:
             return available[0]
         raise NotAvailableError(f"no {kind} is available here; {self._describe(kind)}")
 
     def create(self, kind: str, name: str = AUTO, **kwargs: Any) -> Any:
-        """``select(kind, name)`` and call its factory with ``kwargs``."""
-        return self.select(kind, name).create(**kwargs)
+        """``select(kind, name)`` and call its factory with ``kwargs`` (a backend's ``device`` also chooses
+        among them under ``"auto"``)."""
+        device = kwargs.get("device") if kind == "backend" else None
+        return self.select(kind, name, device=device).create(**kwargs)
 
     def _describe(self, kind: str) -> str:
         implementations = self.implementations(kind)

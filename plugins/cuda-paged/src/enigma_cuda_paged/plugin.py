@@ -25,7 +25,7 @@ def cuda_paged_availability() -> Availability:
 
 @hookimpl
 def enigma_register_backends(register):
-    register("cuda-paged", "enigma_cuda_paged.backend:CudaPagedBackend", priority=100,
+    register("cuda-paged", "enigma_cuda_paged.backend:CudaPagedBackend", priority=100, devices=("cuda",),
              available=cuda_paged_availability,
              summary="NVIDIA GPUs: Triton paged attention over the KV blocks in place, one kernel for "
                      "prefills and decodes")

@@ -25,4 +25,5 @@ def metal_availability() -> Availability:
 @hookimpl
 def enigma_register_backends(register):
     register("metal", "enigma_metal.backend:MetalBackend", priority=100, available=metal_availability,
+             devices=("mps",),
              summary="Apple GPUs through torch's MPS device: float16/bfloat16, paged attention with torch ops")
