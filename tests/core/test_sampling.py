@@ -53,6 +53,14 @@ def test_penalties_follow_their_definitions():
     assert out == pytest.approx([1.0, -4.0 - 0.5 - 0.25, 0.5 - 0.5 - 0.5, 0.5])
 
 
+def test_penalties_skip_ids_outside_the_logits():
+    # a tokenizer's added tokens past the model's logits (and a stray negative id) penalise nothing
+    logits = torch.tensor([[2.0, -2.0, 1.0]])
+    row = SamplingRow(SamplingParams(repetition_penalty=2.0, frequency_penalty=1.0), prompt_token_ids=[5, -1],
+                      output_token_ids=[3, 1])
+    assert apply_penalties(logits.clone(), [row])[0].tolist() == [2.0, -5.0, 1.0]
+
+
 def test_penalties_of_a_mixed_batch_equal_each_rows_own():
     # transformers' repetition penalty (over prompt and output) is the oracle; frequency and presence follow
     # OpenAI's definition: logit - frequency * count - presence * (count > 0)

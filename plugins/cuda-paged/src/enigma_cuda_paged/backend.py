@@ -38,7 +38,9 @@ class CudaPagedBackend(TorchBackend):
     name = "cuda-paged"
 
     def __init__(self, *, device: str | torch.device | None = None) -> None:
-        device = torch.device(device or "cuda")
+        if device is None:  # the interpreter without a GPU runs on the CPU
+            device = "cpu" if interpreted() and not torch.cuda.is_available() else "cuda"
+        device = torch.device(device)
         if device.type != "cuda" and not (device.type == "cpu" and interpreted()):
             raise BadRequestError(f"backend 'cuda-paged' runs on a CUDA device, not on {device}; choose backend "
                                   "'torch-cpu' or 'torch' for that device (the CPU runs it only under "
