@@ -255,3 +255,15 @@ def test_contiguous_cache_baseline_reserves_whole_sequences(folder, solo):
     engine.add_request("x", prompts_of([5])[0], SamplingParams(max_tokens=2, ignore_eos=True))
     engine.step()
     assert engine.cache.num_used_blocks == engine.max_model_len // 4  # a full-length reservation
+
+
+def test_a_requests_token_slice_spans_prompt_and_output_without_copying_both():
+    from types import SimpleNamespace
+
+    from enigma.engine.request import Request
+
+    request = Request("r", "g", SimpleNamespace(prompt_token_ids=[10, 11, 12], output_token_ids=[20, 21]))
+    everything = request.all_token_ids()
+    for start in range(6):
+        for end in range(start, 7):
+            assert request.token_ids(start, end) == everything[start:end], (start, end)

@@ -197,8 +197,7 @@ class Engine:
         decode_only = all(item.start + 1 == item.request.num_tokens for item in output.scheduled)
         chunks = []
         prompt_logprob_items = set()
-        token_lists = [item.request.all_token_ids() for item in output.scheduled]  # once per step: O(context)
-        for index, (item, tokens) in enumerate(zip(output.scheduled, token_lists)):
+        for index, item in enumerate(output.scheduled):
             request = item.request
             group = self._groups[request.group_id]
             wants_prompt_logprobs = (group.prompt_logprobs is not None and request.sequence.index == 0
@@ -206,9 +205,11 @@ class Engine:
                                      and item.start + item.num_tokens >= group.params.prompt_logprobs_start)
             if wants_prompt_logprobs:
                 prompt_logprob_items.add(index)
-            if item.draft_token_ids:
-                tokens = tokens + list(item.draft_token_ids)
-            chunks.append(SequenceChunk(tokens[item.start:item.start + item.num_tokens], item.start,
+            end, known = item.start + item.num_tokens, request.num_tokens
+            tokens = request.token_ids(item.start, min(end, known))
+            if end > known:  # drafts to verify follow the sequence's own tokens
+                tokens = tokens + list(item.draft_token_ids[max(item.start - known, 0):end - known])
+            chunks.append(SequenceChunk(tokens, item.start,
                                         item.block_table, adapter=request.adapter,
                                         all_logits=wants_prompt_logprobs or bool(item.draft_token_ids)))
         pending_masks = self._start_grammar_masks(output)

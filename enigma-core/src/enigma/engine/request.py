@@ -68,6 +68,16 @@ class Request:
     def all_token_ids(self) -> list[int]:
         return self.sequence.prompt_token_ids + self.sequence.output_token_ids
 
+    def token_ids(self, start: int, end: int) -> list[int]:
+        """``all_token_ids()[start:end]`` without copying the whole context (a decode step wants one token)."""
+        prompt, output = self.sequence.prompt_token_ids, self.sequence.output_token_ids
+        split = len(prompt)
+        if start >= split:
+            return output[start - split:end - split]
+        if end <= split:
+            return prompt[start:end]
+        return prompt[start:] + output[:end - split]
+
     @property
     def finished(self) -> bool:
         """Its sequence stopped (a stop condition, the length limit, or an abort)."""
