@@ -3,7 +3,8 @@
     python benchmarks/gpu.py                 # on a CUDA machine; results also in $OUT/gpu.json (default /tmp)
 
 Measures, in one run: the GPU's read bandwidth and from it the batch-1 decode limit (bytes of weights a
-step reads); batch-1 prefill of 128 tokens and decode rate for enigma and transformers; 256 requests
+step reads); batch-1 prefill of 128 tokens and decode rate for enigma and transformers; batch-1 decode
+after 2,000 tokens with the keys split across programs and without, and with an fp8 KV cache; 256 requests
 (prompts 16-512 tokens, outputs 16-256, seeded) through enigma's continuous batching against
 transformers' static batches of 64; and time to first token and inter-token latency of 64 concurrent
 streams through ``enigma serve``. The shapes are those of ``../shared/anchors/gpu_bench.py``.
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import itertools
 import json
 import os
@@ -157,6 +159,31 @@ def main() -> None:
         note(f"b1_{name}", {"prefill128_ms": round(prefill * 1e3, 1), "decode_tok_s": round(decode, 1),
                             "of_limit": round(decode / limit, 3)})
 
+    # a long history at batch 1: 4 KV heads are 4 programs unless the keys are split (flash-decoding)
+    long_prompt = [random.Random(3).randrange(7, 32000) for _ in range(2000)]
+
+    def long_run(count: int, engine=None) -> list[int]:
+        params = SamplingParams(temperature=0, max_tokens=count, ignore_eos=True)
+        return (engine or llm).generate([long_prompt], params)[0].outputs[0].token_ids
+
+    def decode_rate(run, count: int = 128) -> float:
+        prefill = best_of(run, 1)
+        return (count - 1) / (best_of(run, count) - prefill)
+
+    from enigma_cuda_paged import graphs as cuda_graphs
+    from enigma_cuda_paged import kernels as cuda_kernels
+
+    split_rate, split_tokens = decode_rate(long_run), long_run(32)
+    found = cuda_kernels.multiprocessors
+    cuda_kernels.multiprocessors = cuda_graphs.multiprocessors = lambda device: None   # never split
+    llm.engine.runner.step_runner.reset()
+    whole_rate, whole_tokens = decode_rate(long_run), long_run(32)
+    cuda_kernels.multiprocessors = cuda_graphs.multiprocessors = found
+    llm.engine.runner.step_runner.reset()
+    note("b1_history2000", {"split_tok_s": round(split_rate, 1), "unsplit_tok_s": round(whole_rate, 1),
+                            "speedup": round(split_rate / whole_rate, 2), "same_tokens": split_tokens == whole_tokens})
+    bf16_blocks = llm.engine.num_blocks
+
     rng = random.Random(1)
     requests = [([rng.randrange(7, 32000) for _ in range(rng.randint(16, 512))], rng.randint(16, 256))
                 for _ in range(args.requests)]
@@ -185,7 +212,18 @@ def main() -> None:
     static_rate = total / (time.perf_counter() - started)
     note(f"throughput_{args.requests}_transformers_static64", {"tok_s": round(static_rate),
                                                               "enigma_ratio": round(enigma_rate / static_rate, 2)})
-    llm = reference = None  # free the GPU for the server
+    llm = reference = None  # free the GPU for the next engine
+    gc.collect()
+    torch.cuda.empty_cache()
+
+    os.environ["ENIGMA_PLUGINS__CUDA_PAGED__KV_CACHE_DTYPE"] = "fp8"
+    fp8 = LLM(folder, backend="cuda-paged", dtype="bfloat16", enable_prefix_caching=False)
+    fp8_rate = decode_rate(lambda count: long_run(count, fp8))
+    note("fp8_kv", {"b1_history2000_tok_s": round(fp8_rate, 1), "vs_bf16_kv": round(fp8_rate / split_rate, 2),
+                    "pool_blocks": fp8.engine.num_blocks, "bf16_pool_blocks": bf16_blocks})
+    del os.environ["ENIGMA_PLUGINS__CUDA_PAGED__KV_CACHE_DTYPE"]
+    fp8 = None  # free the GPU for the server
+    gc.collect()
     torch.cuda.empty_cache()
 
     if not args.skip_serve:

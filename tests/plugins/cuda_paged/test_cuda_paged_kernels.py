@@ -134,6 +134,10 @@ def test_splits_go_where_programs_leave_the_gpu_idle():
     tables = step_tables([1], [4096], group=4, device=torch.device("cpu"), kv_heads=4)
     assert tables.splits == 1
     assert step_tables([1], [4096], group=4, device=torch.device("cpu"), kv_heads=4, splits=4).splits == 4
+    three = step_tables([1], [40], group=1, device=torch.device("cpu"), splits=3)
+    with pytest.raises(ValueError, match="power of two of pieces, not 3"):
+        paged_attention(torch.zeros(1, 1, 16), torch.zeros(2, 1, 4, 16, 16), torch.zeros(1, 3, dtype=torch.long),
+                        three, scale=1.0)
 
 
 def test_a_query_that_does_not_fit_the_cache_is_refused():

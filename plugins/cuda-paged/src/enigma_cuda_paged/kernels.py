@@ -261,6 +261,8 @@ def paged_attention(query: torch.Tensor, kv_cache: torch.Tensor, block_tables: t
     block_m = max(MIN_DOT, triton.next_power_of_2(tables.block_q * group))
     head_dim_padded = max(MIN_DOT, triton.next_power_of_2(head_dim))
     splits = tables.splits
+    if splits < 1 or splits & (splits - 1):
+        raise ValueError(f"paged attention splits a tile's keys into a power of two of pieces, not {splits}")
     if splits > 1:
         part_acc = torch.empty(splits, tokens, heads, head_dim, dtype=torch.float32, device=query.device)
         part_stats = torch.empty(splits, tokens, heads, 2, dtype=torch.float32, device=query.device)
