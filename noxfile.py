@@ -4,6 +4,8 @@
 - lint:  ruff over the workspace
 - core:  tests/core against enigma-core alone
 - cli:   tests/cli against enigma-core + enigma-cli
+- cuda_paged_engine: the engine, parity, sampling and speculative tests against the cuda-paged backend
+  (a GPU's, or on a CPU Triton's interpreter: about 40 minutes)
 """
 
 from __future__ import annotations
@@ -44,3 +46,13 @@ def cli(session: nox.Session) -> None:
     session.install("torch==2.13.0", "pytest>=8", "hypothesis>=6.100", "setuptools>=77")
     session.install("-e", "./enigma-core", "-e", "./enigma-cli")
     session.run("pytest", "tests/cli", *session.posargs)
+
+
+@nox.session(python=PYTHON)
+def cuda_paged_engine(session: nox.Session) -> None:
+    """The engine, parity, sampling and speculative tests with 'auto' choosing cuda-paged."""
+    session.install("-r", "requirements-dev.txt")
+    env = {} if session.posargs and "--gpu" in session.posargs else {"TRITON_INTERPRET": "1"}
+    session.run("pytest", "--enigma-backend", "cuda-paged", "-k", "not minilm", "tests/core/test_engine.py",
+                "tests/core/test_model_parity.py", "tests/core/test_sampling.py", "tests/core/test_speculative.py",
+                *[arg for arg in session.posargs if arg != "--gpu"], env=env)

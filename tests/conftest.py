@@ -19,6 +19,28 @@ FIXTURE_MODULES = ("enigma_exact", "enigma_broken", "enigma_int8", "enigma_groun
 pytest_plugins = ["pytester"]
 
 
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption("--enigma-backend", metavar="NAME", default=None,
+                     help="make 'auto' choose this backend wherever a test leaves the backend and device to it "
+                          "(cuda-paged: the engine, parity and sampling tests against it; on a CPU only under "
+                          "TRITON_INTERPRET=1)")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    name = config.getoption("--enigma-backend")
+    if name:
+        from enigma.registry import Registry
+
+        select = Registry.select
+
+        def select_named(self, kind, implementation="auto", *, device=None):
+            if kind == "backend" and implementation == "auto" and device is None:
+                implementation = name
+            return select(self, kind, implementation, device=device)
+
+        Registry.select = select_named
+
+
 @pytest.fixture(scope="session", autouse=True)
 def native_kernels_built_apart(tmp_path_factory: pytest.TempPathFactory) -> None:
     """Compile enigma's native CPU kernels once for the session, outside the user's cache."""

