@@ -5,6 +5,8 @@ from __future__ import annotations
 import attrs
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from enigma.attention import AttentionMetadata
 from enigma.backends.torch_backend import TorchBackend, gather_kv, write_kv
@@ -168,3 +170,32 @@ def test_kv_cache_memory_is_the_backends_to_size():
 def test_contiguous_metadata_rejects_queries_longer_than_sequences():
     with pytest.raises(ValueError, match="query_len <= seq_len"):
         AttentionMetadata.contiguous([4], [3], block_size=2)
+
+
+@settings(max_examples=50, deadline=None)
+@given(data=st.data(), block_size=st.sampled_from([1, 4, 16]))
+def test_a_steps_inputs_are_each_tokens_id_position_and_slot(data, block_size):
+    from types import SimpleNamespace
+
+    from enigma.runner import ModelRunner, SequenceChunk
+
+    chunks = []
+    for _ in range(data.draw(st.integers(1, 5))):
+        start = data.draw(st.integers(0, 40))
+        tokens = data.draw(st.lists(st.integers(0, 999), min_size=1, max_size=20))
+        blocks = -(-(start + len(tokens)) // block_size) + data.draw(st.integers(0, 2))
+        table = data.draw(st.permutations(range(100)))[:blocks]
+        chunks.append(SequenceChunk(tokens, start, table))
+    runner = SimpleNamespace(block_size=block_size, device=torch.device("cpu"))
+    ids, positions, metadata = ModelRunner.step_inputs(runner, chunks)
+    expected = [(token, chunk.start + offset,
+                 chunk.block_table[(chunk.start + offset) // block_size] * block_size
+                 + (chunk.start + offset) % block_size)
+                for chunk in chunks for offset, token in enumerate(chunk.token_ids)]
+    assert list(zip(ids.tolist(), positions.tolist(), metadata.slot_mapping.tolist())) == expected
+    width = max(len(chunk.block_table) for chunk in chunks)
+    assert metadata.block_tables.tolist() == [list(c.block_table) + [0] * (width - len(c.block_table))
+                                              for c in chunks]
+    assert metadata.query_lens == tuple(len(c.token_ids) for c in chunks)
+    assert metadata.seq_lens == tuple(c.start + len(c.token_ids) for c in chunks)
+    assert ids.dtype == positions.dtype == metadata.slot_mapping.dtype == torch.long
