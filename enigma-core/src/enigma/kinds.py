@@ -102,7 +102,12 @@ class Backend(Protocol):
     KV pool is reallocated (cuda-paged replays decode steps from CUDA graphs).
     Optionally, ``kv_cache_dtype(dtype)`` names the dtype the KV cache is
     stored in for a model running in ``dtype`` (cuda-paged: fp8 on request);
-    without it the cache has the model's dtype.
+    without it the cache has the model's dtype. Optionally, a true
+    ``overlaps_steps`` says the device runs apart from the host, so that the
+    engine queues decode steps ahead (async scheduling; cuda-paged on a GPU).
+    A step runner's ``execute`` also takes ``input_ids``: the step's token ids
+    already on the device (fed from the previous step's draw), standing for
+    the chunks' own.
     """
 
     device: torch.device
@@ -192,6 +197,15 @@ class Scheduler(Protocol):
     checks the contract and fails with an error naming the scheduler when it
     is broken (a chunk past the request's tokens, blocks not covering it,
     computed tokens not advanced, no progress while requests wait).
+
+    Optionally, ``follow_on(output)`` gives the next decode of a step whose
+    every request is drawing a token — each one token further, at the
+    position of the token being drawn, its slot allocated — or None to choose
+    afresh with :meth:`schedule`. With it the engine may queue that step
+    before the draw reaches the host (async scheduling: the device computes
+    while the host takes the last tokens in); its :meth:`update_from_output`
+    then comes after the drawn step's. Without it every step is
+    :meth:`schedule`'s.
     """
 
     def add_request(self, request: Request) -> None:

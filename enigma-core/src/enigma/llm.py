@@ -90,7 +90,8 @@ class LLM:
                  adapters: dict[str, str | Path] | None = None, max_loras: int = 4,
                  default_adapter: str | None = None, enable_lora: bool = False,
                  speculative_model: str | Path | None = None, num_speculative_tokens: int | None = None,
-                 speculative_config: Any = None, tensor_parallel_size: int = 1) -> None:
+                 speculative_config: Any = None, tensor_parallel_size: int = 1,
+                 async_scheduling: bool | None = None) -> None:
         from enigma.loader import load_model
         from enigma.plugins import get_host
         from enigma.tokenizer import Tokenizer
@@ -132,7 +133,8 @@ class LLM:
             self.engine = Engine(self._runner, self.tokenizer, model_name=self.model_name, num_blocks=blocks,
                                  cache=cache, scheduler=scheduler, max_num_seqs=max_num_seqs,
                                  max_num_batched_tokens=max_num_batched_tokens,
-                                 enable_prefix_caching=enable_prefix_caching, speculator=speculator)
+                                 enable_prefix_caching=enable_prefix_caching, speculator=speculator,
+                                 async_scheduling=async_scheduling)
             self.max_model_len = self.engine.max_model_len
             if default_adapter is not None:
                 self.engine.default_adapter = default_adapter

@@ -19,6 +19,7 @@ import torch
 
 from enigma.attention import AttentionMetadata, ForwardContext, forward_context
 from enigma.loader import LoadedModel
+from enigma.transfer import to_device
 
 
 @attrs.frozen
@@ -73,6 +74,12 @@ class ModelRunner:
         self.step_runner = make_step_runner(self) if make_step_runner is not None else None
         """What the backend runs some steps with instead of an eager forward (cuda-paged: CUDA graphs for
         decodes); its ``execute(chunks)`` returns :class:`StepLogits`, or None to leave the step to the runner."""
+
+    @property
+    def overlaps_steps(self) -> bool:
+        """Whether the backend's device works apart from the host (``backend.overlaps_steps``: cuda-paged on a
+        GPU), so that the engine gains by queueing a step before taking the last one's tokens in."""
+        return bool(getattr(self.backend, "overlaps_steps", False))
 
     @property
     def bytes_per_block(self) -> int:
@@ -136,13 +143,16 @@ class ModelRunner:
         return uploaded[:total], uploaded[total:2 * total], metadata
 
     @torch.inference_mode()
-    def execute(self, chunks: Sequence[SequenceChunk]) -> StepLogits:
-        """One forward pass over every chunk; logits for each chunk's last token."""
+    def execute(self, chunks: Sequence[SequenceChunk], *, input_ids: torch.Tensor | None = None) -> StepLogits:
+        """One forward pass over every chunk; logits for each chunk's last token. ``input_ids``: the step's
+        token ids already on the device (a decode fed from the previous step's draw before the host has it),
+        standing for the chunks' own."""
         if self.step_runner is not None:
-            logits = self.step_runner.execute(chunks)
+            logits = self.step_runner.execute(chunks, input_ids=input_ids)
             if logits is not None:
                 return logits
-        input_ids, positions, metadata = self.step_inputs(chunks)
+        own_ids, positions, metadata = self.step_inputs(chunks)
+        input_ids = own_ids if input_ids is None else input_ids
         adapters = tuple(chunk.adapter for chunk in chunks)
         context = ForwardContext(backend=self.backend, metadata=metadata, kv_caches=self.kv_caches,
                                  adapters=adapters if any(adapters) else ())
@@ -190,7 +200,7 @@ class ModelRunner:
             rows.extend(range(first, end))
             start = end
         if len(rows) < hidden.shape[0]:  # else the rows are every one, in order
-            hidden = hidden[torch.tensor(rows, device=self.device)]
+            hidden = hidden[to_device(rows, self.device)]
         logits = self.model.compute_logits(hidden)
         if not any(chunk.all_logits for chunk in chunks):  # the head ran over each chunk's last token only
             return StepLogits(logits, {})

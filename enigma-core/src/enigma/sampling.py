@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from enigma.errors import BadRequestError
+from enigma.transfer import to_device
 
 _EPSILON = 1e-5
 
@@ -183,9 +184,9 @@ def apply_penalties(logits: torch.Tensor, rows: Sequence[SamplingRow]) -> torch.
     if repeat:
         seen = _token_table([(rows[i].prompt_token_ids, rows[i].output_token_ids) for i in repeat], logits)
         if seen is not None:
-            where = torch.tensor(repeat, device=logits.device)
-            penalty = torch.tensor([rows[i].params.repetition_penalty for i in repeat], dtype=logits.dtype,
-                                   device=logits.device)[:, None]
+            where = to_device(repeat, logits.device)
+            penalty = to_device([rows[i].params.repetition_penalty for i in repeat], logits.device,
+                                dtype=logits.dtype)[:, None]
             values = logits[where]
             penalized = torch.where(values > 0, values / penalty, values * penalty)
             logits[where] = torch.where(seen > 0, penalized, values)
@@ -193,15 +194,15 @@ def apply_penalties(logits: torch.Tensor, rows: Sequence[SamplingRow]) -> torch.
                if (row.params.presence_penalty or row.params.frequency_penalty) and row.output_token_ids]
     if counted:
         counts = _token_table([(rows[i].output_token_ids,) for i in counted], logits).to(logits.dtype)
-        where = torch.tensor(counted, device=logits.device)
-        frequency, presence = (torch.tensor([getattr(rows[i].params, name) for i in counted], dtype=logits.dtype,
-                                            device=logits.device)[:, None]
+        where = to_device(counted, logits.device)
+        frequency, presence = (to_device([getattr(rows[i].params, name) for i in counted], logits.device,
+                                         dtype=logits.dtype)[:, None]
                                for name in ("frequency_penalty", "presence_penalty"))
         logits[where] -= frequency * counts + presence * (counts > 0)
     stopped = [(i, token) for i, row in enumerate(rows)
                if len(row.output_token_ids) < row.params.min_tokens and row.stop_ids for token in row.stop_ids]
     if stopped:
-        at = torch.tensor(stopped, device=logits.device)
+        at = to_device(stopped, logits.device)
         logits[at[:, 0], at[:, 1]] = float("-inf")
     return logits
 
@@ -220,7 +221,7 @@ def _token_table(row_parts: Sequence[Sequence[Sequence[int]]], logits: torch.Ten
     flat = np.repeat(np.arange(len(row_parts), dtype=np.int64) * vocab, lengths) + ids
     flat = flat[(ids >= 0) & (ids < vocab)]
     table = torch.zeros(len(row_parts) * vocab, dtype=torch.int32, device=logits.device)
-    index = torch.from_numpy(flat).to(logits.device)
+    index = to_device(flat, logits.device)
     return table.index_add_(0, index, torch.ones_like(index, dtype=torch.int32)).view(len(row_parts), vocab)
 
 
@@ -241,7 +242,7 @@ def _filter_rows(logits: torch.Tensor, params: Sequence[SamplingParams]) -> torc
     """Temperature, top-k, top-p and min-p on ``[rows, vocab]`` logits, each row with its own parameters, in a
     few batched ops whatever the number of rows (no per-row kernels, no host round trips)."""
     device, vocab = logits.device, logits.shape[-1]
-    temperature = torch.tensor([p.temperature for p in params], dtype=logits.dtype, device=device)
+    temperature = to_device([p.temperature for p in params], device, dtype=logits.dtype)
     logits = logits / temperature[:, None]
     top_k = [p.top_k if 0 < p.top_k < vocab else 0 for p in params]
     top_p = [p.top_p for p in params]
@@ -249,19 +250,19 @@ def _filter_rows(logits: torch.Tensor, params: Sequence[SamplingParams]) -> torc
         sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
         if any(top_k):
             # the k-th largest value of each row; rows without top-k keep everything (the smallest value)
-            kth_index = torch.tensor([k - 1 if k else vocab - 1 for k in top_k], device=device)
+            kth_index = to_device([k - 1 if k else vocab - 1 for k in top_k], device)
             kth = sorted_logits.gather(1, kth_index[:, None])
             logits = logits.masked_fill(logits < kth, float("-inf"))
             sorted_logits = sorted_logits.masked_fill(sorted_logits < kth, float("-inf"))
         if any(value < 1.0 for value in top_p):
             probs = sorted_logits.softmax(-1)
-            limit = torch.tensor(top_p, dtype=probs.dtype, device=device)[:, None]
+            limit = to_device(top_p, device, dtype=probs.dtype)[:, None]
             outside = (probs.cumsum(-1) - probs > limit) & (limit < 1.0)  # keeps the token that crosses top_p
             logits = logits.masked_fill(torch.zeros_like(outside).scatter(1, order, outside), float("-inf"))
     min_p = [p.min_p for p in params]
     if any(value > 0.0 for value in min_p):
         probs = logits.softmax(-1)
-        floor = torch.tensor(min_p, dtype=probs.dtype, device=device)[:, None] * probs.max(dim=-1, keepdim=True).values
+        floor = to_device(min_p, device, dtype=probs.dtype)[:, None] * probs.max(dim=-1, keepdim=True).values
         logits = logits.masked_fill(probs < floor, float("-inf"))
     return logits
 
@@ -299,7 +300,7 @@ def process_logits(logits: torch.Tensor, rows: Sequence[SamplingRow], *, masks: 
 
             masks = allowed_tokens([rows[index].constraint for index in constrained], logits.shape[-1])
         masks = masks.to(logits.device)
-        index = torch.tensor(constrained, device=logits.device)
+        index = to_device(constrained, logits.device)
         logits = logits.clone()
         held = logits[index].masked_fill(~masks, float("-inf"))
         # a grammar that allows only what a penalty forbade (EOS under min_tokens): the grammar wins
@@ -318,11 +319,11 @@ def sampling_probs(logits: torch.Tensor, rows: Sequence[SamplingRow]) -> torch.T
     probs = torch.zeros_like(logits)
     greedy = [index for index, row in enumerate(rows) if row.params.greedy]
     if greedy:
-        chosen = torch.tensor(greedy, device=logits.device)
+        chosen = to_device(greedy, logits.device)
         probs[chosen, logits[chosen].argmax(dim=-1)] = 1.0
     drawn = [index for index, row in enumerate(rows) if not row.params.greedy]
     if drawn:
-        chosen = torch.tensor(drawn, device=logits.device)
+        chosen = to_device(drawn, logits.device)
         probs[chosen] = _filter_rows(logits[chosen], [rows[index].params for index in drawn]).softmax(-1)
     return probs
 
@@ -331,6 +332,42 @@ def sample(logits: torch.Tensor, rows: Sequence[SamplingRow], *, masks: torch.Te
            ) -> SamplerOutput:
     """Choose the next token of every row. ``logits``: ``[rows, vocab]`` float32. ``masks``: the
     constrained rows' allowed tokens when computed already (:func:`grammar_masks`, beside the forward)."""
+    return start_sample(logits, rows, masks=masks).result()
+
+
+class PendingSample:
+    """A step's draw, made on the logits' device and on its way to the host: :attr:`token_ids` are there at
+    once (on the device: what the next step can feed from before the host knows them), :meth:`result` waits
+    for the one transfer that brings ids and logprobs back."""
+
+    def __init__(self, token_ids: torch.Tensor, packed: torch.Tensor, rows: Sequence[SamplingRow],
+                 widest: int) -> None:
+        self.token_ids = token_ids
+        """``[rows]`` int64 on the logits' device."""
+        self._rows, self._widest = rows, widest
+        self._event = None
+        if packed.is_cuda:  # into pinned memory without waiting; result() waits for it
+            host = torch.empty(packed.shape, dtype=packed.dtype, pin_memory=True)
+            host.copy_(packed, non_blocking=True)
+            self._event = torch.cuda.Event()
+            self._event.record()
+            packed = host
+        self._packed = packed
+
+    def result(self) -> SamplerOutput:
+        """The ids and logprobs as Python values (waits for the device)."""
+        if self._event is not None:
+            self._event.synchronize()
+        packed = self._packed.tolist()
+        if not self._widest and not any(row.params.logprobs is not None for row in self._rows):
+            return SamplerOutput([int(token) for token in packed], [None] * len(self._rows))
+        return _unpack_logprobs(packed, self._rows, self._widest)
+
+
+def start_sample(logits: torch.Tensor, rows: Sequence[SamplingRow], *, masks: torch.Tensor | None = None
+                 ) -> PendingSample:
+    """:func:`sample`'s work queued on the logits' device, the transfer to the host started (see
+    :class:`PendingSample`)."""
     want_logprobs = any(row.params.logprobs is not None for row in rows)
     raw_logprobs = torch.log_softmax(logits, dim=-1) if want_logprobs else None
     logits = process_logits(logits, rows, masks=masks)
@@ -338,26 +375,32 @@ def sample(logits: torch.Tensor, rows: Sequence[SamplingRow], *, masks: torch.Te
     chosen = logits.argmax(dim=-1)  # greedy rows keep these
     drawn = [index for index, row in enumerate(rows) if not row.params.greedy]
     if drawn:
-        chosen[torch.tensor(drawn, device=logits.device)] = _draw(logits, [rows[index] for index in drawn], drawn)
+        chosen[to_device(drawn, logits.device)] = _draw(logits, [rows[index] for index in drawn], drawn)
     if not want_logprobs:
-        return SamplerOutput(chosen.tolist(), [None] * len(rows))  # the step's one transfer from the device
-    token_ids, logprobs = _with_logprobs(raw_logprobs, chosen, rows)
-    return SamplerOutput(token_ids, logprobs)
+        return PendingSample(chosen, chosen, rows, 0)  # the step's one transfer from the device
+    packed, widest = _pack_logprobs(raw_logprobs, chosen, rows)
+    return PendingSample(chosen, packed, rows, widest)
 
 
-def _with_logprobs(raw_logprobs: torch.Tensor, chosen: torch.Tensor, rows: Sequence[SamplingRow]
-                   ) -> tuple[list[int], list[dict[int, Logprob] | None]]:
-    """The chosen ids and, for the rows that asked, :func:`top_logprobs`' entries: computed for all those
-    rows at once and read back with the ids in one transfer."""
+def _pack_logprobs(raw_logprobs: torch.Tensor, chosen: torch.Tensor, rows: Sequence[SamplingRow]
+                   ) -> tuple[torch.Tensor, int]:
+    """The chosen ids and, for the rows that asked, their logprob, rank and the top entries, in one float64
+    tensor (read back with the ids in one transfer); and how many top entries each row has there."""
     wanted = [index for index, row in enumerate(rows) if row.params.logprobs is not None]
-    where = torch.tensor(wanted, device=chosen.device)
+    where = to_device(wanted, chosen.device)
     row_logprobs = raw_logprobs[where]
     chosen_logprobs = row_logprobs.gather(1, chosen[where][:, None])
     ranks = (row_logprobs > chosen_logprobs).sum(dim=1) + 1
     widest = max(rows[index].params.logprobs for index in wanted)
     values, ids = torch.topk(row_logprobs, widest)
-    packed = torch.cat([chosen.double(), chosen_logprobs[:, 0].double(), ranks.double(), values.double().flatten(),
-                        ids.double().flatten()]).tolist()
+    return torch.cat([chosen.double(), chosen_logprobs[:, 0].double(), ranks.double(), values.double().flatten(),
+                      ids.double().flatten()]), widest
+
+
+def _unpack_logprobs(packed: list[float], rows: Sequence[SamplingRow], widest: int) -> SamplerOutput:
+    """:func:`_pack_logprobs`' tensor, read back: the ids, and :func:`top_logprobs`' entries for the rows
+    that asked."""
+    wanted = [index for index, row in enumerate(rows) if row.params.logprobs is not None]
     count, many = len(rows), len(wanted)
     token_ids = [int(token) for token in packed[:count]]
     chosen_values, rank_values = packed[count:count + many], packed[count + many:count + 2 * many]
@@ -370,7 +413,7 @@ def _with_logprobs(raw_logprobs: torch.Tensor, chosen: torch.Tensor, rows: Seque
             entries.setdefault(int(top_ids[slot * widest + rank]), Logprob(top_values[slot * widest + rank],
                                                                             rank=rank + 1))
         logprobs[index] = entries
-    return token_ids, logprobs
+    return SamplerOutput(token_ids, logprobs)
 
 
 def _draw(logits: torch.Tensor, rows: Sequence[SamplingRow], indices: Sequence[int]) -> torch.Tensor:
@@ -378,11 +421,11 @@ def _draw(logits: torch.Tensor, rows: Sequence[SamplingRow], indices: Sequence[i
     with their own generator (a seed) draw alone from it, so that a seeded completion does not depend on its
     batch; the others draw together from torch's global generator."""
     device = logits.device
-    probs = _filter_rows(logits[torch.tensor(indices, device=device)], [row.params for row in rows]).softmax(-1)
+    probs = _filter_rows(logits[to_device(indices, device)], [row.params for row in rows]).softmax(-1)
     tokens = torch.empty(len(rows), dtype=torch.long, device=device)
     shared = [position for position, row in enumerate(rows) if row.generator is None]
     if shared:
-        where = torch.tensor(shared, device=device)
+        where = to_device(shared, device)
         tokens[where] = torch.multinomial(probs[where], 1).squeeze(1)
     for position, row in enumerate(rows):
         if row.generator is not None:

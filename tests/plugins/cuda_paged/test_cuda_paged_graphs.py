@@ -51,6 +51,27 @@ def test_padded_decodes_give_the_reference_tokens(folder, device, count):
     assert llm.engine.cache.num_used_blocks == 0
 
 
+def test_follow_on_decodes_feed_the_static_buffers_from_the_device(folder, device):
+    # async scheduling: each decode's ids come from the previous step's draw, copied into the bucket's buffer
+    params = [SamplingParams(temperature=0, max_tokens=5 + i, ignore_eos=True, logprobs=1) for i in range(3)]
+    expected = LLM(folder, backend="torch", device="cpu", dtype="float32").generate(prompts(3), params)
+    llm = LLM(folder, backend="cuda-paged", device=device, dtype="float32", async_scheduling=True)
+    got = llm.generate(prompts(3), params)
+    assert llm.engine.follow_on_steps > 0 and llm.engine.runner.step_runner.replays > 0
+    for mine, theirs in zip(got, expected):
+        assert mine.outputs[0].token_ids == theirs.outputs[0].token_ids
+        for a, b, token in zip(mine.outputs[0].logprobs, theirs.outputs[0].logprobs, mine.outputs[0].token_ids):
+            assert abs(a[token].logprob - b[token].logprob) < 1e-4
+    assert llm.engine.cache.num_used_blocks == 0
+
+
+def test_async_scheduling_is_the_gpus_default(folder, device, monkeypatch):
+    llm = LLM(folder, backend="cuda-paged", device=device, dtype="float32")
+    assert llm.engine.async_scheduling == (device == "cuda")
+    monkeypatch.setenv("ENIGMA_PLUGINS__CUDA_PAGED__ASYNC_SCHEDULING", "false")
+    assert not LLM(folder, backend="cuda-paged", device=device, dtype="float32").engine.async_scheduling
+
+
 def test_padding_rows_write_only_the_spare_block(folder, device):
     llm = LLM(folder, backend="cuda-paged", device=device, dtype="float32", num_kv_blocks=40)
     runner = llm.engine.runner

@@ -18,6 +18,7 @@ import time
 from collections import deque
 from typing import Any
 
+import attrs
 import torch
 
 from enigma.engine.request import Request, RequestStatus
@@ -26,8 +27,17 @@ from enigma.events import RequestFinished, RequestStarted
 from enigma.kinds import ModelRunnerOutput, ScheduledRequest, SchedulerOutput
 from enigma.outputs import CompletionOutput, RequestOutput
 from enigma.runner import ModelRunner, SequenceChunk
-from enigma.sampling import SamplingParams, grammar_masks, sample, top_logprobs, with_token_texts
+from enigma.sampling import (
+    PendingSample,
+    SamplingParams,
+    grammar_masks,
+    needs_processing,
+    start_sample,
+    top_logprobs,
+    with_token_texts,
+)
 from enigma.sequence import Sequence
+from enigma.transfer import to_device
 
 
 class _Group:
@@ -47,6 +57,22 @@ class _Group:
         return all(request.finished for request in self.requests)
 
 
+@attrs.define
+class _Launched:
+    """A step queued on the device, waiting to be taken in (:meth:`Engine._complete`)."""
+
+    output: SchedulerOutput
+    logits: Any
+    prompt_logprob_items: set[int]
+    started: float
+    decode_only: bool
+    follows_on: bool
+    """Scheduled by the engine from the previous step's requests, before their tokens were known."""
+    to_sample: list[int] = attrs.field(factory=list)
+    to_verify: list[int] = attrs.field(factory=list)
+    draw: PendingSample | None = None
+
+
 class Engine:
     """Continuous batching over a paged KV cache for one causal LM.
 
@@ -57,7 +83,7 @@ class Engine:
     def __init__(self, runner: ModelRunner, tokenizer: Any, *, model_name: str, num_blocks: int,
                  cache: str = "auto", scheduler: str = "auto", max_num_seqs: int = 64,
                  max_num_batched_tokens: int = 512, enable_prefix_caching: bool = True, host: Any = None,
-                 speculator: Any = None) -> None:
+                 speculator: Any = None, async_scheduling: bool | None = None) -> None:
         if host is None:
             from enigma.plugins import get_host
 
@@ -89,6 +115,12 @@ class Engine:
             raise self._scheduler_error("it takes no num_lookahead_tokens, so it cannot run a draft model "
                                         "(speculative decoding with [ngram] needs none)") from exc
         self._idle_steps = 0
+        self.async_scheduling = runner.overlaps_steps if async_scheduling is None else async_scheduling
+        """Queue each step of plain decodes' next decode before taking its tokens in (see :meth:`step`); by
+        default where the runner's device runs apart from the host (cuda-paged on a GPU)."""
+        self._in_flight: _Launched | None = None
+        self.follow_on_steps = 0
+        """Steps the engine queued itself, fed from the previous step's draw (async scheduling)."""
         self.eos_token_ids = tuple(tokenizer.eos_token_ids)
         self._groups: dict[str, _Group] = {}
         self._ids = itertools.count()
@@ -183,18 +215,36 @@ class Engine:
         Outputs are cumulative, or with ``delta`` only the tokens and text new
         since the prompt's previous delta (text that could still become a stop
         string is held back).
+
+        With ``async_scheduling`` a step of plain decodes queues the next decode
+        of the same requests, fed from this step's draw on the device, before
+        it waits for the draw: the device runs that step while the host takes
+        this one's tokens in (appends, stop checks, detokenizing, outputs).
         """
-        output = self.scheduler.schedule()
-        if not isinstance(output, SchedulerOutput):
-            raise self._scheduler_error(f"schedule() returned a {type(output).__name__}; it must return an "
-                                        "enigma.kinds.SchedulerOutput(scheduled=[ScheduledRequest(...), ...])")
-        if not output.scheduled:
-            self._check_idle()
-            return []
-        self._idle_steps = 0
-        self._check_schedule(output)
+        launched, self._in_flight = self._in_flight, None
+        if launched is None:
+            output = self.scheduler.schedule()
+            if not isinstance(output, SchedulerOutput):
+                raise self._scheduler_error(f"schedule() returned a {type(output).__name__}; it must return an "
+                                            "enigma.kinds.SchedulerOutput(scheduled=[ScheduledRequest(...), ...])")
+            if not output.scheduled:
+                self._check_idle()
+                return []
+            self._idle_steps = 0
+            self._check_schedule(output)
+            launched = self._launch(output)
+        follow_on = self._follow_on(launched)
+        if follow_on is not None:
+            self._in_flight = self._launch(follow_on[0], input_ids=follow_on[1])
+            self.follow_on_steps += 1
+        return self._complete(launched, delta=delta)
+
+    def _launch(self, output: SchedulerOutput, *, input_ids: torch.Tensor | None = None) -> _Launched:
+        """Queue a step's forward pass and the draw of its sampled rows; nothing waits for the device (except
+        the runner's own host work)."""
         started = time.perf_counter()
-        decode_only = all(item.start + 1 == item.request.num_tokens for item in output.scheduled)
+        decode_only = input_ids is not None or all(item.start + 1 == item.request.num_tokens
+                                                   for item in output.scheduled)
         chunks = []
         prompt_logprob_items = set()
         for index, item in enumerate(output.scheduled):
@@ -206,51 +256,69 @@ class Engine:
             if wants_prompt_logprobs:
                 prompt_logprob_items.add(index)
             end, known = item.start + item.num_tokens, request.num_tokens
-            tokens = request.token_ids(item.start, min(end, known))
-            if end > known:  # drafts to verify follow the sequence's own tokens
+            tokens = request.token_ids(item.start, min(end, known)) if input_ids is None else [0]
+            if end > known and input_ids is None:  # drafts to verify follow the sequence's own tokens
                 tokens = tokens + list(item.draft_token_ids[max(item.start - known, 0):end - known])
             chunks.append(SequenceChunk(tokens, item.start,
                                         item.block_table, adapter=request.adapter,
                                         all_logits=wants_prompt_logprobs or bool(item.draft_token_ids)))
         pending_masks = self._start_grammar_masks(output)
-        logits = self.runner.execute(chunks)
-
-        to_sample: list[int] = []
-        to_verify: list[int] = []
+        # (only follow-ons pass ids: an executor's runner that never overlaps need not take them)
+        logits = self.runner.execute(chunks) if input_ids is None else self.runner.execute(chunks, input_ids=input_ids)
+        launched = _Launched(output=output, logits=logits, prompt_logprob_items=prompt_logprob_items,
+                             started=started, decode_only=decode_only, follows_on=input_ids is not None)
         for index, item in enumerate(output.scheduled):
-            if index in prompt_logprob_items:
-                self._add_prompt_logprobs(self._groups[item.request.group_id], item, logits.full[index])
             if item.draft_token_ids:
-                to_verify.append(index)
-            elif item.start + item.num_tokens == item.request.num_tokens:
-                to_sample.append(index)
+                launched.to_verify.append(index)
+            elif item.start + item.num_tokens >= item.request.num_tokens:  # a follow-on's token is one ahead
+                launched.to_sample.append(index)
+        if launched.to_sample:
+            rows = [output.scheduled[i].request.sequence.row for i in launched.to_sample]
+            masks = pending_masks.result() if pending_masks is not None else None
+            launched.draw = start_sample(logits.last[launched.to_sample], rows, masks=masks)
+        return launched
+
+    def _complete(self, launched: _Launched, *, delta: bool) -> list[RequestOutput]:
+        """Take a launched step's results in: prompt logprobs, drafts verified, sampled tokens appended; the
+        scheduler told; the outputs of the prompts that moved. A follow-on step's requests that finished (or
+        were aborted) meanwhile are left out: what it computed for them is dropped."""
+        output, logits = launched.output, launched.logits
+        live = [index for index, item in enumerate(output.scheduled)
+                if not (launched.follows_on and item.request.finished)]
+        if len(live) < len(output.scheduled):
+            output = SchedulerOutput(scheduled=[output.scheduled[index] for index in live])
+        for index in launched.prompt_logprob_items:
+            item = launched.output.scheduled[index]
+            self._add_prompt_logprobs(self._groups[item.request.group_id], item, logits.full[index])
 
         sampled_ids: dict[str, list[int]] = {}
         rejected: dict[str, int] = {}
         touched: dict[str, _Group] = {}
         now = time.time()
-        if to_sample:
-            requests = [output.scheduled[i].request for i in to_sample]
-            rows = [r.sequence.row for r in requests]
-            masks = pending_masks.result() if pending_masks is not None else None
-            sampled = sample(logits.last[to_sample], rows, masks=masks)
-            for request, token, entry in zip(requests, sampled.token_ids, sampled.logprobs):
+        if launched.draw is not None:
+            sampled = launched.draw.result()
+            for index, token, entry in zip(launched.to_sample, sampled.token_ids, sampled.logprobs):
+                request = launched.output.scheduled[index].request
+                if request.finished:  # a follow-on's request that finished before it
+                    continue
                 if request.first_token_time is None:
                     request.first_token_time = now
                 request.sequence.append(token, entry)
                 sampled_ids[request.request_id] = [token]
                 touched[request.group_id] = self._groups[request.group_id]
-        if to_verify:
-            for index, tokens in zip(to_verify, self._verify([output.scheduled[i] for i in to_verify],
+        if launched.to_verify:  # never in a follow-on step: the indices are the launched step's
+            to_verify, scheduled = launched.to_verify, launched.output.scheduled
+            for index, tokens in zip(to_verify, self._verify([scheduled[i] for i in to_verify],
                                                              [logits.full[i] for i in to_verify])):
-                item = output.scheduled[index]
+                item = scheduled[index]
                 sampled_ids[item.request.request_id] = tokens
                 rejected[item.request.request_id] = item.num_tokens - len(tokens)
                 touched[item.request.group_id] = self._groups[item.request.group_id]
         if sampled_ids:
             self._generated.append((now, sum(len(tokens) for tokens in sampled_ids.values())))
         if self.speculator is not None:
-            self._speculate(output, sampled_ids, time.perf_counter() - started, decode_only=decode_only)
+            self._speculate(output, sampled_ids, time.perf_counter() - launched.started,
+                            decode_only=launched.decode_only)
         self.scheduler.update_from_output(output, ModelRunnerOutput(sampled_token_ids=sampled_ids,
                                                                     num_rejected_drafts=rejected))
         self._check_progress(output)
@@ -260,6 +328,29 @@ class Engine:
             if group.finished:
                 self._finish_group(group)
         return outputs
+
+    def _follow_on(self, launched: _Launched) -> tuple[SchedulerOutput, torch.Tensor] | None:
+        """With async scheduling, the next decode of a step whose every request draws a token — what the
+        scheduler's ``follow_on`` makes of it — and the device ids to feed it; None where a request's draw needs
+        the host's tokens (drafts, grammars, penalties) or the scheduler must choose afresh."""
+        follow_on = getattr(self.scheduler, "follow_on", None)
+        if (not self.async_scheduling or follow_on is None or launched.draw is None
+                or self.speculator is not None or len(launched.to_sample) != len(launched.output.scheduled)):
+            return None
+        for item in launched.output.scheduled:
+            row = item.request.sequence.row
+            if item.draft_token_ids or row.constraint is not None or needs_processing(row):
+                return None
+        output = follow_on(launched.output)
+        if output is None or not output.scheduled:
+            return None
+        self._check_schedule(output, follow_on=True)
+        rows = {item.request.request_id: index for index, item in enumerate(launched.output.scheduled)}
+        order = [rows[item.request.request_id] for item in output.scheduled]
+        ids = launched.draw.token_ids
+        if order != list(range(len(launched.output.scheduled))):
+            ids = ids[to_device(order, ids.device)]
+        return output, ids
 
     def _verify(self, items: list[ScheduledRequest], logits: list[torch.Tensor]) -> list[list[int]]:
         """Verify each item's drafts against the target's logits at its ``1 + drafts`` positions (rejection
@@ -358,7 +449,9 @@ class Engine:
             raise self._scheduler_error(f"it scheduled nothing for {self.MAX_IDLE_STEPS} steps while "
                                         "has_unfinished() was true, so no request can make progress")
 
-    def _check_schedule(self, output: SchedulerOutput) -> None:
+    def _check_schedule(self, output: SchedulerOutput, *, follow_on: bool = False) -> None:
+        """The scheduler's contract: known, unfinished requests once each, chunks inside them, block tables
+        covering them inside the pool; a follow-on decodes one token where the one being drawn goes."""
         block_size, seen = self.runner.block_size, set()
         for item in output.scheduled:
             request = item.request
@@ -369,7 +462,12 @@ class Engine:
             if request.request_id in seen or request.group_id not in self._groups or request.finished:
                 raise self._scheduler_error(f"{name} was scheduled twice, or is unknown or finished")
             seen.add(request.request_id)
-            if item.num_tokens < 1 or item.start != request.num_computed_tokens \
+            if follow_on:
+                if item.num_tokens != 1 or item.start != request.num_tokens or item.draft_token_ids:
+                    raise self._scheduler_error(
+                        f"follow_on() scheduled {name} for {item.num_tokens} tokens from position {item.start}; "
+                        f"it must decode one, at position {request.num_tokens} (the token being drawn)")
+            elif item.num_tokens < 1 or item.start != request.num_computed_tokens \
                     or item.start + item.num_tokens > request.num_tokens + len(item.draft_token_ids):
                 raise self._scheduler_error(
                     f"{name} was scheduled for {item.num_tokens} tokens from position {item.start}, but it has "
@@ -451,7 +549,8 @@ class Engine:
         window = now - self._generated[0][0] if len(self._generated) > 1 else 0.0
         tokens = sum(count for _, count in self._generated)
         stats = {**self.scheduler.stats(), **self.cache.stats(),
-                 "generation_tokens_per_s": tokens / window if window > 0 else 0.0}
+                 "generation_tokens_per_s": tokens / window if window > 0 else 0.0,
+                 "follow_on_steps": float(self.follow_on_steps)}
         if self.speculator is not None:
             stats.update(self.speculator.stats())
         return stats
@@ -460,6 +559,7 @@ class Engine:
         """Abort everything left and announce the engine stopped."""
         for group_id in list(self._groups):
             self.abort(group_id)
+        self._in_flight = None  # its requests are aborted: nothing of it is taken in
         if self._mask_pool is not None:
             self._mask_pool.shutdown(wait=True)
             self._mask_pool = None

@@ -116,6 +116,27 @@ class Scheduler:
         if expect is not None:
             expect(request.request_id, request.sequence.max_num_tokens)
 
+    def follow_on(self, output: SchedulerOutput) -> SchedulerOutput | None:
+        """The next decode of ``output``'s requests, for the engine to queue while their tokens are being drawn
+        (async scheduling): each unfinished one one token further, a slot allocated for it; None when this
+        scheduler must choose afresh — requests waiting, running requests the step left out, or no room."""
+        if self.waiting:
+            return None
+        live = [item for item in output.scheduled if not item.request.finished]
+        if len(live) != len(self.running):
+            return None
+        follow = []
+        for item in live:
+            request = item.request
+            position = item.start + item.num_tokens  # where the token being drawn goes
+            if position + 2 > request.sequence.max_num_tokens:
+                continue  # that token ends it
+            if not self.cache.allocate(request.request_id, position + 1 + self.num_lookahead_tokens):
+                return None  # preemption is schedule()'s; what was allocated here it uses
+            follow.append(ScheduledRequest(request=request, num_tokens=1, start=position,
+                                           block_table=self.cache.block_table(request.request_id)))
+        return SchedulerOutput(scheduled=follow) if follow else None
+
     def update_from_output(self, output: SchedulerOutput, runner_output: ModelRunnerOutput) -> None:
         """Advance computed tokens, commit full blocks for prefix caching, release finished requests."""
         for item in output.scheduled:

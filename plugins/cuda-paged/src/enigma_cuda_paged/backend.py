@@ -55,6 +55,12 @@ class CudaPagedBackend(TorchBackend):
         self.kv_dtype = fp8_dtype(self.settings.kv_cache_dtype, self.device)
         self._tables: tuple[torch.Tensor, int, kernels.StepTables] | None = None
 
+    @property
+    def overlaps_steps(self) -> bool:
+        """On a GPU (and unless ``async_scheduling`` is off) the engine queues a step of plain decodes' next
+        decode before taking its tokens in: the GPU computes while the host works."""
+        return self.device.type == "cuda" and self.settings.async_scheduling
+
     def kv_cache_memory(self, requested: int | float | None) -> int:
         """Bytes for the KV pool: ``requested`` bytes (an int) or share of the free memory (a float in (0, 1]);
         by default what ``gpu_memory_utilization`` of the device's memory leaves once the weights (and anything

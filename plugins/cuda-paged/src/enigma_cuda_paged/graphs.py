@@ -87,8 +87,9 @@ class DecodeGraphs:
                 and all(len(chunk.token_ids) == 1 and not chunk.all_logits and chunk.adapter is None
                         and len(chunk.block_table) <= self.max_blocks for chunk in chunks))
 
-    def execute(self, chunks: Sequence[Any]) -> Any:
-        """The step's :class:`~enigma.runner.StepLogits`, or None when it is not one this object runs."""
+    def execute(self, chunks: Sequence[Any], *, input_ids: torch.Tensor | None = None) -> Any:
+        """The step's :class:`~enigma.runner.StepLogits`, or None when it is not one this object runs.
+        ``input_ids`` (on the device) stand for the chunks' token ids."""
         from enigma.runner import StepLogits
 
         if not self.takes(chunks):
@@ -96,6 +97,8 @@ class DecodeGraphs:
         batch = next(size for size in self.buckets if size >= len(chunks))
         step = self.steps.get(batch) or self._prepare(batch)
         self._fill(step, chunks)
+        if input_ids is not None:
+            step.input_ids[: len(chunks)].copy_(input_ids)  # after the upload, on the same stream
         if step.graph is not None:
             step.graph.replay()
         else:

@@ -33,3 +33,7 @@ class CudaPagedSettings:
                                       "which hold twice the tokens of bf16 (fp8 = fp8_e4m3: 3 mantissa bits, "
                                       "values saturate at ±448, needs compute capability 8.9; fp8_e5m2: 2 "
                                       "mantissa bits, any GPU)")
+    async_scheduling: bool = setting(True, allowed="true or false", check=lambda v: isinstance(v, bool),
+                                     doc="queue each step of plain decodes' next decode before taking its tokens "
+                                         "in, so that the GPU runs while the host appends, detokenizes and "
+                                         "streams (false: one step at a time)")

@@ -63,6 +63,9 @@ def _dtype_name(dtype: torch.dtype) -> str:
 class TensorParallelRunner(ModelRunner):
     """Rank 0's shard in this process, the other ranks' in workers; a :class:`ModelRunner` to the engine."""
 
+    overlaps_steps = False
+    """Its steps are collectives with the workers: the engine queues none ahead."""
+
     def __init__(self, loaded: Any, backend: Any, *, block_size: int, options: ExecutorOptions) -> None:
         import torch.distributed as dist
 
