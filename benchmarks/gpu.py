@@ -3,9 +3,10 @@
     python benchmarks/gpu.py                 # on a CUDA machine; results also in $OUT/gpu.json (default /tmp)
 
 Measures, in one run: the GPU's read bandwidth and from it the batch-1 decode limit (bytes of weights a
-step reads); batch-1 prefill of 128 tokens and decode rate for enigma and transformers; batch-1 decode
-after 2,000 tokens with the keys split across programs and without, and with an fp8 KV cache; 256 requests
-(prompts 16-512 tokens, outputs 16-256, seeded) through enigma's continuous batching against
+step reads); batch-1 prefill of 128 tokens and decode rate for enigma (with async scheduling and without)
+and transformers; batch-1 decode after 2,000 tokens with the keys split across programs and without, and
+with an fp8 KV cache; 256 requests (prompts 16-512 tokens, outputs 16-256, seeded) through enigma's
+continuous batching against
 transformers' static batches of 64; and time to first token and inter-token latency of 64 concurrent
 streams through ``enigma serve``. The shapes are those of ``../shared/anchors/gpu_bench.py``.
 """
@@ -159,6 +160,12 @@ def main() -> None:
         note(f"b1_{name}", {"prefill128_ms": round(prefill * 1e3, 1), "decode_tok_s": round(decode, 1),
                             "of_limit": round(decode / limit, 3)})
 
+    # async scheduling off, same engine: what queueing the next decode ahead of the host's work gives
+    llm.engine.async_scheduling = False
+    sync_rate = (new_tokens - 1) / (best_of(enigma_run, new_tokens) - best_of(enigma_run, 1))
+    llm.engine.async_scheduling = True
+    note("b1_enigma_one_step_at_a_time", {"decode_tok_s": round(sync_rate, 1), "of_limit": round(sync_rate / limit, 3)})
+
     # a long history at batch 1: 4 KV heads are 4 programs unless the keys are split (flash-decoding)
     long_prompt = [random.Random(3).randrange(7, 32000) for _ in range(2000)]
 
@@ -196,7 +203,8 @@ def main() -> None:
     elapsed = time.perf_counter() - started
     assert sum(len(o.outputs[0].token_ids) for o in outputs) == total
     enigma_rate = total / elapsed
-    note(f"throughput_{args.requests}_enigma", {"tok_s": round(enigma_rate), "s": round(elapsed, 1)})
+    note(f"throughput_{args.requests}_enigma", {"tok_s": round(enigma_rate), "s": round(elapsed, 1),
+                                                 "follow_on_steps": llm.engine.follow_on_steps})
 
     started = time.perf_counter()
     for first in range(0, len(requests), 64):
