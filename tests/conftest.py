@@ -34,7 +34,8 @@ def pytest_configure(config: pytest.Config) -> None:
         select = Registry.select
 
         def select_named(self, kind, implementation="auto", *, device=None):
-            if kind == "backend" and implementation == "auto" and device is None:
+            if (kind == "backend" and implementation == "auto" and device is None
+                    and any(impl.name == name for impl in self.implementations(kind))):  # not a bare test host
                 implementation = name
             return select(self, kind, implementation, device=device)
 
