@@ -51,4 +51,3 @@ for stage in "${stages[@]}"; do
         *) echo "unknown stage $stage: install tests engine bench exl2" ;;
     esac
 done
-cp "$OUT/summary.txt" "$OUT/summary.log" 2>/dev/null || true

@@ -129,10 +129,7 @@ class ModelRunner:
         block_size = self.block_size
         slots[:] = (tables[np.repeat(np.arange(count), lengths), positions // block_size] * block_size
                     + positions % block_size)
-        host = torch.from_numpy(packed)
-        if self.device.type == "cuda":
-            host = host.pin_memory()
-        uploaded = host.to(self.device, non_blocking=True)
+        uploaded = to_device(packed, self.device)
         metadata = AttentionMetadata(
             query_lens=tuple(lengths.tolist()),
             seq_lens=tuple((starts + lengths).tolist()),

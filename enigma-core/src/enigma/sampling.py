@@ -210,8 +210,9 @@ def apply_penalties(logits: torch.Tensor, rows: Sequence[SamplingRow]) -> torch.
 def _token_table(row_parts: Sequence[Sequence[Sequence[int]]], logits: torch.Tensor) -> torch.Tensor | None:
     """``[rows, vocab]`` int counts of the token ids in each row's parts (its prompt and its output, say; ids
     outside the vocabulary ignored), counted on the logits' device from one upload of flat indices; None when
-    every row is empty. The ids go through numpy, not nested Python lists: at 256 rows of 16-768 tokens the host's
-    part of a step fell from 45 to 5 ms (measured on a 2-core machine)."""
+    every row is empty. The ids go through numpy, not nested Python lists: at 256 rows of 16-768 tokens and a
+    32,000-token vocabulary the whole table took 19 ms where padded lists took 65 (a 2-core CPU; most of the 19
+    is allocating the table)."""
     arrays = [np.asarray(part, dtype=np.int64) for parts in row_parts for part in parts]
     lengths = np.array([sum(len(part) for part in parts) for parts in row_parts])
     if not lengths.any():
@@ -345,6 +346,7 @@ class PendingSample:
         self.token_ids = token_ids
         """``[rows]`` int64 on the logits' device."""
         self._rows, self._widest = rows, widest
+        self._logprobs = any(row.params.logprobs is not None for row in rows)
         self._event = None
         if packed.is_cuda:  # into pinned memory without waiting; result() waits for it
             host = torch.empty(packed.shape, dtype=packed.dtype, pin_memory=True)
@@ -359,7 +361,7 @@ class PendingSample:
         if self._event is not None:
             self._event.synchronize()
         packed = self._packed.tolist()
-        if not self._widest and not any(row.params.logprobs is not None for row in self._rows):
+        if not self._logprobs:
             return SamplerOutput([int(token) for token in packed], [None] * len(self._rows))
         return _unpack_logprobs(packed, self._rows, self._widest)
 

@@ -257,7 +257,7 @@ class Engine:
                 prompt_logprob_items.add(index)
             end, known = item.start + item.num_tokens, request.num_tokens
             tokens = request.token_ids(item.start, min(end, known)) if input_ids is None else [0]
-            if end > known and input_ids is None:  # drafts to verify follow the sequence's own tokens
+            if end > known:  # drafts to verify follow the sequence's own tokens (a follow-on has none)
                 tokens = tokens + list(item.draft_token_ids[max(item.start - known, 0):end - known])
             chunks.append(SequenceChunk(tokens, item.start,
                                         item.block_table, adapter=request.adapter,

@@ -36,6 +36,7 @@ import torch
 import triton
 import triton.language as tl
 
+from enigma.transfer import to_device
 from enigma_cuda_paged import interpreted
 
 MIN_DOT = 16
@@ -216,10 +217,7 @@ def step_tables(query_lens: Sequence[int], seq_lens: Sequence[int], *, group: in
         q_starts.append(q_starts[-1] + query_len)
     if splits is None:
         splits = kv_splits(len(tile_seq) * kv_heads, max(seq_lens), multiprocessors(device))
-    host = torch.tensor([*q_starts, *seq_lens, *tile_seq, *tile_first], dtype=torch.int32)
-    if device.type == "cuda":
-        host = host.pin_memory()
-    packed = host.to(device, non_blocking=True)
+    packed = to_device([*q_starts, *seq_lens, *tile_seq, *tile_first], device, dtype=torch.int32)
     seqs, tiles = len(query_lens), len(tile_seq)
     parts = torch.split(packed, [seqs + 1, seqs, tiles, tiles])
     return StepTables(q_starts=parts[0], seq_lens=parts[1], tile_seq=parts[2], tile_first=parts[3], block_q=block_q,
